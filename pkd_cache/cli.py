@@ -1,0 +1,197 @@
+"""`pkd-cache` command line: finetune, dump, distill, eval, info. Each command builds a config and calls the API."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import List, Optional
+
+import typer
+
+from .config import DistillConfig, DumpConfig, EvalConfig, FinetuneConfig, TrainConfig
+from .errors import PkdCacheError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Patient Knowledge Distillation with a cached teacher: dump once, distill many students.")
+_state = {"debug": os.environ.get("PKD_CACHE_DEBUG", "") not in ("", "0")}
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def user_errors(fn):
+    """One line and a non-zero exit for bad input; a bug says so (with --debug, the traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except PkdCacheError as e:
+            if _state["debug"]:
+                raise
+            _fail(str(e), 2)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as e:  # a bug in pkd-cache: still one line, and how to get the details
+            if _state["debug"]:
+                raise
+            first = (str(e).strip().splitlines() or [""])[0]
+            _fail(f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)", 1)
+
+    return wrapper
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (or set PKD_CACHE_DEBUG=1).")):
+    if debug:
+        _state["debug"] = True
+
+
+def _train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed, max_steps,
+                  logging_steps) -> TrainConfig:
+    return TrainConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay,
+                       warmup_ratio=warmup_ratio, seed=seed, max_steps=max_steps, logging_steps=logging_steps)
+
+
+def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise PkdCacheError(f"{flag} takes comma-separated layer numbers like 2,4; got {text!r}") from None
+
+
+Epochs = typer.Option(4.0, "--epochs", "--num-train-epochs", help="Training epochs (paper: 4).")
+Lr = typer.Option(2e-5, "--learning-rate", help="Peak learning rate of AdamW (paper: 2e-5).")
+Wd = typer.Option(0.01, "--weight-decay")
+Warmup = typer.Option(0.1, "--warmup-ratio", help="Fraction of steps of linear warm-up.")
+Seed = typer.Option(0, "--seed")
+MaxSteps = typer.Option(-1, "--max-steps", help="Stop after this many optimiser steps (> 0).")
+LogSteps = typer.Option(50, "--logging-steps")
+DataDir = typer.Option(None, "--data-dir", help="Local folder of task files (GLUE TSV, CSV, JSONL, Parquet); "
+                                                "default: the Hugging Face hub.")
+
+
+@app.command()
+@user_errors
+def finetune(model: str = typer.Option(..., "--model", "--model-name-or-path", help="Hub name, alias or folder."),
+             task: str = typer.Option(..., "--task", "--task-name"),
+             output_dir: str = typer.Option(..., "--output-dir"),
+             data_dir: Optional[str] = DataDir,
+             max_seq_length: int = typer.Option(128, "--max-seq-length"),
+             batch_size: int = typer.Option(32, "--batch-size", "--per-device-train-batch-size"),
+             epochs: float = Epochs, learning_rate: float = Lr, weight_decay: float = Wd,
+             warmup_ratio: float = Warmup, seed: int = Seed, max_steps: int = MaxSteps, logging_steps: int = LogSteps,
+             overwrite: bool = typer.Option(False, "--overwrite", "--overwrite-output-dir")):
+    """Fine-tune a teacher on a task (AdamW, linear decay, keep the best dev checkpoint)."""
+    from . import finetune as run
+
+    run(FinetuneConfig(model=model, task=task, output_dir=output_dir, data_dir=data_dir,
+                       max_seq_length=max_seq_length, overwrite=overwrite,
+                       train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed,
+                                           max_steps, logging_steps)))
+
+
+@app.command()
+@user_errors
+def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher: folder, hub name, or "
+                                                            "bert-base / bert-large (fine-tuned first)."),
+         task: str = typer.Option(..., "--task", "--task-name"),
+         out: str = typer.Option(..., "--out", help="Store to write (a .zarr folder)."),
+         data_dir: Optional[str] = DataDir,
+         split: Optional[List[str]] = typer.Option(None, "--split", help="Splits to dump (repeatable); default all."),
+         max_seq_length: int = typer.Option(128, "--max-seq-length"),
+         batch_size: int = typer.Option(64, "--batch-size"),
+         dtype: str = typer.Option("float16", "--dtype", help="Storage dtype of the CLS vectors."),
+         chunk_size: int = typer.Option(1024, "--chunk-size", help="Examples per chunk."),
+         overwrite: bool = typer.Option(False, "--overwrite"),
+         finetune: bool = typer.Option(True, "--finetune/--no-finetune",
+                                       help="Fine-tune a teacher whose head is untrained (else refuse)."),
+         finetune_epochs: float = typer.Option(4.0, "--finetune-epochs"),
+         finetune_learning_rate: float = typer.Option(2e-5, "--finetune-learning-rate"),
+         seed: int = Seed,
+         device: Optional[str] = typer.Option(None, "--device"),
+         max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Only the first N of each split.")):
+    """Run the teacher once; write token ids, labels, logits and every layer's [CLS] to a store."""
+    from . import dump as run
+
+    run(DumpConfig(teacher=teacher, task=task, out=out, data_dir=data_dir, splits=split or None,
+                   max_seq_length=max_seq_length, batch_size=batch_size, dtype=dtype, chunk_size=chunk_size,
+                   overwrite=overwrite, finetune=finetune, device=device, max_examples=max_examples,
+                   finetune_train=TrainConfig(epochs=finetune_epochs, learning_rate=finetune_learning_rate,
+                                              seed=seed)))
+
+
+@app.command()
+@user_errors
+def distill(store: str = typer.Option(..., "--store"),
+            output_dir: str = typer.Option(..., "--output-dir"),
+            student_layers: int = typer.Option(3, "--student-layers"),
+            strategy: str = typer.Option("skip", "--strategy", help="PKD-skip or PKD-last layer map."),
+            layer_map: Optional[str] = typer.Option(None, "--layer-map", help="Teacher layers, e.g. 2,4."),
+            alpha: float = typer.Option(0.5, "--alpha", help="Weight of the soft-label loss."),
+            beta: Optional[float] = typer.Option(None, "--beta", help="Weight of the patient loss, summed over the "
+                                                 "hidden dim (default: 100/H, the paper's 100 in its code's units)."),
+            temperature: float = typer.Option(10.0, "--temperature"),
+            student_init: Optional[str] = typer.Option(None, "--student-init",
+                                                       help="Pretrained model to take the first k layers from "
+                                                            "(default: the teacher's base model)."),
+            batch_size: int = typer.Option(32, "--batch-size", "--per-device-train-batch-size"),
+            epochs: float = Epochs, learning_rate: float = Lr, weight_decay: float = Wd,
+            warmup_ratio: float = Warmup, seed: int = Seed, max_steps: int = MaxSteps, logging_steps: int = LogSteps,
+            overwrite: bool = typer.Option(False, "--overwrite", "--overwrite-output-dir"),
+            device: Optional[str] = typer.Option(None, "--device")):
+    """Train a k-layer student from a store (no teacher in memory); keep the best dev checkpoint."""
+    from . import distill as run
+
+    run(DistillConfig(store=store, output_dir=output_dir, student_layers=student_layers, strategy=strategy,
+                      layer_map=_int_list(layer_map, "--layer-map"), alpha=alpha, beta=beta,
+                      temperature=temperature, student_init=student_init, overwrite=overwrite, device=device,
+                      train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed,
+                                          max_steps, logging_steps)))
+
+
+@app.command("eval")
+@user_errors
+def eval_(model: str = typer.Option(..., "--model", "--model-name-or-path"),
+          task: str = typer.Option(..., "--task", "--task-name"),
+          data_dir: Optional[str] = DataDir,
+          max_seq_length: int = typer.Option(128, "--max-seq-length"),
+          batch_size: int = typer.Option(64, "--batch-size"),
+          max_examples: Optional[int] = typer.Option(None, "--max-examples"),
+          device: Optional[str] = typer.Option(None, "--device")):
+    """Score a saved model on the task's dev split(s)."""
+    from . import evaluate
+
+    metrics = evaluate(EvalConfig(model=model, task=task, data_dir=data_dir, max_seq_length=max_seq_length,
+                                  batch_size=batch_size, max_examples=max_examples, device=device))
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+@app.command()
+@user_errors
+def info(store: str = typer.Argument(..., help="Path of a store."),
+         as_json: bool = typer.Option(False, "--json", help="Print the raw metadata as JSON.")):
+    """Describe a store: teacher, tokenizer, task, splits, sizes, completeness."""
+    from .store import open_store
+    from .store.describe import print_info
+
+    s = open_store(store, require_complete=False)
+    if as_json:
+        typer.echo(json.dumps(s.info(), indent=2))
+    else:
+        print_info(s)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Typed configs shared by the CLI and the Python API.
+
+Each CLI command builds exactly one of these and hands it to the matching function
+(`finetune`, `dump`, `distill`, `evaluate`), so the two front ends cannot drift apart.
+Defaults follow the PKD paper (Sun et al., 2019) and Hugging Face `run_glue.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from .errors import PkdCacheError
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser and schedule settings shared by fine-tuning and distillation."""
+
+    epochs: float = 4.0
+    learning_rate: float = 2e-5
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    logging_steps: int = 50
+    max_steps: int = -1  # > 0 stops after this many optimiser steps (smoke runs, benchmarks)
+
+    def check(self) -> None:
+        if self.epochs <= 0:
+            raise PkdCacheError(f"--epochs must be > 0, got {self.epochs}")
+        if self.learning_rate <= 0:
+            raise PkdCacheError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if self.batch_size <= 0:
+            raise PkdCacheError(f"--batch-size must be > 0, got {self.batch_size}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise PkdCacheError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class FinetuneConfig:
+    """`pkd-cache finetune`: the paper's teacher recipe (AdamW, linear decay, keep the best dev checkpoint)."""
+
+    model: str
+    task: str
+    output_dir: str
+    data_dir: Optional[str] = None
+    max_seq_length: int = 128
+    overwrite: bool = False
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def check(self) -> None:
+        self.train.check()
+        check_max_seq_length(self.max_seq_length)
+
+
+@dataclass
+class DumpConfig:
+    """`pkd-cache dump`: run the teacher once, write every layer's [CLS] vector to a store."""
+
+    teacher: str
+    task: str
+    out: str
+    data_dir: Optional[str] = None
+    splits: Optional[list[str]] = None  # default: train and every dev split of the task
+    max_seq_length: int = 128
+    batch_size: int = 64
+    dtype: str = "float16"  # storage dtype of the CLS vectors
+    chunk_size: int = 1024  # examples per chunk along N
+    overwrite: bool = False
+    finetune: bool = True  # fine-tune a teacher whose head is untrained; False refuses instead
+    finetune_train: TrainConfig = field(default_factory=TrainConfig)
+    device: Optional[str] = None
+    max_examples: Optional[int] = None  # take only the first N examples of each split (smoke runs)
+
+    def check(self) -> None:
+        check_max_seq_length(self.max_seq_length)
+        if self.batch_size <= 0:
+            raise PkdCacheError(f"--batch-size must be > 0, got {self.batch_size}")
+        if self.chunk_size <= 0:
+            raise PkdCacheError(f"--chunk-size must be > 0, got {self.chunk_size}")
+        if self.dtype not in ("float16", "float32"):
+            raise PkdCacheError(f"--dtype must be float16 or float32, got {self.dtype!r}")
+        if self.max_examples is not None and self.max_examples <= 0:
+            raise PkdCacheError(f"--max-examples must be > 0, got {self.max_examples}")
+
+
+@dataclass
+class DistillConfig:
+    """`pkd-cache distill`: train a k-layer student from a store, with no teacher in memory.
+
+    Loss = (1 - alpha) * CE + alpha * T^2 * KL(teacher/T || student/T) + beta * patient,
+    patient = mean over mapped layers of ||h_s/|h_s| - h_t/|h_t|||^2, the squared distance *summed* over the
+    hidden dimension (the paper's equation). `beta=None` means the paper's beta=100 in the original code's
+    units (mean over the hidden dimension), i.e. 100 / hidden_size here.
+    """
+
+    store: str
+    output_dir: str
+    student_layers: int = 3
+    strategy: str = "skip"  # skip | last
+    layer_map: Optional[list[int]] = None
+    alpha: float = 0.5
+    beta: Optional[float] = None
+    temperature: float = 10.0
+    student_init: Optional[str] = None  # default: the teacher's base model recorded in the store
+    train_split: str = "train"
+    eval_splits: Optional[list[str]] = None  # default: every split of the store except train_split
+    overwrite: bool = False
+    device: Optional[str] = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def check(self) -> None:
+        self.train.check()
+        if self.student_layers <= 0:
+            raise PkdCacheError(f"--student-layers must be > 0, got {self.student_layers}")
+        if self.strategy not in ("skip", "last"):
+            raise PkdCacheError(f"--strategy must be 'skip' or 'last', got {self.strategy!r}")
+        if not 0 <= self.alpha <= 1:
+            raise PkdCacheError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.beta is not None and self.beta < 0:
+            raise PkdCacheError(f"--beta must be >= 0, got {self.beta}")
+        if self.temperature <= 0:
+            raise PkdCacheError(f"--temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class EvalConfig:
+    """`pkd-cache eval`: a saved model on the task's dev split(s), from raw data."""
+
+    model: str
+    task: str
+    data_dir: Optional[str] = None
+    max_seq_length: int = 128
+    batch_size: int = 64
+    device: Optional[str] = None
+    max_examples: Optional[int] = None
+
+
+def check_max_seq_length(n: int) -> None:
+    if n <= 0:
+        raise PkdCacheError(f"--max-seq-length must be > 0, got {n}")
+
+
+def to_dict(config) -> dict:
+    """A JSON-ready view of a config, for metrics.json and store metadata."""
+    return asdict(config)

@@ -1,0 +1,190 @@
+"""Raw examples for a task split: from the Hugging Face hub, or from a local folder of files.
+
+Local folders may hold the original GLUE TSV layout or the Hugging Face export (both occur in the wild),
+or CSV, JSONL or Parquet files with the same column names. A folder that holds the GLUE task folders
+(e.g. `glue/SST-2/`) works too.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..errors import PkdCacheError
+from .tasks import TaskSpec
+
+SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".parquet")
+
+
+@dataclass
+class Examples:
+    """The texts and labels of one split, in file order."""
+
+    text_a: list[str]
+    text_b: Optional[list[str]]
+    labels: np.ndarray  # int64 class ids, or float32 scores for regression
+    source: str  # where they came from, for metadata
+
+    def __len__(self) -> int:
+        return len(self.text_a)
+
+    def fingerprint(self) -> str:
+        """sha256 of the content (texts and labels), independent of file names and formats."""
+        h = hashlib.sha256()
+        for i in range(len(self)):
+            h.update(self.text_a[i].encode())
+            h.update(b"\x1f")
+            if self.text_b is not None:
+                h.update(self.text_b[i].encode())
+            h.update(b"\x1e")
+        h.update(np.ascontiguousarray(self.labels).tobytes())
+        return h.hexdigest()
+
+    def head(self, n: int) -> "Examples":
+        b = None if self.text_b is None else self.text_b[:n]
+        return Examples(self.text_a[:n], b, self.labels[:n], self.source)
+
+
+def load_examples(task: TaskSpec, split: str, data_dir: Optional[str] = None,
+                  max_examples: Optional[int] = None) -> Examples:
+    if split not in task.splits:
+        raise PkdCacheError(f"task {task.name} has no split {split!r}; its splits are {', '.join(task.splits)}")
+    if data_dir is None:
+        rows, source = _hub_rows(task, split, max_examples)
+    else:
+        path = find_split_file(task, split, data_dir)
+        rows, source = read_rows(path, task), str(path)
+    if max_examples is not None:
+        rows = rows[:max_examples]
+    if not rows:
+        raise PkdCacheError(f"{source}: no examples in split {split!r}")
+    return _to_examples(task, rows, source)
+
+
+def find_split_file(task: TaskSpec, split: str, data_dir: str) -> Path:
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise PkdCacheError(f"--data-dir {data_dir} is not a directory")
+    stems = task.local_dev_names.get(split) or (("train",) if split == "train" else ("dev", "validation"))
+    for folder in (root, root / task.glue_dir):
+        for stem in stems:
+            for suffix in SUFFIXES:
+                if (folder / f"{stem}{suffix}").is_file():
+                    return folder / f"{stem}{suffix}"
+    wanted = ", ".join(f"{s}.tsv" for s in stems)
+    raise PkdCacheError(f"no file for split {split!r} of {task.name} in {root} (looked for {wanted}, "
+                        f"or .csv/.jsonl/.parquet; also in {task.glue_dir}/)")
+
+
+def read_rows(path: Path, task: TaskSpec) -> list[dict]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".tsv":
+            return _read_delimited(path, task, "\t", csv.QUOTE_NONE)
+        if suffix == ".csv":
+            return _read_delimited(path, task, ",", csv.QUOTE_MINIMAL)
+        if suffix in (".jsonl", ".json"):
+            return _read_jsonl(path)
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    except PkdCacheError:
+        raise
+    except (OSError, ValueError, csv.Error, UnicodeDecodeError) as e:
+        raise PkdCacheError(f"{path}: cannot read: {e}") from e
+    except Exception as e:  # pyarrow raises its own types for broken files
+        raise PkdCacheError(f"{path}: cannot read: {e}") from e
+
+
+def _read_delimited(path: Path, task: TaskSpec, delimiter: str, quoting: int) -> list[dict]:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        lines = [r for r in reader if r]
+    if not lines:
+        raise PkdCacheError(f"{path}: the file is empty")
+    header = [c.strip() for c in lines[0]]
+    known = set(task.text_a) | set(task.text_b or ()) | set(task.label)
+    body_start = 1
+    if task.headerless_columns and not known & set(header) and len(header) == len(task.headerless_columns):
+        header, body_start = list(task.headerless_columns), 0
+    rows = []
+    for lineno, r in enumerate(lines[body_start:], start=body_start + 1):
+        if len(r) != len(header):
+            raise PkdCacheError(f"{path} line {lineno}: {len(r)} fields where the header has {len(header)} "
+                                f"(ragged row or a stray quote/tab)")
+        rows.append(dict(zip(header, r)))
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise PkdCacheError(f"{path} line {lineno}: not valid JSON ({e.msg})") from e
+    return rows
+
+
+def _hub_rows(task: TaskSpec, split: str, max_examples: Optional[int]) -> tuple[list[dict], str]:
+    import datasets
+
+    hub_split = split if max_examples is None else f"{split}[:{max_examples}]"
+    try:
+        ds = datasets.load_dataset("nyu-mll/glue", task.hub_config, split=hub_split)
+    except Exception as e:  # no network, unknown dataset, ...: one line, with the way out
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PkdCacheError(f"could not load glue/{task.hub_config} ({split}) from the Hugging Face hub: {first}. "
+                            f"Offline? Pass --data-dir with local GLUE files.") from e
+    return ds.to_list(), f"hub:nyu-mll/glue/{task.hub_config}/{split}"
+
+
+def _column(task: TaskSpec, names: tuple[str, ...], row: dict, source: str, what: str) -> str:
+    for n in names:
+        if n in row:
+            return n
+    raise PkdCacheError(f"{source}: no {what} column for {task.name} (expected one of: {', '.join(names)}; "
+                        f"found: {', '.join(map(str, row))})")
+
+
+def _to_examples(task: TaskSpec, rows: list[dict], source: str) -> Examples:
+    first = rows[0]
+    col_a = _column(task, task.text_a, first, source, "text")
+    col_b = _column(task, task.text_b, first, source, "second text") if task.text_b else None
+    col_label = _column(task, task.label, first, source, "label")
+    text_a = [str(r[col_a]) for r in rows]
+    text_b = [str(r[col_b]) for r in rows] if col_b else None
+    labels = [parse_label(task, r[col_label], source, i) for i, r in enumerate(rows)]
+    dtype = np.float32 if task.is_regression else np.int64
+    return Examples(text_a, text_b, np.asarray(labels, dtype=dtype), source)
+
+
+def parse_label(task: TaskSpec, value, source: str, index: int):
+    """A class id from a label name or an integer id; a float score for regression."""
+    if task.is_regression:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise PkdCacheError(f"{source} example {index}: label {value!r} is not a number") from None
+    if isinstance(value, str):
+        v = value.strip()
+        if v in task.label_names:
+            return task.label_names.index(v)
+        try:
+            value = int(v)
+        except ValueError:
+            raise PkdCacheError(f"{source} example {index}: label {value!r} is not in the task's label set "
+                                f"({', '.join(task.label_names)} or 0..{task.num_labels - 1})") from None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < task.num_labels:
+        return int(value)
+    raise PkdCacheError(f"{source} example {index}: label {value!r} is outside the task's label set "
+                        f"(0..{task.num_labels - 1}: {', '.join(task.label_names)})")

@@ -1,0 +1,29 @@
+"""Tokenising examples into fixed-width id arrays (the layout of the store) and padded torch batches."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .loading import Examples
+
+# storage dtypes of the token arrays (see docs/FORMAT.md)
+TOKEN_DTYPES = {"input_ids": np.int32, "attention_mask": np.uint8, "token_type_ids": np.uint8}
+
+
+def tokenize(tokenizer, examples: Examples, start: int, stop: int, max_length: int) -> dict[str, np.ndarray]:
+    """Token arrays for examples[start:stop], padded to `max_length` (the store keeps a fixed width)."""
+    b = None if examples.text_b is None else examples.text_b[start:stop]
+    enc = tokenizer(examples.text_a[start:stop], b, truncation=True, max_length=max_length,
+                    padding="max_length", return_token_type_ids=True, return_attention_mask=True)
+    return {k: np.asarray(enc[k], dtype=dt) for k, dt in TOKEN_DTYPES.items()}
+
+
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut the token columns of a batch to its longest sequence (dynamic padding)."""
+    width = int(batch["attention_mask"].sum(dim=1).max())
+    return {k: (v[:, :width] if k in TOKEN_DTYPES else v) for k, v in batch.items()}
+
+
+def to_model_inputs(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments from a batch, as int64 on `device`."""
+    return {k: batch[k].to(device=device, dtype=torch.long, non_blocking=True) for k in TOKEN_DTYPES}

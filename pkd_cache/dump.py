@@ -1,0 +1,114 @@
+"""Stage 1: run the teacher once over a task and write everything students need into a store.
+
+Memory stays flat: examples are tokenised, run and written one chunk at a time, so nothing but the current
+chunk's outputs is ever held. The complete flag is written last, after every split is on disk.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import DumpConfig, FinetuneConfig, to_dict
+from .data.loading import load_examples
+from .data.tasks import get_task
+from .data.tokenize import tokenize, trim_padding
+from .errors import PkdCacheError
+from .progress import log, progress_bar
+from .store.fingerprint import vocab_fingerprint, weights_fingerprint
+from .store.writer import StoreWriter, check_target
+from .teacher.load import load_for_task
+from .teacher.run import teacher_outputs
+from .training import resolve_device
+
+
+def finetuned_teacher_dir(out: str) -> Path:
+    """Where `dump` keeps a teacher it had to fine-tune: beside the store (`sst2.zarr` -> `sst2.teacher`)."""
+    p = Path(out).expanduser()
+    return p.with_name(p.name[:-5] + ".teacher" if p.name.endswith(".zarr") else p.name + ".teacher")
+
+
+def dump(config: DumpConfig):
+    """Write the store at `config.out`; returns the opened store."""
+    config.check()
+    task = get_task(config.task)
+    check_target(config.out, config.overwrite)  # fail before any expensive work
+    splits = config.splits or list(task.splits)
+    unknown = [s for s in splits if s not in task.splits]
+    if unknown:
+        raise PkdCacheError(f"task {task.name} has no split {unknown[0]!r}; its splits are {', '.join(task.splits)}")
+    examples = {s: load_examples(task, s, config.data_dir, config.max_examples) for s in splits}
+    loaded = load_for_task(config.teacher, task)
+    finetuned_dir = None
+    if loaded.head_is_new:
+        if not config.finetune:
+            raise PkdCacheError(f"teacher {loaded.name} has no trained {task.name} head (its classifier would be "
+                                f"newly initialised); fine-tune it with `pkd-cache finetune` or drop --no-finetune")
+        finetuned_dir = finetuned_teacher_dir(config.out)
+        log(f"teacher {loaded.name} has no trained {task.name} head: fine-tuning it first "
+            f"({config.finetune_train.epochs:g} epochs, lr {config.finetune_train.learning_rate:g}) into {finetuned_dir}")
+        from .teacher.finetune import finetune
+
+        finetune(FinetuneConfig(model=loaded.name, task=task.name, output_dir=str(finetuned_dir),
+                                data_dir=config.data_dir, max_seq_length=config.max_seq_length,
+                                overwrite=config.overwrite, train=config.finetune_train), loaded=loaded)
+        loaded = load_for_task(str(finetuned_dir), task)
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and config.max_seq_length > max_pos:
+        raise PkdCacheError(f"--max-seq-length {config.max_seq_length} is beyond the teacher's "
+                            f"{max_pos} position embeddings")
+    device = resolve_device(config.device)
+    model.to(device).eval()
+    num_layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    metadata = {
+        "teacher": {"name_or_path": config.teacher, "resolved": loaded.name, "base_model": loaded.base_model,
+                    "finetuned_by_dump": str(finetuned_dir) if finetuned_dir else None,
+                    "model_type": model.config.model_type, "architecture": type(model).__name__,
+                    "num_layers": num_layers, "hidden_size": hidden,
+                    "weights_fingerprint": weights_fingerprint(model),
+                    "config": json.loads(model.config.to_json_string())},
+        "tokenizer": {"name_or_path": loaded.name, "class": type(tokenizer).__name__,
+                      "vocab_size": len(tokenizer.get_vocab()), "vocab_fingerprint": vocab_fingerprint(tokenizer),
+                      "pad_token_id": tokenizer.pad_token_id},
+        "task": {"name": task.name, "label_names": list(task.label_names), "num_labels": task.num_labels,
+                 "is_regression": task.is_regression, "metric": task.metric, "dev_splits": list(task.dev_splits)},
+        "max_seq_length": config.max_seq_length, "cls_dtype": config.dtype, "chunk_size": config.chunk_size,
+        "settings": to_dict(config),
+    }
+    writer = StoreWriter(config.out, config.overwrite, metadata)
+    t0 = time.perf_counter()
+    for split, ex in examples.items():
+        writer.create_split(split, len(ex), config.max_seq_length, task.num_labels, num_layers, hidden, config.dtype,
+                            "float32" if task.is_regression else "int64", config.chunk_size,
+                            {"source": ex.source, "data_fingerprint": ex.fingerprint()})
+        with progress_bar(len(ex), f"dump {split}") as bar:
+            for start in range(0, len(ex), config.chunk_size):
+                stop = min(start + config.chunk_size, len(ex))
+                writer.write(split, start, _run_chunk(model, tokenizer, ex, start, stop, config, device))
+                bar.advance(stop - start)
+    writer.finish()
+    seconds = time.perf_counter() - t0
+    total = sum(len(e) for e in examples.values())
+    log(f"wrote {total:,} examples ({', '.join(f'{s} {len(e):,}' for s, e in examples.items())}) to {config.out} "
+        f"in {seconds:.1f}s; teacher {num_layers} layers x {hidden}")
+    from .store.reader import open_store
+
+    return open_store(config.out)
+
+
+def _run_chunk(model, tokenizer, ex, start: int, stop: int, config: DumpConfig, device) -> dict[str, np.ndarray]:
+    """Tokenise examples [start, stop), run the teacher batch by batch, return the chunk's arrays."""
+    tokens = tokenize(tokenizer, ex, start, stop, config.max_seq_length)
+    logits, cls = [], []
+    for b in range(0, stop - start, config.batch_size):
+        batch = trim_padding({k: torch.from_numpy(v[b:b + config.batch_size]) for k, v in tokens.items()})
+        inputs = {k: v.to(device=device, dtype=torch.long) for k, v in batch.items()}
+        lg, c = teacher_outputs(model, inputs)
+        logits.append(lg.cpu().numpy())
+        cls.append(c.to(dtype=getattr(torch, config.dtype)).cpu().numpy())
+    return {**tokens, "labels": ex.labels[start:stop], "logits": np.concatenate(logits), "cls": np.concatenate(cls)}

@@ -1,0 +1,9 @@
+"""The one exception type users see: a bad input, said in one line.
+
+Everything the CLI catches as a `PkdCacheError` is printed as ``error: <message>`` with a non-zero exit and
+no traceback. Anything else is a bug in pkd-cache and is reported as such (``--debug`` shows the traceback).
+"""
+
+
+class PkdCacheError(Exception):
+    """A problem with the user's input or environment, explained in one line."""

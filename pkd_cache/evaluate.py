@@ -1,0 +1,59 @@
+"""Scoring a model on a task's dev split(s): from raw data (`pkd-cache eval`, fine-tuning) or any batches."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from .config import EvalConfig
+from .data.batches import ArrayBatches
+from .data.loading import load_examples
+from .data.metrics import compute_metrics
+from .data.tasks import TaskSpec, get_task
+from .data.tokenize import to_model_inputs, tokenize
+from .training import predict, resolve_device
+
+
+def main_metric_key(task: TaskSpec, splits: Optional[Iterable[str]] = None) -> str:
+    first = next(iter(splits)) if splits is not None else task.dev_splits[0]
+    return f"{first}_{task.main_metric}"
+
+
+def score(model, batches_by_split: dict[str, Iterable[dict]], task: TaskSpec, device) -> dict[str, float]:
+    """Flat metrics `{split}_{metric}` for every split, e.g. `validation_accuracy`."""
+    out: dict[str, float] = {}
+    for split, batches in batches_by_split.items():
+        logits, labels = predict(model, batches, device, to_model_inputs)
+        for k, v in compute_metrics(task, logits.numpy(), labels.numpy()).items():
+            out[f"{split}_{k}"] = v
+    return out
+
+
+def raw_dev_batches(tokenizer, task: TaskSpec, data_dir: Optional[str], max_seq_length: int, batch_size: int,
+                    max_examples: Optional[int] = None) -> dict[str, ArrayBatches]:
+    out = {}
+    for split in task.dev_splits:
+        ex = load_examples(task, split, data_dir, max_examples)
+        arrays = tokenize(tokenizer, ex, 0, len(ex), max_seq_length)
+        arrays["labels"] = ex.labels
+        out[split] = ArrayBatches(arrays, batch_size)
+    return out
+
+
+def evaluate(config: EvalConfig) -> dict[str, float]:
+    """`pkd-cache eval`: load a saved model and score it on the task's dev split(s)."""
+    from .teacher.load import load_for_task
+
+    task = get_task(config.task)
+    loaded = load_for_task(config.model, task, what="model")
+    device = resolve_device(config.device)
+    model = loaded.model.to(device)
+    batches = raw_dev_batches(loaded.tokenizer, task, config.data_dir, config.max_seq_length, config.batch_size,
+                              config.max_examples)
+    metrics = score(model, {s: b.epoch() for s, b in batches.items()}, task, device)
+    metrics_path = Path(config.model) / "eval_results.json"
+    if Path(config.model).is_dir():
+        metrics_path.write_text(json.dumps({"task": task.name, **metrics}, indent=2) + "\n")
+    return metrics

@@ -1,0 +1,42 @@
+"""`pkd-cache info`: a store described as a table."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from .reader import Store
+
+
+def _size_bytes(store: Store) -> int:
+    from pathlib import Path
+
+    return sum(f.stat().st_size for f in Path(store.path).expanduser().rglob("*") if f.is_file())
+
+
+def print_info(store: Store) -> None:
+    m = store.info()
+    t, tok, task = m.get("teacher", {}), m.get("tokenizer", {}), m.get("task", {})
+    console = Console()
+    head = Table(show_header=False, box=None)
+    rows = [
+        ("store", store.path),
+        ("complete", "yes" if m.get("complete") else "NO (dump unfinished)"),
+        ("format", f"{m.get('format')} v{m.get('format_version')} (pkd-cache {m.get('package_version')})"),
+        ("task", f"{task.get('name')}  labels: {', '.join(task.get('label_names') or ['(regression)'])}"),
+        ("teacher", f"{t.get('name_or_path')}  ({t.get('num_layers')} layers, hidden {t.get('hidden_size')})"),
+        ("base model", str(t.get("base_model"))),
+        ("teacher weights", str(t.get("weights_fingerprint", ""))[:16]),
+        ("tokenizer", f"{tok.get('name_or_path')}  vocab {tok.get('vocab_size')}  "
+                      f"fingerprint {str(tok.get('vocab_fingerprint', ''))[:16]}"),
+        ("max length", str(m.get("max_seq_length"))),
+        ("cls dtype", str(m.get("cls_dtype"))),
+        ("created", f"{m.get('created_at')}  completed {m.get('completed_at', '-')}"),
+        ("size on disk", f"{_size_bytes(store) / 2**20:,.1f} MiB"),
+    ]
+    for k, v in rows:
+        head.add_row(f"[bold]{k}", v)
+    console.print(head)
+    splits = Table("split", "examples", "source", "data fingerprint", title="splits")
+    for name, s in m.get("splits", {}).items():
+        splits.add_row(name, f"{s.get('num_examples'):,}", str(s.get("source")), str(s.get("data_fingerprint"))[:16])
+    console.print(splits)

@@ -1,0 +1,30 @@
+"""The store layout, version 1 (docs/FORMAT.md is the normative description).
+
+    <store>/zarr.json                 root group; attributes = the metadata below
+    <store>/<split>/zarr.json         one group per split ("train", "validation", ...)
+    <store>/<split>/<array>/...       arrays chunked along N (examples), compressed with Blosc/zstd
+
+Arrays per split (N examples, S = max_seq_length, C labels, L teacher layers, H hidden size):
+    input_ids       N x S        int32    token ids, padded with the tokenizer's pad id to S
+    attention_mask  N x S        uint8    1 for real tokens
+    token_type_ids  N x S        uint8    segment ids
+    labels          N            int64    class ids (float32 scores for regression tasks)
+    logits          N x C        float32  teacher logits
+    cls             N x (L+1) x H  float16 (default) or float32: [CLS] hidden state; index 0 = embedding
+                                   output, index i = output of encoder layer i
+"""
+from __future__ import annotations
+
+FORMAT_NAME = "pkd-cache"
+FORMAT_VERSION = 1
+TOKEN_ARRAYS = ("input_ids", "attention_mask", "token_type_ids")
+ARRAYS = TOKEN_ARRAYS + ("labels", "logits", "cls")
+CLS_DTYPES = ("float16", "float32")
+BLOSC = {"cname": "zstd", "clevel": 3}
+
+
+def compressor(dtype_size: int):
+    """Blosc with zstd; byte shuffle for multi-byte types (groups exponent bytes of floats together)."""
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname=BLOSC["cname"], clevel=BLOSC["clevel"], shuffle="shuffle" if dtype_size > 1 else "noshuffle")

@@ -1,0 +1,125 @@
+"""Reading a store: its metadata, and shuffled or ordered batches of torch tensors."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import zarr
+
+from ..data.tokenize import trim_padding
+from ..errors import PkdCacheError
+from .format import ARRAYS, FORMAT_NAME, FORMAT_VERSION, TOKEN_ARRAYS
+
+
+class Store:
+    """A pkd-cache store opened read-only. `info()` is the metadata; `batches()` streams examples."""
+
+    def __init__(self, path: str, require_complete: bool = True):
+        self.path = path
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise PkdCacheError(f"store {path} does not exist")
+        try:
+            self.root = zarr.open_group(str(p), mode="r")
+            attrs = dict(self.root.attrs)
+        except Exception as e:
+            raise PkdCacheError(f"{path} is not a pkd-cache store (cannot open it as a Zarr group: {e})") from e
+        if attrs.get("format") != FORMAT_NAME:
+            raise PkdCacheError(f"{path} is not a pkd-cache store (no 'format: {FORMAT_NAME}' attribute)")
+        version = attrs.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise PkdCacheError(f"store {path} has format version {version}; this pkd-cache reads up to "
+                                f"{FORMAT_VERSION}: upgrade pkd-cache")
+        if require_complete and not attrs.get("complete"):
+            raise PkdCacheError(f"store {path} is not complete (its dump did not finish); re-run the dump")
+        self.meta = attrs
+
+    def info(self) -> dict:
+        return dict(self.meta)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete"))
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta.get("splits", {}))
+
+    @property
+    def teacher_layers(self) -> int:
+        return int(self.meta["teacher"]["num_layers"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.meta["teacher"]["hidden_size"])
+
+    def num_examples(self, split: str) -> int:
+        return int(self._split_meta(split)["num_examples"])
+
+    def _split_meta(self, split: str) -> dict:
+        if split not in self.meta.get("splits", {}):
+            raise PkdCacheError(f"store {self.path} has no split {split!r}; it has {', '.join(self.splits)}")
+        return self.meta["splits"][split]
+
+    def array(self, split: str, name: str):
+        self._split_meta(split)
+        return self.root[split][name]
+
+    def read(self, split: str, start: int, stop: int, layers: Optional[Sequence[int]] = None,
+             fields: Sequence[str] = ARRAYS) -> dict[str, np.ndarray]:
+        """Examples [start, stop) of `fields` as numpy arrays; `cls` restricted to `layers` (indices into L+1)."""
+        g = self.root[split]
+        out = {}
+        for name in fields:
+            if name == "cls" and layers is not None:
+                out[name] = g[name].oindex[slice(start, stop), list(layers)]
+            else:
+                out[name] = g[name][start:stop]
+        return out
+
+    def batches(self, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
+                layers: Optional[Sequence[int]] = None, shuffle_chunks: int = 8,
+                fields: Sequence[str] = ARRAYS) -> Iterator[dict[str, torch.Tensor]]:
+        """Dicts of torch tensors (`input_ids`, `attention_mask`, `token_type_ids`, `labels`, `logits`, `cls`).
+
+        Token columns are cut to the batch's longest sequence. With `shuffle`, chunks are visited in a random
+        order and examples are shuffled within a buffer of `shuffle_chunks` chunks; the order is a pure
+        function of (seed, epoch). `layers` selects CLS rows (0 = embeddings, i = layer i); `fields` the arrays.
+        """
+        if batch_size <= 0:
+            raise PkdCacheError(f"batch size must be > 0, got {batch_size}")
+        n = self.num_examples(split)
+        chunk = self.root[split]["labels"].chunks[0]
+        starts = list(range(0, n, chunk))
+        rng = np.random.default_rng([seed, epoch])
+        if shuffle:
+            starts = [starts[i] for i in rng.permutation(len(starts))]
+        group = max(1, shuffle_chunks) if shuffle else 1
+        carry: Optional[dict[str, np.ndarray]] = None
+        for g0 in range(0, len(starts), group):
+            parts = [self.read(split, s, min(s + chunk, n), layers, fields) for s in starts[g0:g0 + group]]
+            if carry is not None:
+                parts.insert(0, carry)
+            buf = {k: np.concatenate([p[k] for p in parts]) for k in fields}
+            m = len(buf["labels"])
+            order = rng.permutation(m) if shuffle else np.arange(m)
+            last = g0 + group >= len(starts)
+            full = m if last else (m // batch_size) * batch_size
+            for b in range(0, full, batch_size):
+                idx = order[b:b + batch_size]
+                yield _to_batch({k: v[idx] for k, v in buf.items()})
+            carry = None if last or full == m else {k: v[order[full:]] for k, v in buf.items()}
+
+
+def _to_batch(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    batch = {}
+    for k, v in arrays.items():
+        t = torch.from_numpy(np.ascontiguousarray(v))
+        batch[k] = t.long() if k in TOKEN_ARRAYS else t
+    return trim_padding(batch)
+
+
+def open_store(path: str, require_complete: bool = True) -> Store:
+    return Store(path, require_complete=require_complete)

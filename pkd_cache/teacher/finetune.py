@@ -1,0 +1,65 @@
+"""Fine-tuning a teacher on a task: the PKD paper's recipe (AdamW, linear decay, best dev checkpoint)."""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from .. import __version__
+from ..config import FinetuneConfig, to_dict
+from ..data.batches import ArrayBatches
+from ..data.loading import load_examples
+from ..data.tasks import get_task
+from ..data.tokenize import to_model_inputs, tokenize
+from ..evaluate import main_metric_key, raw_dev_batches, score
+from ..paths import prepare_output_dir
+from ..progress import log
+from ..student.losses import hard_loss
+from ..training import resolve_device, train, write_metrics
+from .load import FINETUNE_INFO, LoadedModel, load_for_task
+
+
+def finetune(config: FinetuneConfig, loaded: LoadedModel | None = None) -> dict:
+    """Fine-tune `config.model` on `config.task`; the best dev checkpoint lands in `config.output_dir`."""
+    config.check()
+    task = get_task(config.task)
+    out = prepare_output_dir(config.output_dir, config.overwrite)
+    loaded = loaded or load_for_task(config.model, task)
+    torch.manual_seed(config.train.seed)
+    train_ex = load_examples(task, "train", config.data_dir)
+    arrays = tokenize(loaded.tokenizer, train_ex, 0, len(train_ex), config.max_seq_length)
+    arrays["labels"] = train_ex.labels
+    train_batches = ArrayBatches(arrays, config.train.batch_size)
+    dev = raw_dev_batches(loaded.tokenizer, task, config.data_dir, config.max_seq_length, 64)
+    device = resolve_device(None)
+    model = loaded.model.to(device)
+    log(f"fine-tuning {loaded.name} on {task.name}: {len(train_ex):,} train examples, "
+        f"{config.train.epochs:g} epoch(s), lr {config.train.learning_rate:g}, batch {config.train.batch_size}")
+
+    def loss_fn(batch):
+        logits = model(**to_model_inputs(batch, device)).logits
+        loss = hard_loss(logits, batch["labels"].to(device), task.is_regression)
+        return loss, {"loss": loss.detach()}
+
+    info = {"base_model": loaded.base_model or loaded.name, "task": task.name, "pkd_cache_version": __version__,
+            "config": to_dict(config)}
+
+    def save_best():
+        model.save_pretrained(out)
+        loaded.tokenizer.save_pretrained(out)
+        (out / FINETUNE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+    t0 = time.perf_counter()
+    result = train(model, config.train, len(train_batches),
+                   lambda epoch: train_batches.epoch(shuffle=True, seed=config.train.seed, epoch=epoch),
+                   loss_fn, lambda: score(model, {s: b.epoch() for s, b in dev.items()}, task, device),
+                   main_metric_key(task), save_best, description="finetune")
+    metrics = {"task": task.name, "model": loaded.name, "best_epoch": result.best_epoch,
+               "best_" + main_metric_key(task): result.best_metric, "history": result.history,
+               "steps": result.steps, "wall_seconds": time.perf_counter() - t0, "config": to_dict(config)}
+    write_metrics(out, metrics)
+    info["metrics"] = {k: v for k, v in metrics.items() if k.startswith("best")}
+    (out / FINETUNE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    log(f"best {main_metric_key(task)} {result.best_metric:.4f} (epoch {result.best_epoch}); saved to {out}")
+    return metrics
