@@ -7,39 +7,14 @@
 """
 __version__ = "0.1.0"
 
+# The functions are bound after their modules are imported, so `pkd_cache.dump` is the function (not the module).
 from .config import DistillConfig, DumpConfig, EvalConfig, FinetuneConfig, TrainConfig  # noqa: E402
 from .errors import PkdCacheError  # noqa: E402
+from .store import Store, open_store  # noqa: E402
+from .teacher.finetune import finetune  # noqa: E402
+from .dump import dump  # noqa: E402
+from .distill import distill  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
 
-
-def finetune(config: FinetuneConfig) -> dict:
-    from .teacher.finetune import finetune as _finetune
-
-    return _finetune(config)
-
-
-def dump(config: DumpConfig):
-    from .dump import dump as _dump
-
-    return _dump(config)
-
-
-def distill(config: DistillConfig) -> dict:
-    from .distill import distill as _distill
-
-    return _distill(config)
-
-
-def evaluate(config: EvalConfig) -> dict:
-    from .evaluate import evaluate as _evaluate
-
-    return _evaluate(config)
-
-
-def open_store(path: str):
-    from .store import open_store as _open_store
-
-    return _open_store(path)
-
-
-__all__ = ["DistillConfig", "DumpConfig", "EvalConfig", "FinetuneConfig", "TrainConfig", "PkdCacheError",
+__all__ = ["DistillConfig", "DumpConfig", "EvalConfig", "FinetuneConfig", "TrainConfig", "PkdCacheError", "Store",
            "finetune", "dump", "distill", "evaluate", "open_store", "__version__"]

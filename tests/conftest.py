@@ -38,10 +38,15 @@ def write_sst2(folder: Path, n_train: int = 160, n_dev: int = 48) -> Path:
 
 
 def make_tokenizer(folder: Path):
+    import inspect
+
     from transformers import BertTokenizerFast
 
+    tokens = SPECIAL + sorted(set(POSITIVE + NEGATIVE + FILLER))
+    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers >= 5
+        return BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
     vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(SPECIAL + sorted(set(POSITIVE + NEGATIVE + FILLER))) + "\n")
+    vocab.write_text("\n".join(tokens) + "\n")
     return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
 
 

@@ -104,16 +104,16 @@ def read_rows(path: Path, task: TaskSpec) -> list[dict]:
 def _read_delimited(path: Path, task: TaskSpec, delimiter: str, quoting: int) -> list[dict]:
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-        lines = [r for r in reader if r]
+        lines = [(reader.line_num, r) for r in reader if r]  # line_num: the file line a record ends on
     if not lines:
         raise PkdCacheError(f"{path}: the file is empty")
-    header = [c.strip() for c in lines[0]]
+    header = [c.strip() for c in lines[0][1]]
     known = set(task.text_a) | set(task.text_b or ()) | set(task.label)
     body_start = 1
     if task.headerless_columns and not known & set(header) and len(header) == len(task.headerless_columns):
         header, body_start = list(task.headerless_columns), 0
     rows = []
-    for lineno, r in enumerate(lines[body_start:], start=body_start + 1):
+    for lineno, r in lines[body_start:]:
         if len(r) != len(header):
             raise PkdCacheError(f"{path} line {lineno}: {len(r)} fields where the header has {len(header)} "
                                 f"(ragged row or a stray quote/tab)")
@@ -123,13 +123,17 @@ def _read_delimited(path: Path, task: TaskSpec, delimiter: str, quoting: int) ->
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, start=1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise PkdCacheError(f"{path} line {lineno}: not valid JSON ({e.msg})") from e
+                if not isinstance(row, dict):
+                    raise PkdCacheError(f"{path} line {lineno}: expected one JSON object per line (JSON Lines), "
+                                        f"got a {type(row).__name__}")
+                rows.append(row)
     return rows
 
 
@@ -159,11 +163,19 @@ def _to_examples(task: TaskSpec, rows: list[dict], source: str) -> Examples:
     col_a = _column(task, task.text_a, first, source, "text")
     col_b = _column(task, task.text_b, first, source, "second text") if task.text_b else None
     col_label = _column(task, task.label, first, source, "label")
-    text_a = [str(r[col_a]) for r in rows]
-    text_b = [str(r[col_b]) for r in rows] if col_b else None
-    labels = [parse_label(task, r[col_label], source, i) for i, r in enumerate(rows)]
+    text_a = [str(_value(r, col_a, source, i)) for i, r in enumerate(rows)]
+    text_b = [str(_value(r, col_b, source, i)) for i, r in enumerate(rows)] if col_b else None
+    labels = [parse_label(task, _value(r, col_label, source, i), source, i) for i, r in enumerate(rows)]
     dtype = np.float32 if task.is_regression else np.int64
     return Examples(text_a, text_b, np.asarray(labels, dtype=dtype), source)
+
+
+def _value(row: dict, column: str, source: str, index: int):
+    """row[column]; a row without it (JSONL, Parquet) or with a null there is an error, not a KeyError or 'None'."""
+    value = row.get(column)
+    if value is None:
+        raise PkdCacheError(f"{source} example {index}: no value in column {column!r}")
+    return value
 
 
 def parse_label(task: TaskSpec, value, source: str, index: int):

@@ -22,11 +22,25 @@ def build_student(init: str, task: TaskSpec, num_layers: int, store_vocab_finger
     if store_vocab_fingerprint and vocab_fingerprint(student.tokenizer) != store_vocab_fingerprint:
         raise PkdCacheError(f"the tokenizer of --student-init {init} does not match the store's (different vocabulary "
                             f"fingerprint); the student must share the teacher's vocabulary")
-    model = student.model
-    for name, module in model.named_children():  # new head, even if `init` had a trained one
-        if name != model.base_model_prefix:
-            module.apply(model._init_weights)
+    reinit_head(student.model)
     return student
+
+
+@torch.no_grad()
+def reinit_head(model) -> None:
+    """A new classification head, even if the init checkpoint had a trained one (BERT's init: N(0, 0.02))."""
+    std = getattr(model.config, "initializer_range", 0.02)
+    for name, child in model.named_children():
+        if name == model.base_model_prefix:
+            continue
+        for module in child.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
 
 
 def student_cls(hidden_states: tuple[torch.Tensor, ...], num_layers: int) -> torch.Tensor:

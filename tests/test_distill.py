@@ -1,0 +1,114 @@
+"""Distillation from a store alone: no teacher, student init, saving, determinism, learning."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pkd_cache
+from pkd_cache.errors import PkdCacheError
+from conftest import make_bert
+
+
+def _cfg(store, out, init, **kw):
+    train = pkd_cache.TrainConfig(epochs=kw.pop("epochs", 1), learning_rate=kw.pop("lr", 1e-3),
+                                  batch_size=16, seed=kw.pop("seed", 0), logging_steps=0)
+    return pkd_cache.DistillConfig(store=str(store), output_dir=str(out), student_init=str(init), train=train, **kw)
+
+
+def test_distill_never_needs_the_teacher(tmp_path, teacher_dir, backbone_dir, data_dir, monkeypatch):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, teacher)
+    store = tmp_path / "s.zarr"
+    pkd_cache.dump(pkd_cache.DumpConfig(teacher=str(teacher), task="sst2", data_dir=str(data_dir), out=str(store),
+                                        max_seq_length=24, chunk_size=64))
+    shutil.rmtree(teacher)  # deleting the teacher after the dump must not matter
+    from transformers import AutoModelForSequenceClassification as Auto
+
+    seen, real = [], Auto.from_pretrained.__func__
+    monkeypatch.setattr(Auto, "from_pretrained", classmethod(lambda cls, name, *a, **k: seen.append(str(name))
+                                                             or real(cls, name, *a, **k)))
+    m = pkd_cache.distill(_cfg(store, tmp_path / "student", backbone_dir, student_layers=2))
+    assert seen == [str(backbone_dir)]  # the only model built is the student
+    assert m["layer_map"] == [2] and 0 <= m["best_validation_accuracy"] <= 1
+    saved = json.loads((tmp_path / "student" / "metrics.json").read_text())
+    assert saved["best_epoch"] == 1 and saved["history"][0]["validation_accuracy"] == m["best_validation_accuracy"]
+
+
+def test_student_is_first_k_layers_of_init_with_a_new_head(tmp_path, store_path, teacher_dir):
+    out = tmp_path / "student"
+    pkd_cache.distill(_cfg(store_path, out, teacher_dir, student_layers=2, lr=1e-12, epochs=1, beta=0.0))
+    student = load_file(str(out / "model.safetensors"))
+    init = load_file(str(teacher_dir / "model.safetensors"))
+    assert not any(k.startswith("bert.encoder.layer.2.") for k in student)
+    for k, v in student.items():
+        if k.startswith("bert.") and "encoder.layer.1." in k:  # a copied layer, (almost) untouched at lr 1e-12
+            torch.testing.assert_close(v, init[k], atol=1e-6, rtol=0)
+    assert not torch.allclose(student["classifier.weight"], init["classifier.weight"])  # new head
+
+
+def test_saved_student_works_with_a_transformers_pipeline(tmp_path, store_path, backbone_dir):
+    from transformers import pipeline
+
+    out = tmp_path / "student"
+    pkd_cache.distill(_cfg(store_path, out, backbone_dir, student_layers=2))
+    clf = pipeline("text-classification", model=str(out), device="cpu")
+    pred = clf("the film is good")[0]
+    assert pred["label"] in ("negative", "positive") and 0 <= pred["score"] <= 1
+
+
+def test_same_seed_same_student_other_seed_other_student(tmp_path, store_path, backbone_dir):
+    def weights(seed, name):
+        pkd_cache.distill(_cfg(store_path, tmp_path / name, backbone_dir, student_layers=2, seed=seed, beta=1.0))
+        return load_file(str(tmp_path / name / "model.safetensors"))
+
+    a, b, c = weights(0, "a"), weights(0, "b"), weights(1, "c")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_fine_tuning_from_the_store_learns_the_task(tmp_path, store_path, backbone_dir):
+    # alpha = beta = 0: plain fine-tuning; the synthetic task is separable by one sentiment word per sentence
+    m = pkd_cache.distill(_cfg(store_path, tmp_path / "ft", backbone_dir, student_layers=2, alpha=0.0, beta=0.0,
+                               epochs=8, lr=3e-3))
+    assert m["best_validation_accuracy"] >= 0.8
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, store_path, backbone_dir):
+    with pytest.raises(PkdCacheError, match="deeper"):
+        pkd_cache.distill(_cfg(store_path, tmp_path / "x1", backbone_dir, student_layers=5))
+    with pytest.raises(PkdCacheError, match="out of range"):
+        pkd_cache.distill(_cfg(store_path, tmp_path / "x2", backbone_dir, student_layers=3, layer_map=[1, 9]))
+    other_vocab = make_bert(tmp_path / "other", layers=2)
+    (other_vocab / "tokenizer.json").write_text((other_vocab / "tokenizer.json").read_text().replace('"good"', '"goood"'))
+    with pytest.raises(PkdCacheError, match="tokenizer"):
+        pkd_cache.distill(_cfg(store_path, tmp_path / "x3", other_vocab, student_layers=2))
+    wide = make_bert(tmp_path / "wide", layers=2, hidden=48)
+    with pytest.raises(PkdCacheError, match="hidden size"):
+        pkd_cache.distill(_cfg(store_path, tmp_path / "x4", wide, student_layers=2))
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(PkdCacheError, match="already exists"):
+        pkd_cache.distill(_cfg(store_path, out, backbone_dir, student_layers=2))
+    assert (out / "keep.txt").read_text() == "x"
+
+
+def test_dump_fine_tunes_a_headless_teacher_and_distill_defaults_to_its_base(tmp_path, backbone_dir, data_dir):
+    store = tmp_path / "auto.zarr"
+    cfg = pkd_cache.DumpConfig(teacher=str(backbone_dir), task="sst2", data_dir=str(data_dir), out=str(store),
+                               max_seq_length=24, finetune=False)
+    with pytest.raises(PkdCacheError, match="no trained sst2 head"):
+        pkd_cache.dump(cfg)
+    assert not store.exists()
+    cfg.finetune = True
+    cfg.finetune_train = pkd_cache.TrainConfig(epochs=1, learning_rate=1e-3, logging_steps=0)
+    s = pkd_cache.dump(cfg)
+    teacher = s.info()["teacher"]
+    assert teacher["finetuned_by_dump"] == str(tmp_path / "auto.teacher")
+    assert (tmp_path / "auto.teacher" / "model.safetensors").is_file()
+    assert teacher["base_model"] == str(backbone_dir)
+    m = pkd_cache.distill(pkd_cache.DistillConfig(store=str(store), output_dir=str(tmp_path / "st"), student_layers=2,
+                                                  train=pkd_cache.TrainConfig(epochs=1, logging_steps=0)))
+    assert m["student_init"] == str(backbone_dir)
