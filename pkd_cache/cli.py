@@ -88,12 +88,15 @@ def finetune(model: str = typer.Option(..., "--model", "--model-name-or-path", h
              batch_size: int = typer.Option(32, "--batch-size", "--per-device-train-batch-size"),
              epochs: float = Epochs, learning_rate: float = Lr, weight_decay: float = Wd,
              warmup_ratio: float = Warmup, seed: int = Seed, max_steps: int = MaxSteps, logging_steps: int = LogSteps,
-             overwrite: bool = typer.Option(False, "--overwrite", "--overwrite-output-dir")):
+             overwrite: bool = typer.Option(False, "--overwrite", "--overwrite-output-dir"),
+             max_train_samples: Optional[int] = typer.Option(None, "--max-train-samples"),
+             max_eval_samples: Optional[int] = typer.Option(None, "--max-eval-samples")):
     """Fine-tune a teacher on a task (AdamW, linear decay, keep the best dev checkpoint)."""
     from . import finetune as run
 
     run(FinetuneConfig(model=model, task=task, output_dir=output_dir, data_dir=data_dir,
-                       max_seq_length=max_seq_length, overwrite=overwrite,
+                       max_seq_length=max_seq_length, overwrite=overwrite, max_train_samples=max_train_samples,
+                       max_eval_samples=max_eval_samples,
                        train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed,
                                            max_steps, logging_steps)))
 

@@ -47,6 +47,8 @@ class FinetuneConfig:
     data_dir: Optional[str] = None
     max_seq_length: int = 128
     overwrite: bool = False
+    max_train_samples: Optional[int] = None  # as in run_glue.py: only the first N (smoke runs, tests)
+    max_eval_samples: Optional[int] = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def check(self) -> None:

@@ -54,7 +54,8 @@ def dump(config: DumpConfig):
 
         finetune(FinetuneConfig(model=loaded.name, task=task.name, output_dir=str(finetuned_dir),
                                 data_dir=config.data_dir, max_seq_length=config.max_seq_length,
-                                overwrite=config.overwrite, train=config.finetune_train), loaded=loaded)
+                                overwrite=config.overwrite, max_train_samples=config.max_examples,
+                                max_eval_samples=config.max_examples, train=config.finetune_train), loaded=loaded)
         loaded = load_for_task(str(finetuned_dir), task)
 
     model, tokenizer = loaded.model, loaded.tokenizer

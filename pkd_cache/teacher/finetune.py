@@ -27,11 +27,11 @@ def finetune(config: FinetuneConfig, loaded: LoadedModel | None = None) -> dict:
     out = prepare_output_dir(config.output_dir, config.overwrite)
     loaded = loaded or load_for_task(config.model, task)
     torch.manual_seed(config.train.seed)
-    train_ex = load_examples(task, "train", config.data_dir)
+    train_ex = load_examples(task, "train", config.data_dir, config.max_train_samples)
     arrays = tokenize(loaded.tokenizer, train_ex, 0, len(train_ex), config.max_seq_length)
     arrays["labels"] = train_ex.labels
     train_batches = ArrayBatches(arrays, config.train.batch_size)
-    dev = raw_dev_batches(loaded.tokenizer, task, config.data_dir, config.max_seq_length, 64)
+    dev = raw_dev_batches(loaded.tokenizer, task, config.data_dir, config.max_seq_length, 64, config.max_eval_samples)
     device = resolve_device(None)
     model = loaded.model.to(device)
     log(f"fine-tuning {loaded.name} on {task.name}: {len(train_ex):,} train examples, "
