@@ -97,6 +97,7 @@ def dump(config: DumpConfig):
     total = sum(len(e) for e in examples.values())
     log(f"wrote {total:,} examples ({', '.join(f'{s} {len(e):,}' for s, e in examples.items())}) to {config.out} "
         f"in {seconds:.1f}s; teacher {num_layers} layers x {hidden}")
+    log(f"next: pkd-cache distill --store {config.out} --student-layers {max(1, num_layers // 2)} --output-dir student/")
     from .store.reader import open_store
 
     return open_store(config.out)

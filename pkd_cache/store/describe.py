@@ -13,6 +13,14 @@ def _size_bytes(store: Store) -> int:
     return sum(f.stat().st_size for f in Path(store.path).expanduser().rglob("*") if f.is_file())
 
 
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:,.1f} TiB"
+
+
 def print_info(store: Store) -> None:
     m = store.info()
     t, tok, task = m.get("teacher", {}), m.get("tokenizer", {}), m.get("task", {})
@@ -24,14 +32,15 @@ def print_info(store: Store) -> None:
         ("format", f"{m.get('format')} v{m.get('format_version')} (pkd-cache {m.get('package_version')})"),
         ("task", f"{task.get('name')}  labels: {', '.join(task.get('label_names') or ['(regression)'])}"),
         ("teacher", f"{t.get('name_or_path')}  ({t.get('num_layers')} layers, hidden {t.get('hidden_size')})"),
-        ("base model", str(t.get("base_model"))),
+        ("base model", t.get("base_model") or "unknown (distill needs --student-init)"),
         ("teacher weights", str(t.get("weights_fingerprint", ""))[:16]),
         ("tokenizer", f"{tok.get('name_or_path')}  vocab {tok.get('vocab_size')}  "
                       f"fingerprint {str(tok.get('vocab_fingerprint', ''))[:16]}"),
         ("max length", str(m.get("max_seq_length"))),
         ("cls dtype", str(m.get("cls_dtype"))),
-        ("created", f"{m.get('created_at')}  completed {m.get('completed_at', '-')}"),
-        ("size on disk", f"{_size_bytes(store) / 2**20:,.1f} MiB"),
+        ("created", str(m.get("created_at"))),
+        ("completed", str(m.get("completed_at", "-"))),
+        ("size on disk", _human(_size_bytes(store))),
     ]
     for k, v in rows:
         head.add_row(f"[bold]{k}", v)
