@@ -14,7 +14,13 @@ from .errors import PkdCacheError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Patient Knowledge Distillation with a cached teacher: dump once, distill many students.")
-_state = {"debug": os.environ.get("PKD_CACHE_DEBUG", "") not in ("", "0")}
+
+
+def _env_debug() -> bool:
+    return os.environ.get("PKD_CACHE_DEBUG", "") not in ("", "0")
+
+
+_state = {"debug": _env_debug()}
 
 
 def _fail(message: str, code: int) -> None:
@@ -48,8 +54,7 @@ def user_errors(fn):
 
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (or set PKD_CACHE_DEBUG=1).")):
-    if debug:
-        _state["debug"] = True
+    _state["debug"] = debug or _env_debug()  # per invocation: an in-process caller may run several commands
 
 
 def _train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed, max_steps,
@@ -165,7 +170,8 @@ def distill(store: str = typer.Option(..., "--store"),
 def eval_(model: str = typer.Option(..., "--model", "--model-name-or-path"),
           task: str = typer.Option(..., "--task", "--task-name"),
           data_dir: Optional[str] = DataDir,
-          max_seq_length: int = typer.Option(128, "--max-seq-length"),
+          max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length",
+                                                       help="Default: the length the model was trained at."),
           batch_size: int = typer.Option(64, "--batch-size"),
           max_examples: Optional[int] = typer.Option(None, "--max-examples"),
           device: Optional[str] = typer.Option(None, "--device")):

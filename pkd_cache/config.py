@@ -26,15 +26,16 @@ class TrainConfig:
     logging_steps: int = 50
     max_steps: int = -1  # > 0 stops after this many optimiser steps (smoke runs, benchmarks)
 
-    def check(self) -> None:
+    def check(self, flag: str = "--") -> None:
+        """`flag` prefixes the option names in messages (dump's fine-tuning options are --finetune-...)."""
         if self.epochs <= 0:
-            raise PkdCacheError(f"--epochs must be > 0, got {self.epochs}")
+            raise PkdCacheError(f"{flag}epochs must be > 0, got {self.epochs}")
         if self.learning_rate <= 0:
-            raise PkdCacheError(f"--learning-rate must be > 0, got {self.learning_rate}")
+            raise PkdCacheError(f"{flag}learning-rate must be > 0, got {self.learning_rate}")
         if self.batch_size <= 0:
-            raise PkdCacheError(f"--batch-size must be > 0, got {self.batch_size}")
+            raise PkdCacheError(f"{flag}batch-size must be > 0, got {self.batch_size}")
         if not 0 <= self.warmup_ratio < 1:
-            raise PkdCacheError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise PkdCacheError(f"{flag}warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
 @dataclass
@@ -54,6 +55,8 @@ class FinetuneConfig:
     def check(self) -> None:
         self.train.check()
         check_max_seq_length(self.max_seq_length)
+        check_positive_or_none(self.max_train_samples, "--max-train-samples")
+        check_positive_or_none(self.max_eval_samples, "--max-eval-samples")
 
 
 @dataclass
@@ -83,8 +86,9 @@ class DumpConfig:
             raise PkdCacheError(f"--chunk-size must be > 0, got {self.chunk_size}")
         if self.dtype not in ("float16", "float32"):
             raise PkdCacheError(f"--dtype must be float16 or float32, got {self.dtype!r}")
-        if self.max_examples is not None and self.max_examples <= 0:
-            raise PkdCacheError(f"--max-examples must be > 0, got {self.max_examples}")
+        check_positive_or_none(self.max_examples, "--max-examples")
+        if self.finetune:
+            self.finetune_train.check(flag="--finetune-")
 
 
 @dataclass
@@ -133,15 +137,27 @@ class EvalConfig:
     model: str
     task: str
     data_dir: Optional[str] = None
-    max_seq_length: int = 128
+    max_seq_length: Optional[int] = None  # default: the length the model was trained with (its tokenizer's)
     batch_size: int = 64
     device: Optional[str] = None
     max_examples: Optional[int] = None
+
+    def check(self) -> None:
+        if self.max_seq_length is not None:
+            check_max_seq_length(self.max_seq_length)
+        if self.batch_size <= 0:
+            raise PkdCacheError(f"--batch-size must be > 0, got {self.batch_size}")
+        check_positive_or_none(self.max_examples, "--max-examples")
 
 
 def check_max_seq_length(n: int) -> None:
     if n <= 0:
         raise PkdCacheError(f"--max-seq-length must be > 0, got {n}")
+
+
+def check_positive_or_none(n: Optional[int], flag: str) -> None:
+    if n is not None and n <= 0:
+        raise PkdCacheError(f"{flag} must be > 0, got {n}")
 
 
 def to_dict(config) -> dict:

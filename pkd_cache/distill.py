@@ -11,7 +11,7 @@ from .data.tasks import get_task
 from .data.tokenize import TOKEN_DTYPES, to_model_inputs
 from .errors import PkdCacheError
 from .evaluate import main_metric_key, score
-from .paths import prepare_output_dir
+from .paths import check_output_dir, prepare_output_dir
 from .progress import log
 from .store.reader import open_store
 from .student.init import build_student, student_cls
@@ -39,7 +39,7 @@ def distill(config: DistillConfig) -> dict:
     if not init:
         raise PkdCacheError("the store does not record the teacher's base model; pass --student-init")
     beta = config.beta if config.beta is not None else 100.0 / hidden
-    out = prepare_output_dir(config.output_dir, config.overwrite)
+    check_output_dir(config.output_dir, config.overwrite)
 
     torch.manual_seed(config.train.seed)
     student = build_student(init, task, k, meta["tokenizer"].get("vocab_fingerprint"))
@@ -47,6 +47,7 @@ def distill(config: DistillConfig) -> dict:
     if beta > 0 and model.config.hidden_size != hidden:
         raise PkdCacheError(f"the student's hidden size {model.config.hidden_size} differs from the teacher's {hidden}; "
                             f"the patient loss needs equal widths (use --beta 0)")
+    out = prepare_output_dir(config.output_dir, config.overwrite)  # everything has loaded
     device = resolve_device(config.device)
     model.to(device)
     weights = LossWeights(alpha=config.alpha, beta=beta, temperature=config.temperature)
@@ -68,6 +69,8 @@ def distill(config: DistillConfig) -> dict:
     def evaluate():
         return score(model, {s: store.batches(s, 128, shuffle=False, fields=EVAL_FIELDS) for s in eval_splits},
                      task, device)
+
+    student.tokenizer.model_max_length = int(meta["max_seq_length"])  # `eval` scores at the trained length
 
     def save_best():
         model.save_pretrained(out)

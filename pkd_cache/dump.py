@@ -20,7 +20,7 @@ from .errors import PkdCacheError
 from .progress import log, progress_bar
 from .store.fingerprint import vocab_fingerprint, weights_fingerprint
 from .store.writer import StoreWriter, check_target
-from .teacher.load import load_for_task
+from .teacher.load import check_max_length, load_for_task
 from .teacher.run import teacher_outputs
 from .training import resolve_device
 
@@ -42,6 +42,7 @@ def dump(config: DumpConfig):
         raise PkdCacheError(f"task {task.name} has no split {unknown[0]!r}; its splits are {', '.join(task.splits)}")
     examples = {s: load_examples(task, s, config.data_dir, config.max_examples) for s in splits}
     loaded = load_for_task(config.teacher, task)
+    check_max_length(loaded, config.max_seq_length)
     finetuned_dir = None
     if loaded.head_is_new:
         if not config.finetune:
@@ -59,10 +60,6 @@ def dump(config: DumpConfig):
         loaded = load_for_task(str(finetuned_dir), task)
 
     model, tokenizer = loaded.model, loaded.tokenizer
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and config.max_seq_length > max_pos:
-        raise PkdCacheError(f"--max-seq-length {config.max_seq_length} is beyond the teacher's "
-                            f"{max_pos} position embeddings")
     device = resolve_device(config.device)
     model.to(device).eval()
     num_layers, hidden = model.config.num_hidden_layers, model.config.hidden_size

@@ -42,15 +42,25 @@ def raw_dev_batches(tokenizer, task: TaskSpec, data_dir: Optional[str], max_seq_
     return out
 
 
+def trained_max_length(loaded) -> int:
+    """The length a pkd-cache model was trained at (saved as its tokenizer's model_max_length), else 128."""
+    limit = getattr(loaded.model.config, "max_position_embeddings", 512) or 512
+    saved = getattr(loaded.tokenizer, "model_max_length", None)
+    return int(saved) if saved and saved <= limit else min(128, limit)
+
+
 def evaluate(config: EvalConfig) -> dict[str, float]:
     """`pkd-cache eval`: load a saved model and score it on the task's dev split(s)."""
-    from .teacher.load import load_for_task
+    from .teacher.load import check_max_length, load_for_task
 
+    config.check()
     task = get_task(config.task)
     loaded = load_for_task(config.model, task, what="model")
+    max_len = config.max_seq_length or trained_max_length(loaded)
+    check_max_length(loaded, max_len)
     device = resolve_device(config.device)
     model = loaded.model.to(device)
-    batches = raw_dev_batches(loaded.tokenizer, task, config.data_dir, config.max_seq_length, config.batch_size,
+    batches = raw_dev_batches(loaded.tokenizer, task, config.data_dir, max_len, config.batch_size,
                               config.max_examples)
     metrics = score(model, {s: b.epoch() for s, b in batches.items()}, task, device)
     metrics_path = Path(config.model) / "eval_results.json"

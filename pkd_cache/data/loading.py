@@ -54,6 +54,8 @@ def load_examples(task: TaskSpec, split: str, data_dir: Optional[str] = None,
                   max_examples: Optional[int] = None) -> Examples:
     if split not in task.splits:
         raise PkdCacheError(f"task {task.name} has no split {split!r}; its splits are {', '.join(task.splits)}")
+    if max_examples is not None and max_examples <= 0:  # rows[:-n] would silently drop the last n
+        raise PkdCacheError(f"the number of examples to take must be > 0, got {max_examples}")
     if data_dir is None:
         rows, source = _hub_rows(task, split, max_examples)
     else:
@@ -190,7 +192,7 @@ def parse_label(task: TaskSpec, value, source: str, index: int):
         if v in task.label_names:
             return task.label_names.index(v)
         try:
-            value = int(v)
+            value = int(float(v)) if v.replace(".", "", 1).isdigit() and float(v).is_integer() else int(v)
         except ValueError:
             raise PkdCacheError(f"{source} example {index}: label {value!r} is not in the task's label set "
                                 f"({', '.join(task.label_names)} or 0..{task.num_labels - 1})") from None

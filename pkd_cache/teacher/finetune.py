@@ -13,25 +13,27 @@ from ..data.loading import load_examples
 from ..data.tasks import get_task
 from ..data.tokenize import to_model_inputs, tokenize
 from ..evaluate import main_metric_key, raw_dev_batches, score
-from ..paths import prepare_output_dir
+from ..paths import check_output_dir, prepare_output_dir
 from ..progress import log
 from ..student.losses import hard_loss
 from ..training import resolve_device, train, write_metrics
-from .load import FINETUNE_INFO, LoadedModel, load_for_task
+from .load import FINETUNE_INFO, LoadedModel, check_max_length, load_for_task
 
 
 def finetune(config: FinetuneConfig, loaded: LoadedModel | None = None) -> dict:
     """Fine-tune `config.model` on `config.task`; the best dev checkpoint lands in `config.output_dir`."""
     config.check()
     task = get_task(config.task)
-    out = prepare_output_dir(config.output_dir, config.overwrite)
+    check_output_dir(config.output_dir, config.overwrite)
     loaded = loaded or load_for_task(config.model, task)
+    check_max_length(loaded, config.max_seq_length)
     torch.manual_seed(config.train.seed)
     train_ex = load_examples(task, "train", config.data_dir, config.max_train_samples)
     arrays = tokenize(loaded.tokenizer, train_ex, 0, len(train_ex), config.max_seq_length)
     arrays["labels"] = train_ex.labels
     train_batches = ArrayBatches(arrays, config.train.batch_size)
     dev = raw_dev_batches(loaded.tokenizer, task, config.data_dir, config.max_seq_length, 64, config.max_eval_samples)
+    out = prepare_output_dir(config.output_dir, config.overwrite)  # everything has loaded
     device = resolve_device(None)
     model = loaded.model.to(device)
     log(f"fine-tuning {loaded.name} on {task.name}: {len(train_ex):,} train examples, "
@@ -44,6 +46,8 @@ def finetune(config: FinetuneConfig, loaded: LoadedModel | None = None) -> dict:
 
     info = {"base_model": loaded.base_model or loaded.name, "task": task.name, "pkd_cache_version": __version__,
             "config": to_dict(config)}
+
+    loaded.tokenizer.model_max_length = config.max_seq_length  # `eval` scores at the trained length
 
     def save_best():
         model.save_pretrained(out)

@@ -96,6 +96,14 @@ def load_for_task(name: str, task: TaskSpec, num_hidden_layers: Optional[int] = 
     return LoadedModel(model, tokenizer, name, head_is_new, _base_model(name, config, head_is_new))
 
 
+def check_max_length(loaded: LoadedModel, max_seq_length: int) -> None:
+    """A max length beyond the model's position embeddings would crash mid-run: refuse it up front."""
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if limit is not None and max_seq_length > limit:
+        raise PkdCacheError(f"--max-seq-length {max_seq_length} is beyond the {limit} position embeddings of "
+                            f"{loaded.name}")
+
+
 def _base_model(name: str, config, head_is_new: bool) -> Optional[str]:
     info = Path(name).expanduser() / FINETUNE_INFO
     if info.is_file():

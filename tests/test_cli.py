@@ -1,0 +1,336 @@
+"""The `pkd-cache` command line, run as a real subprocess (`python -m pkd_cache ...`).
+
+A subprocess pays ~2 s (more on a busy machine) for importing torch before it does anything, so one module
+fixture runs them all together: the end-to-end chain (finetune -> dump -> info -> distill -> eval), `--debug`
+and one bad input per command as subprocesses in a small thread pool, while the other bad inputs run the same
+`app` in this process (typer's CliRunner, the traceback a crash would print added to stderr).
+PKD_CACHE_TEST_SUBPROCESS=1 runs every bad input as a subprocess too. Subprocesses get OMP_NUM_THREADS=1: on a
+busy machine torch's spinning worker threads make even tiny models very slow.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+from conftest import make_bert
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+       "COLUMNS": "200"}  # `info` is a rich table: wide enough not to wrap long temp paths
+ENV.pop("PKD_CACHE_DEBUG", None)
+WORKERS = 2
+SEQ = "24"
+ALL_IN_SUBPROCESS = os.environ.get("PKD_CACHE_TEST_SUBPROCESS", "") not in ("", "0")
+
+
+def cli(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pkd_cache", *map(str, args)], env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def cli_in_process(*args) -> subprocess.CompletedProcess:
+    """The same `app` in this process; an exception that escaped it appears in stderr as Python would print it."""
+    from typer.testing import CliRunner
+
+    from pkd_cache.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args], env={"PKD_CACHE_DEBUG": ""})
+    err = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        err += "".join(traceback.format_exception(r.exception))
+    return subprocess.CompletedProcess(["pkd-cache (in process)", *map(str, args)], r.exit_code, r.stdout, err)
+
+
+def show(p: subprocess.CompletedProcess) -> str:
+    return f"exit {p.returncode}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}"
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file below `path` (to prove nothing was touched)."""
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def attributes(store: Path) -> dict:
+    return json.loads((store / "zarr.json").read_text())["attributes"]
+
+
+# --- end to end: finetune -> dump -> info -> distill -> eval ---------------------------------------------------------
+
+def run_pipeline(tmp: Path, backbone: Path, data: Path) -> dict:
+    """Each step only if the ones it needs worked (`info` beside `distill`); {step: CompletedProcess} and the paths."""
+    paths = {"teacher": tmp / "teacher", "store": tmp / "sst2.zarr", "student": tmp / "student"}
+    results = {}
+    results["finetune"] = cli("finetune", "--model", backbone, "--task", "sst2", "--data-dir", data,
+                              "--output-dir", paths["teacher"], "--max-steps", "3", "--epochs", "1",
+                              "--max-seq-length", SEQ)
+    if results["finetune"].returncode == 0:
+        results["dump"] = cli("dump", "--teacher", paths["teacher"], "--task", "sst2", "--data-dir", data,
+                              "--out", paths["store"], "--max-seq-length", SEQ, "--chunk-size", "64")
+    if results.get("dump") and results["dump"].returncode == 0:
+        with ThreadPoolExecutor(1) as beside:
+            info = beside.submit(cli, "info", paths["store"])
+            results["distill"] = cli("distill", "--store", paths["store"], "--output-dir", paths["student"],
+                                     "--student-layers", "2", "--student-init", backbone, "--epochs", "1")
+            results["info"] = info.result()
+    if results.get("distill") and results["distill"].returncode == 0:
+        results["eval"] = cli("eval", "--model", paths["student"], "--task", "sst2", "--data-dir", data)
+    return {"results": results, **paths}
+
+
+# --- bad input -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Ctx:
+    tmp: Path  # a fresh folder for this case
+    data: Path
+    backbone: Path
+    teacher: Path
+    teacher3: Path  # a 3-label teacher
+    store: Path
+    state: dict = field(default_factory=dict)  # what the case's check needs to know
+
+
+@dataclass
+class Case:
+    setup: Callable[[Ctx], list]  # -> CLI arguments
+    expect: tuple[str, ...]  # fragments of the error message
+    check: Optional[Callable[[Ctx], None]] = None  # afterwards: nothing written, nothing touched
+    subprocess: bool = False  # run as a real process (one case per command is), else in this process
+
+
+def sst2_files(folder: Path, header: str, rows: list[str]) -> Path:
+    folder.mkdir(parents=True)
+    for name in ("train.tsv", "dev.tsv"):
+        (folder / name).write_text("\n".join([header] + rows) + "\n")
+    return folder
+
+
+def dump_args(c: Ctx, *extra, teacher=None, data=None, task="sst2", out=None) -> list:
+    return ["dump", "--teacher", teacher or c.teacher, "--task", task, "--data-dir", data or c.data,
+            "--out", out or c.tmp / "out.zarr", "--max-seq-length", SEQ, *extra]
+
+
+def distill_args(c: Ctx, *extra, store=None) -> list:
+    return ["distill", "--store", store or c.store, "--output-dir", c.tmp / "student", "--student-layers", "2",
+            "--student-init", c.backbone, *extra]
+
+
+def finetune_args(c: Ctx, *extra, model=None, task="sst2", output_dir=None) -> list:
+    return ["finetune", "--model", model or c.backbone, "--task", task, "--data-dir", c.data,
+            "--output-dir", output_dir or c.tmp / "teacher", "--max-steps", "1", "--max-seq-length", SEQ, *extra]
+
+
+def no_store(c: Ctx) -> None:
+    assert not (c.tmp / "out.zarr").exists()
+    assert not (c.tmp / "out.teacher").exists()  # where dump would fine-tune a head-less teacher
+
+
+def no_student(c: Ctx) -> None:
+    assert not (c.tmp / "student").exists() or not any((c.tmp / "student").iterdir())
+
+
+def no_teacher(c: Ctx) -> None:
+    assert not (c.tmp / "teacher").exists() or not any((c.tmp / "teacher").iterdir())
+
+
+def existing_dir(c: Ctx, name: str) -> Path:
+    d = c.tmp / name
+    d.mkdir()
+    (d / "keep.txt").write_text("precious")
+    c.state["digest"] = tree_digest(d)
+    c.state["dir"] = d
+    return d
+
+
+def untouched(c: Ctx) -> None:
+    assert tree_digest(c.state["dir"]) == c.state["digest"]
+
+
+def copy_store(c: Ctx, complete: bool) -> Path:
+    dst = c.tmp / "copy.zarr"
+    shutil.copytree(c.store, dst)
+    meta = json.loads((dst / "zarr.json").read_text())
+    meta["attributes"]["complete"] = complete
+    (dst / "zarr.json").write_text(json.dumps(meta))
+    c.state["dir"], c.state["digest"] = dst, tree_digest(dst)
+    return dst
+
+
+def incomplete_untouched(c: Ctx) -> None:
+    untouched(c)
+    assert attributes(c.state["dir"])["complete"] is False
+    no_student(c)
+
+
+CASES: dict[str, Case] = {
+    "unknown-task": Case(lambda c: finetune_args(c, task="sst3"), ("unknown task 'sst3'", "sst2"), no_teacher,
+                         subprocess=True),
+    "missing-columns": Case(lambda c: dump_args(c, data=sst2_files(c.tmp / "d", "text\tlabel", ["good film\t1"])),
+                            ("no text column", "sentence", "found: text, label"), no_store, subprocess=True),
+    "labels-outside-set": Case(
+        lambda c: dump_args(c, data=sst2_files(c.tmp / "d", "sentence\tlabel", ["good film\t1", "bad film\t2"])),
+        ("example 1: label 2 is outside", "0..1"), no_store),
+    "teacher-label-count": Case(lambda c: dump_args(c, teacher=c.teacher3), ("3-label head", "sst2 has 2 labels"),
+                                no_store),
+    "out-exists": Case(lambda c: dump_args(c, out=copy_store(c, complete=True)), ("already exists", "--overwrite"),
+                       untouched),
+    "incomplete-store": Case(lambda c: distill_args(c, store=copy_store(c, complete=False)),
+                             ("not complete",), incomplete_untouched, subprocess=True),
+    "layer-map-out-of-range": Case(lambda c: distill_args(c, "--layer-map", "5"),
+                                   ("--layer-map 5", "out of range", "1..4"), no_student),
+    "layer-map-wrong-length": Case(lambda c: distill_args(c, "--layer-map", "1,2"),
+                                   ("--layer-map needs 1", "got 2"), no_student),
+    "teacher-missing": Case(lambda c: dump_args(c, teacher=c.tmp / "no-such-teacher"),
+                            ("no-such-teacher", "does not exist"), no_store),
+    "no-finetune-headless": Case(lambda c: dump_args(c, "--no-finetune", teacher=c.backbone),
+                                 ("no trained sst2 head", "--no-finetune"), no_store),
+    "finetune-batch-size-zero": Case(lambda c: finetune_args(c, "--batch-size", "0"), ("--batch-size must be > 0",),
+                                     no_teacher),
+    "finetune-learning-rate-zero": Case(lambda c: finetune_args(c, "--learning-rate", "0"),
+                                        ("--learning-rate must be > 0",), no_teacher),
+    "distill-epochs-negative": Case(lambda c: distill_args(c, "--epochs", "-1"), ("--epochs must be > 0",),
+                                    no_student),
+    "distill-temperature-zero": Case(lambda c: distill_args(c, "--temperature", "0"), ("--temperature must be > 0",),
+                                     no_student),
+    "eval-batch-size-zero": Case(lambda c: ["eval", "--model", c.teacher, "--task", "sst2", "--data-dir", c.data,
+                                            "--batch-size", "0"], ("--batch-size must be > 0",)),
+    "dump-finetune-epochs-zero": Case(lambda c: dump_args(c, "--finetune-epochs", "0", teacher=c.backbone),
+                                      ("--finetune-epochs must be > 0",), no_store),
+    "finetune-overwrite-keeps-output-on-failure": Case(
+        lambda c: finetune_args(c, "--overwrite", model=c.tmp / "no-such-model", output_dir=existing_dir(c, "teacher")),
+        ("does not exist",), untouched),
+    "not-a-store": Case(lambda c: ["info", c.data], ("is not a pkd-cache store",), subprocess=True),
+    "eval-max-examples-negative": Case(lambda c: ["eval", "--model", c.teacher, "--task", "sst2", "--data-dir", c.data,
+                                                  "--max-examples=-5"], ("must be > 0, got -5",)),
+    "eval-max-seq-length-beyond-positions": Case(  # the tiny teacher has 64 positions, the sentence 102 tokens
+        lambda c: ["eval", "--model", c.teacher, "--task", "sst2", "--max-seq-length", "128",
+                   "--data-dir", sst2_files(c.tmp / "d", "sentence\tlabel", [" ".join(["good film"] * 50) + "\t1"])],
+        ("--max-seq-length 128", "position embeddings")),
+    "eval-unknown-model": Case(lambda c: ["eval", "--model", c.tmp / "no-such-model", "--task", "sst2", "--data-dir",
+                                          c.data], ("no-such-model", "does not exist")),
+}
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory, data_dir, backbone_dir):
+    """Every CLI run of this module: {"pipeline": ..., "debug": process, "cases": {name: (ctx, process)}}."""
+    root = tmp_path_factory.mktemp("cli")
+    (root / "e2e").mkdir()
+    out = {"cases": {}}
+    with ThreadPoolExecutor(WORKERS) as pool:
+        pipeline = pool.submit(run_pipeline, root / "e2e", backbone_dir, data_dir)  # the longest chain starts first
+        debug = pool.submit(cli, "--debug", "info", root / "nothing.zarr")
+        teacher_dir, store_path = request.getfixturevalue("teacher_dir"), request.getfixturevalue("store_path")
+        teacher3 = make_bert(root / "teacher3", layers=2, head=True, num_labels=3)
+        ctxs = {}
+        for name, case in CASES.items():
+            (root / name).mkdir()
+            c = Ctx(root / name, data_dir, backbone_dir, teacher_dir, teacher3, store_path)
+            ctxs[name] = (c, case.setup(c))
+        futures = {n: pool.submit(cli, *args) for n, (c, args) in ctxs.items()
+                   if CASES[n].subprocess or ALL_IN_SUBPROCESS}
+        for n, (c, args) in ctxs.items():  # meanwhile, here
+            if n not in futures:
+                out["cases"][n] = (c, cli_in_process(*args))
+        out["cases"].update({n: (ctxs[n][0], f.result()) for n, f in futures.items()})
+        out["pipeline"], out["debug"] = pipeline.result(), debug.result()
+    return out
+
+
+def test_end_to_end(runs, backbone_dir):
+    pipe = runs["pipeline"]
+    res = pipe["results"]
+    for step in ("finetune", "dump", "info", "distill", "eval"):
+        assert step in res, f"{step} not run: a step it needs failed"
+        assert res[step].returncode == 0, f"{step}: {show(res[step])}"
+        assert "Traceback" not in res[step].stderr and "error:" not in res[step].stderr, show(res[step])
+
+    teacher = pipe["teacher"]
+    for name in ("model.safetensors", "config.json", "metrics.json", "pkd_cache_finetune.json"):
+        assert (teacher / name).is_file(), name
+    m = json.loads((teacher / "metrics.json").read_text())
+    assert m["task"] == "sst2" and m["steps"] == 3 and 0 <= m["best_validation_accuracy"] <= 1
+    assert json.loads((teacher / "pkd_cache_finetune.json").read_text())["base_model"] == str(backbone_dir)
+    config = json.loads((teacher / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"] and len(config["id2label"]) == 2
+
+    store = pipe["store"]
+    a = attributes(store)
+    assert a["complete"] is True and a["format"] == "pkd-cache"
+    assert a["teacher"]["name_or_path"] == str(teacher) and a["teacher"]["base_model"] == str(backbone_dir)
+    assert a["teacher"]["num_layers"] == 4 and a["max_seq_length"] == 24
+    assert {s: v["num_examples"] for s, v in a["splits"].items()} == {"train": 160, "validation": 48}
+    cls = json.loads((store / "train" / "cls" / "zarr.json").read_text())
+    assert cls["shape"] == [160, 5, 32] and cls["data_type"] == "float16"
+    assert json.loads((store / "train" / "labels" / "zarr.json").read_text())["chunk_grid"]["configuration"][
+        "chunk_shape"] == [64]
+    assert not (store.parent / "sst2.teacher").exists()  # the teacher had a trained head: no fine-tune by dump
+
+    info = res["info"].stdout
+    assert str(teacher) in info and "4 layers, hidden 32" in info and str(backbone_dir) in info
+    cells = ([x.strip() for x in re.split(r"\s{2,}|[│┃]", line.strip()) if x.strip()] for line in info.splitlines())
+    rows = {row[0]: row[1:] for row in cells if row}  # "complete" -> ["yes"], "train" -> ["160", source, ...]
+    assert rows["complete"][0] == "yes"
+    assert rows["train"][0] == "160" and rows["validation"][0] == "48"
+
+    student = pipe["student"]
+    for name in ("model.safetensors", "config.json", "metrics.json", "tokenizer.json"):
+        assert (student / name).is_file(), name
+    sm = json.loads((student / "metrics.json").read_text())
+    assert sm["student_layers"] == 2 and sm["layer_map"] == [2] and sm["student_init"] == str(backbone_dir)
+    assert sm["steps"] == 5 and sm["best_epoch"] == 1  # 160 examples / batch 32, one epoch
+    assert json.loads((student / "config.json").read_text())["num_hidden_layers"] == 2
+
+    scores = json.loads(res["eval"].stdout)
+    assert set(scores) == {"validation_accuracy"} and 0 <= scores["validation_accuracy"] <= 1
+    # the same 48 dev examples (none longer than 24 tokens), from raw text instead of the store: the same score
+    assert scores["validation_accuracy"] == pytest.approx(sm["best_validation_accuracy"])
+    assert json.loads((student / "eval_results.json").read_text())["validation_accuracy"] == \
+        scores["validation_accuracy"]
+
+
+def assert_user_error(p: subprocess.CompletedProcess, expect: tuple[str, ...]) -> None:
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, show(p)  # 2: bad input; 1 would be "internal error" (a bug)
+    assert "Traceback" not in out, show(p)
+    assert "internal error" not in out, show(p)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert 1 <= len(lines) <= 3, show(p)
+    assert lines[0].startswith("error: "), show(p)
+    for fragment in expect:
+        assert fragment in out, f"{fragment!r} not in the message\n{show(p)}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(runs, name):
+    c, p = runs["cases"][name]
+    case = CASES[name]
+    assert_user_error(p, case.expect)
+    if case.check:
+        case.check(c)
+
+
+def test_debug_shows_the_traceback(runs):
+    p = runs["debug"]
+    assert p.returncode != 0
+    assert "Traceback" in p.stderr and "PkdCacheError" in p.stderr and "does not exist" in p.stderr
+
+
+def test_debug_is_per_invocation(tmp_path):
+    """`--debug` in one in-process run (a notebook, a test) must not leave tracebacks on for the next."""
+    first = cli_in_process("--debug", "info", tmp_path / "nothing.zarr")
+    assert first.returncode != 0
+    assert "Traceback" in first.stderr
+    second = cli_in_process("info", tmp_path / "nothing.zarr")
+    assert second.returncode == 2 and "Traceback" not in second.stderr, show(second)
+    assert second.stderr.startswith("error: store ") and "does not exist" in second.stderr
