@@ -38,7 +38,8 @@ def main(out: Path) -> str:
         name, value = best_metric(m)
         beta = f"{m['beta']:.3g}" if m["beta"] else "0"
         lmap = ",".join(map(str, m["layer_map"])) if m["beta"] else "-"
-        rows.append(f"| student: {label} | {m['student_layers']} | {m['alpha']:g} | {beta} | {m['temperature']:g} | "
+        temperature = f"{m['temperature']:g}" if m["alpha"] else "-"
+        rows.append(f"| student: {label} | {m['student_layers']} | {m['alpha']:g} | {beta} | {temperature} | "
                     f"{lmap} | {name} | {100 * value:.2f} | {_fmt(times.get('student-' + folder, m.get('wall_seconds')))} |")
     return "\n".join(rows) + "\n"
 
