@@ -5,5 +5,5 @@ no traceback. Anything else is a bug in pkd-cache and is reported as such (``--d
 """
 
 
-class PkdCacheError(Exception):
+class PkdCacheError(ValueError):
     """A problem with the user's input or environment, explained in one line."""

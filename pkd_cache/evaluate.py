@@ -5,8 +5,6 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional
 
-import torch
-
 from .config import EvalConfig
 from .data.batches import ArrayBatches
 from .data.loading import load_examples

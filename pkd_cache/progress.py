@@ -20,7 +20,7 @@ class RateColumn(ProgressColumn):
 
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text(f"?/s" if speed is None else f"{speed:,.1f} {self.unit}/s", style="cyan")
+        return Text("?/s" if speed is None else f"{speed:,.1f} {self.unit}/s", style="cyan")
 
 
 class _Bar:
