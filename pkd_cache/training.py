@@ -66,27 +66,29 @@ def train(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int,
     n_epochs = math.ceil(total_steps / steps_per_epoch)
     for epoch in range(n_epochs):
         model.train()
-        running: dict[str, float] = {}
+        running: dict[str, torch.Tensor] = {}
         steps_this_epoch = min(steps_per_epoch, total_steps - step)
         with progress_bar(steps_this_epoch, f"{description} epoch {epoch + 1}/{n_epochs}", unit="step") as bar:
             for batch in epoch_batches(epoch):
-                if step >= total_steps or bar.done >= steps_this_epoch:
+                if step >= total_steps or bar.done >= steps_this_epoch:  # stop: max steps or a fractional epoch
                     break
-                loss, parts = loss_fn(batch)
+                loss, parts = loss_fn(batch)  # forward + loss (the caller's single loss seam)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if cfg.max_grad_norm > 0:
+                if cfg.max_grad_norm > 0:  # clip
                     torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm)
                 opt.step()
                 sched.step()
                 step += 1
                 bar.advance(1)
+                # log: the loss parts stay on the device and are summed there; the host syncs once per log line
                 for k, v in parts.items():
-                    running[k] = running.get(k, 0.0) + float(v)  # one host sync per step for the log
+                    running[k] = running[k] + v if k in running else v
                 if cfg.logging_steps > 0 and step % cfg.logging_steps == 0:
-                    avg = ", ".join(f"{k} {v / cfg.logging_steps:.4f}" for k, v in running.items())
+                    avg = ", ".join(f"{k} {float(v) / cfg.logging_steps:.4f}" for k, v in running.items())
                     log(f"step {step}/{total_steps}  {avg}  lr {sched.get_last_lr()[0]:.2e}")
                     running = {}
+        # eval / checkpoint: after every epoch, keep the best on the main dev metric
         metrics = evaluate()
         entry = {"epoch": epoch + 1, "step": step, **metrics}
         result.history.append(entry)
