@@ -20,7 +20,7 @@ from .errors import PkdCacheError
 from .progress import log, progress_bar
 from .store.fingerprint import vocab_fingerprint, weights_fingerprint
 from .store.writer import StoreWriter, check_target
-from .teacher.load import check_max_length, load_for_task
+from .teacher.load import FINETUNE_INFO, LoadedModel, check_max_length, load_for_task
 from .teacher.run import teacher_outputs
 from .training import resolve_device
 
@@ -45,19 +45,7 @@ def dump(config: DumpConfig):
     check_max_length(loaded, config.max_seq_length)
     finetuned_dir = None
     if loaded.head_is_new:
-        if not config.finetune:
-            raise PkdCacheError(f"teacher {loaded.name} has no trained {task.name} head (its classifier would be "
-                                f"newly initialised); fine-tune it with `pkd-cache finetune` or drop --no-finetune")
-        finetuned_dir = finetuned_teacher_dir(config.out)
-        log(f"teacher {loaded.name} has no trained {task.name} head: fine-tuning it first "
-            f"({config.finetune_train.epochs:g} epochs, lr {config.finetune_train.learning_rate:g}) into {finetuned_dir}")
-        from .teacher.finetune import finetune
-
-        finetune(FinetuneConfig(model=loaded.name, task=task.name, output_dir=str(finetuned_dir),
-                                data_dir=config.data_dir, max_seq_length=config.max_seq_length,
-                                overwrite=config.overwrite, max_train_samples=config.max_examples,
-                                max_eval_samples=config.max_examples, train=config.finetune_train), loaded=loaded)
-        loaded = load_for_task(str(finetuned_dir), task)
+        loaded, finetuned_dir = _finetuned_teacher(config, task, loaded)
 
     model, tokenizer = loaded.model, loaded.tokenizer
     device = resolve_device(config.device)
@@ -98,6 +86,40 @@ def dump(config: DumpConfig):
     from .store.reader import open_store
 
     return open_store(config.out)
+
+
+def _finetuned_teacher(config: DumpConfig, task, loaded) -> tuple[LoadedModel, Path]:
+    """A teacher without a trained head is fine-tuned first (the paper's recipe) into `<store>.teacher`.
+
+    A finished fine-tune already there with the same settings is reused, so a dump that failed after the
+    fine-tune does not pay for it twice.
+    """
+    if not config.finetune:
+        raise PkdCacheError(f"teacher {loaded.name} has no trained {task.name} head (its classifier would be "
+                            f"newly initialised); fine-tune it with `pkd-cache finetune` or drop --no-finetune")
+    target = finetuned_teacher_dir(config.out)
+    ft = FinetuneConfig(model=loaded.name, task=task.name, output_dir=str(target), data_dir=config.data_dir,
+                        max_seq_length=config.max_seq_length, overwrite=config.overwrite,
+                        max_train_samples=config.max_examples, max_eval_samples=config.max_examples,
+                        train=config.finetune_train)
+    info_path = target / FINETUNE_INFO
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        same = {k: v for k, v in to_dict(ft).items() if k != "overwrite"} == \
+            {k: v for k, v in info.get("config", {}).items() if k != "overwrite"}
+        if same and "metrics" in info:
+            log(f"reusing the teacher fine-tuned earlier with the same settings in {target}")
+            return load_for_task(str(target), task), target
+    if target.exists() and any(target.iterdir()) and not config.overwrite:
+        raise PkdCacheError(f"{target} (where dump keeps the teacher it fine-tunes) exists from other settings; "
+                            f"remove it or pass --overwrite")
+    log(f"teacher {loaded.name} has no trained {task.name} head: fine-tuning it first "
+        f"({config.finetune_train.epochs:g} epochs, lr {config.finetune_train.learning_rate:g}) into {target}")
+    from .teacher.finetune import finetune
+
+    ft.overwrite = True  # checked above: what is there is ours to replace
+    finetune(ft, loaded=loaded)
+    return load_for_task(str(target), task), target
 
 
 def _run_chunk(model, tokenizer, ex, start: int, stop: int, config: DumpConfig, device) -> dict[str, np.ndarray]:

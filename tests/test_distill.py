@@ -112,3 +112,16 @@ def test_dump_fine_tunes_a_headless_teacher_and_distill_defaults_to_its_base(tmp
     m = pkd_cache.distill(pkd_cache.DistillConfig(store=str(store), output_dir=str(tmp_path / "st"), student_layers=2,
                                                   train=pkd_cache.TrainConfig(epochs=1, logging_steps=0)))
     assert m["student_init"] == str(backbone_dir)
+
+    # dumping again (--overwrite of the store) reuses the finished fine-tune with the same settings
+    weights = (tmp_path / "auto.teacher" / "model.safetensors").read_bytes()
+    cfg.overwrite = True
+    again = pkd_cache.dump(cfg)
+    assert (tmp_path / "auto.teacher" / "model.safetensors").read_bytes() == weights
+    assert again.info()["teacher"]["weights_fingerprint"] == teacher["weights_fingerprint"]
+    # other fine-tuning settings: refused without --overwrite (the old teacher is kept)
+    cfg.overwrite, cfg.out = False, str(tmp_path / "auto2.zarr")
+    (tmp_path / "auto2.teacher").mkdir()
+    (tmp_path / "auto2.teacher" / "x").write_text("x")
+    with pytest.raises(PkdCacheError, match="exists from other settings"):
+        pkd_cache.dump(cfg)
