@@ -76,6 +76,8 @@ class DumpConfig:
     finetune: bool = True  # fine-tune a teacher whose head is untrained; False refuses instead
     finetune_train: TrainConfig = field(default_factory=TrainConfig)
     device: Optional[str] = None
+    precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast; fp16 only on GPU)
+    pad_to_max_length: bool = False  # pad every batch to max_seq_length (the original PKD code) instead of bucketing
     max_examples: Optional[int] = None  # take only the first N examples of each split (smoke runs)
 
     def check(self) -> None:
@@ -87,6 +89,8 @@ class DumpConfig:
         if self.dtype not in ("float16", "float32"):
             raise PkdCacheError(f"--dtype must be float16 or float32, got {self.dtype!r}")
         check_positive_or_none(self.max_examples, "--max-examples")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise PkdCacheError(f"--precision must be fp32, fp16 or bf16, got {self.precision!r}")
         if self.finetune:
             self.finetune_train.check(flag="--finetune-")
 
