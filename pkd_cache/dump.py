@@ -18,6 +18,7 @@ from .data.tokenize import tokenize
 from .errors import PkdCacheError
 from .progress import log, progress_bar
 from .store.fingerprint import vocab_fingerprint, weights_fingerprint
+from .store.quantize import quantize_int8
 from .store.writer import BackgroundWriter, StoreWriter, check_target
 from .teacher.load import FINETUNE_INFO, LoadedModel, check_max_length, load_for_task
 from .teacher.run import run_chunk
@@ -67,7 +68,8 @@ def dump(config: DumpConfig):
     }
     writer = StoreWriter(config.out, config.overwrite, metadata)
     background = BackgroundWriter(writer)
-    cls_dtype = np.dtype(config.dtype)
+    int8 = config.dtype == "int8"
+    cls_dtype = np.dtype(np.float32 if int8 else config.dtype)  # int8 is quantised from float32 below
     t0 = time.perf_counter()
     try:
         for split, ex in examples.items():
@@ -80,13 +82,16 @@ def dump(config: DumpConfig):
                     tokens = tokenize(tokenizer, ex, start, stop, config.max_seq_length)
                     logits, cls = run_chunk(model, tokens, config.batch_size, bucketed=not config.pad_to_max_length,
                                             cls_dtype=cls_dtype, device=device, precision=config.precision)
-                    background.put(split, start, {**tokens, "labels": ex.labels[start:stop], "logits": logits,
-                                                  "cls": cls})
+                    arrays = {**tokens, "labels": ex.labels[start:stop], "logits": logits, "cls": cls}
+                    if int8:
+                        arrays["cls"], arrays["cls_scale"] = quantize_int8(cls)
+                    background.put(split, start, arrays)
                     bar.advance(stop - start)
     finally:
         background.close()  # drains the queue; re-raises a write error
-    writer.finish()
     seconds = time.perf_counter() - t0
+    writer.metadata["dump_seconds"] = round(seconds, 3)  # tokenise + forward + write, all splits
+    writer.finish()
     total = sum(len(e) for e in examples.values())
     log(f"wrote {total:,} examples ({', '.join(f'{s} {len(e):,}' for s, e in examples.items())}) to {config.out} "
         f"in {seconds:.1f}s; teacher {num_layers} layers x {hidden}")

@@ -197,3 +197,24 @@ def test_bf16_precision_on_cpu_stays_close(tmp_path, teacher_dir, data_dir, stor
                                             precision="bf16"))
     ref = pkd_cache.open_store(str(store_path))
     np.testing.assert_allclose(s.array("validation", "logits")[:], ref.array("validation", "logits")[:], atol=0.1)
+
+
+def test_int8_store_dequantises_close_to_float_and_keeps_directions(tmp_path, teacher_dir, data_dir, store_path):
+    from pkd_cache.store.quantize import dequantize_int8, quantize_int8
+
+    x = np.random.default_rng(0).standard_normal((5, 3, 16)).astype(np.float32)
+    q, scale = quantize_int8(x)
+    assert q.dtype == np.int8 and scale.shape == (5, 3)
+    np.testing.assert_allclose(dequantize_int8(q, scale, np.float32), x, atol=float(scale.max()) / 2 + 1e-7)
+    q0, s0 = quantize_int8(np.zeros((2, 4), np.float32))
+    assert (q0 == 0).all() and (dequantize_int8(q0, s0) == 0).all()
+
+    s = pkd_cache.dump(pkd_cache.DumpConfig(teacher=str(teacher_dir), task="sst2", data_dir=str(data_dir),
+                                            out=str(tmp_path / "int8.zarr"), max_seq_length=24, chunk_size=64,
+                                            dtype="int8"))
+    raw = zarr.open_group(str(tmp_path / "int8.zarr"), mode="r")["train"]
+    assert raw["cls"].dtype == np.int8 and raw["cls_scale"].shape == (160, 5)
+    ref = pkd_cache.open_store(str(store_path)).array("train", "cls")[:].astype(np.float32)
+    got = np.concatenate([b["cls"].float().numpy() for b in s.batches("train", 32, shuffle=False, layers=[1, 3])])
+    cos = (got * ref[:, [1, 3]]).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref[:, [1, 3]], axis=-1)
+    assert cos.min() > 0.999

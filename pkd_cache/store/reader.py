@@ -10,6 +10,7 @@ import zarr
 
 from ..errors import PkdCacheError
 from .format import ARRAYS, FORMAT_NAME, FORMAT_VERSION
+from .quantize import dequantize_int8
 
 
 class Store:
@@ -72,11 +73,14 @@ class Store:
         g = self.root[split]
         out = {}
         for name in fields:
-            if name == "cls" and layers is not None:
-                out[name] = g[name].oindex[slice(start, stop), list(layers)]
-            else:
-                out[name] = g[name][start:stop]
+            out[name] = self._rows(g[name], start, stop, layers if name == "cls" else None)
+        if "cls" in out and out["cls"].dtype == np.int8:  # dequantised on read (see store/quantize.py)
+            out["cls"] = dequantize_int8(out["cls"], self._rows(g["cls_scale"], start, stop, layers))
         return out
+
+    @staticmethod
+    def _rows(array, start: int, stop: int, layers: Optional[Sequence[int]]) -> np.ndarray:
+        return array[start:stop] if layers is None else array.oindex[slice(start, stop), list(layers)]
 
     def batches(self, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                 layers: Optional[Sequence[int]] = None, shuffle_chunks: int = 8,

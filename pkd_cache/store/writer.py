@@ -54,6 +54,8 @@ class StoreWriter:
         shapes = {"input_ids": ((n, seq_len), "int32"), "attention_mask": ((n, seq_len), "uint8"),
                   "token_type_ids": ((n, seq_len), "uint8"), "labels": ((n,), label_dtype),
                   "logits": ((n, num_labels), "float32"), "cls": ((n, layers + 1, hidden), cls_dtype)}
+        if cls_dtype == "int8":
+            shapes["cls_scale"] = ((n, layers + 1), "float32")
         for name, (shape, dtype) in shapes.items():
             chunks = (min(chunk_size, n),) + shape[1:]
             g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,

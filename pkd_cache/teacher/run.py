@@ -55,6 +55,7 @@ def run_chunk(model, tokens: dict[str, np.ndarray], batch_size: int, *, bucketed
         with autocast(device, precision):
             lg, c = teacher_outputs(model, inputs)
         lg, c = lg.float().cpu().numpy(), c.to(torch.float32 if cls_dtype == np.float32 else torch.float16).cpu()
+        # logits: (batch, labels); c: (batch, layers + 1, hidden)
         if logits is None:
             logits = np.empty((n, lg.shape[1]), np.float32)
             cls = np.empty((n,) + tuple(c.shape[1:]), cls_dtype)
