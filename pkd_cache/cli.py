@@ -43,6 +43,11 @@ def user_errors(fn):
             _fail(str(e), 2)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except OSError as e:  # disk full, permissions, ...: the system's own words, and where
+            if _state["debug"]:
+                raise
+            where = f": {e.filename}" if e.filename else ""
+            _fail(f"{e.strerror or e}{where}", 2)
         except Exception as e:  # a bug in pkd-cache: still one line, and how to get the details
             if _state["debug"]:
                 raise
@@ -124,7 +129,11 @@ def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher:
          finetune_epochs: float = typer.Option(4.0, "--finetune-epochs"),
          finetune_learning_rate: float = typer.Option(2e-5, "--finetune-learning-rate"),
          seed: int = Seed,
-         device: Optional[str] = typer.Option(None, "--device"),
+         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if any)."),
+         precision: str = typer.Option("fp32", "--precision", help="Teacher forward in fp32, fp16 or bf16 (autocast)."),
+         pad_to_max_length: bool = typer.Option(False, "--pad-to-max-length",
+                                                help="Pad every batch to --max-seq-length (as the original PKD code) "
+                                                     "instead of length bucketing."),
          max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Only the first N of each split.")):
     """Run the teacher once; write token ids, labels, logits and every layer's [CLS] to a store."""
     from . import dump as run
@@ -132,6 +141,7 @@ def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher:
     run(DumpConfig(teacher=teacher, task=task, out=out, data_dir=data_dir, splits=split or None,
                    max_seq_length=max_seq_length, batch_size=batch_size, dtype=dtype, chunk_size=chunk_size,
                    overwrite=overwrite, finetune=finetune, device=device, max_examples=max_examples,
+                   precision=precision, pad_to_max_length=pad_to_max_length,
                    finetune_train=TrainConfig(epochs=finetune_epochs, learning_rate=finetune_learning_rate,
                                               seed=seed)))
 

@@ -70,12 +70,14 @@ class DumpConfig:
     splits: Optional[list[str]] = None  # default: train and every dev split of the task
     max_seq_length: int = 128
     batch_size: int = 64
-    dtype: str = "float16"  # storage dtype of the CLS vectors
+    dtype: str = "float16"  # storage dtype of the CLS vectors; int8 adds a per-vector scale
     chunk_size: int = 1024  # examples per chunk along N
     overwrite: bool = False
     finetune: bool = True  # fine-tune a teacher whose head is untrained; False refuses instead
     finetune_train: TrainConfig = field(default_factory=TrainConfig)
     device: Optional[str] = None
+    precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast; fp16 only on GPU)
+    pad_to_max_length: bool = False  # pad every batch to max_seq_length (the original PKD code) instead of bucketing
     max_examples: Optional[int] = None  # take only the first N examples of each split (smoke runs)
 
     def check(self) -> None:
@@ -84,9 +86,11 @@ class DumpConfig:
             raise PkdCacheError(f"--batch-size must be > 0, got {self.batch_size}")
         if self.chunk_size <= 0:
             raise PkdCacheError(f"--chunk-size must be > 0, got {self.chunk_size}")
-        if self.dtype not in ("float16", "float32"):
-            raise PkdCacheError(f"--dtype must be float16 or float32, got {self.dtype!r}")
+        if self.dtype not in ("float16", "float32", "int8"):
+            raise PkdCacheError(f"--dtype must be float16, float32 or int8, got {self.dtype!r}")
         check_positive_or_none(self.max_examples, "--max-examples")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise PkdCacheError(f"--precision must be fp32, fp16 or bf16, got {self.precision!r}")
         if self.finetune:
             self.finetune_train.check(flag="--finetune-")
 

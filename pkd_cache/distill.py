@@ -64,7 +64,7 @@ def distill(config: DistillConfig) -> dict:
 
     def epoch_batches(epoch: int):
         return store.batches(train_split, config.train.batch_size, shuffle=True, seed=config.train.seed, epoch=epoch,
-                             layers=lmap if need_cls else None, fields=fields)
+                             layers=lmap if need_cls else None, fields=fields, pin_memory=device.type == "cuda")
 
     def evaluate():
         return score(model, {s: store.batches(s, 128, shuffle=False, fields=EVAL_FIELDS) for s in eval_splits},

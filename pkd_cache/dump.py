@@ -10,18 +10,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .config import DumpConfig, FinetuneConfig, to_dict
 from .data.loading import load_examples
 from .data.tasks import get_task
-from .data.tokenize import tokenize, trim_padding
+from .data.tokenize import tokenize
 from .errors import PkdCacheError
 from .progress import log, progress_bar
 from .store.fingerprint import vocab_fingerprint, weights_fingerprint
-from .store.writer import StoreWriter, check_target
+from .store.quantize import quantize_int8
+from .store.writer import BackgroundWriter, StoreWriter, check_target
 from .teacher.load import FINETUNE_INFO, LoadedModel, check_max_length, load_for_task
-from .teacher.run import teacher_outputs
+from .teacher.run import run_chunk
 from .training import resolve_device
 
 
@@ -67,18 +67,31 @@ def dump(config: DumpConfig):
         "settings": to_dict(config),
     }
     writer = StoreWriter(config.out, config.overwrite, metadata)
+    background = BackgroundWriter(writer)
+    int8 = config.dtype == "int8"
+    cls_dtype = np.dtype(np.float32 if int8 else config.dtype)  # int8 is quantised from float32 below
     t0 = time.perf_counter()
-    for split, ex in examples.items():
-        writer.create_split(split, len(ex), config.max_seq_length, task.num_labels, num_layers, hidden, config.dtype,
-                            "float32" if task.is_regression else "int64", config.chunk_size,
-                            {"source": ex.source, "data_fingerprint": ex.fingerprint()})
-        with progress_bar(len(ex), f"dump {split}") as bar:
-            for start in range(0, len(ex), config.chunk_size):
-                stop = min(start + config.chunk_size, len(ex))
-                writer.write(split, start, _run_chunk(model, tokenizer, ex, start, stop, config, device))
-                bar.advance(stop - start)
-    writer.finish()
+    try:
+        for split, ex in examples.items():
+            writer.create_split(split, len(ex), config.max_seq_length, task.num_labels, num_layers, hidden,
+                                config.dtype, "float32" if task.is_regression else "int64", config.chunk_size,
+                                {"source": ex.source, "data_fingerprint": ex.fingerprint()})
+            with progress_bar(len(ex), f"dump {split}") as bar:
+                for start in range(0, len(ex), config.chunk_size):
+                    stop = min(start + config.chunk_size, len(ex))
+                    tokens = tokenize(tokenizer, ex, start, stop, config.max_seq_length)
+                    logits, cls = run_chunk(model, tokens, config.batch_size, bucketed=not config.pad_to_max_length,
+                                            cls_dtype=cls_dtype, device=device, precision=config.precision)
+                    arrays = {**tokens, "labels": ex.labels[start:stop], "logits": logits, "cls": cls}
+                    if int8:
+                        arrays["cls"], arrays["cls_scale"] = quantize_int8(cls)
+                    background.put(split, start, arrays)
+                    bar.advance(stop - start)
+    finally:
+        background.close()  # drains the queue; re-raises a write error
     seconds = time.perf_counter() - t0
+    writer.metadata["dump_seconds"] = round(seconds, 3)  # tokenise + forward + write, all splits
+    writer.finish()
     total = sum(len(e) for e in examples.values())
     log(f"wrote {total:,} examples ({', '.join(f'{s} {len(e):,}' for s, e in examples.items())}) to {config.out} "
         f"in {seconds:.1f}s; teacher {num_layers} layers x {hidden}")
@@ -120,16 +133,3 @@ def _finetuned_teacher(config: DumpConfig, task, loaded) -> tuple[LoadedModel, P
     ft.overwrite = True  # checked above: what is there is ours to replace
     finetune(ft, loaded=loaded)
     return load_for_task(str(target), task), target
-
-
-def _run_chunk(model, tokenizer, ex, start: int, stop: int, config: DumpConfig, device) -> dict[str, np.ndarray]:
-    """Tokenise examples [start, stop), run the teacher batch by batch, return the chunk's arrays."""
-    tokens = tokenize(tokenizer, ex, start, stop, config.max_seq_length)
-    logits, cls = [], []
-    for b in range(0, stop - start, config.batch_size):
-        batch = trim_padding({k: torch.from_numpy(v[b:b + config.batch_size]) for k, v in tokens.items()})
-        inputs = {k: v.to(device=device, dtype=torch.long) for k, v in batch.items()}
-        lg, c = teacher_outputs(model, inputs)
-        logits.append(lg.cpu().numpy())
-        cls.append(c.to(dtype=getattr(torch, config.dtype)).cpu().numpy())
-    return {**tokens, "labels": ex.labels[start:stop], "logits": np.concatenate(logits), "cls": np.concatenate(cls)}

@@ -150,3 +150,71 @@ def test_float32_cls_dtype(tmp_path, teacher_dir, data_dir):
     store = pkd_cache.dump(pkd_cache.DumpConfig(teacher=str(teacher_dir), task="sst2", data_dir=str(data_dir),
                                                 out=str(out), max_seq_length=16, max_examples=10, dtype="float32"))
     assert store.array("train", "cls").dtype == np.float32 and store.info()["cls_dtype"] == "float32"
+
+
+def test_bucketed_and_padded_dumps_agree_and_are_written_in_order(tmp_path, teacher_dir, data_dir, store_path):
+    """Length bucketing reorders the teacher's batches inside a chunk, never the stored rows."""
+    out = tmp_path / "padded.zarr"
+    padded = pkd_cache.dump(pkd_cache.DumpConfig(teacher=str(teacher_dir), task="sst2", data_dir=str(data_dir),
+                                                 out=str(out), max_seq_length=24, batch_size=16, chunk_size=64,
+                                                 pad_to_max_length=True))
+    bucketed = pkd_cache.open_store(str(store_path))
+    for split in ("train", "validation"):
+        for name in ("input_ids", "attention_mask", "labels"):
+            np.testing.assert_array_equal(padded.array(split, name)[:], bucketed.array(split, name)[:])
+        np.testing.assert_allclose(padded.array(split, "logits")[:], bucketed.array(split, "logits")[:], atol=1e-5)
+        np.testing.assert_allclose(padded.array(split, "cls")[:].astype(np.float32),
+                                   bucketed.array(split, "cls")[:].astype(np.float32), atol=2e-3, rtol=2e-3)
+
+
+def test_chunk_batches_bucket_by_length_and_cover_the_chunk():
+    from pkd_cache.teacher.run import chunk_batches
+
+    lengths = np.array([3, 9, 5, 9, 1, 7, 2])
+    batches = chunk_batches(lengths, 3, bucketed=True)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(7))
+    assert [lengths[b].tolist() for b in batches] == [[9, 9, 7], [5, 3, 2], [1]]
+    assert [b.tolist() for b in chunk_batches(lengths, 3, bucketed=False)] == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_a_write_error_in_the_background_writer_reaches_the_caller(tmp_path, teacher_dir, data_dir, monkeypatch):
+    from pkd_cache.store import writer as writer_module
+
+    def broken(self, split, start, arrays):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer_module.StoreWriter, "write", broken)
+    out = tmp_path / "full.zarr"
+    with pytest.raises(OSError, match="No space left"):
+        pkd_cache.dump(pkd_cache.DumpConfig(teacher=str(teacher_dir), task="sst2", data_dir=str(data_dir),
+                                            out=str(out), max_seq_length=16, chunk_size=16))
+    assert zarr.open_group(str(out), mode="r").attrs["complete"] is False
+
+
+def test_bf16_precision_on_cpu_stays_close(tmp_path, teacher_dir, data_dir, store_path):
+    s = pkd_cache.dump(pkd_cache.DumpConfig(teacher=str(teacher_dir), task="sst2", data_dir=str(data_dir),
+                                            out=str(tmp_path / "bf16.zarr"), max_seq_length=24, chunk_size=64,
+                                            precision="bf16"))
+    ref = pkd_cache.open_store(str(store_path))
+    np.testing.assert_allclose(s.array("validation", "logits")[:], ref.array("validation", "logits")[:], atol=0.1)
+
+
+def test_int8_store_dequantises_close_to_float_and_keeps_directions(tmp_path, teacher_dir, data_dir, store_path):
+    from pkd_cache.store.quantize import dequantize_int8, quantize_int8
+
+    x = np.random.default_rng(0).standard_normal((5, 3, 16)).astype(np.float32)
+    q, scale = quantize_int8(x)
+    assert q.dtype == np.int8 and scale.shape == (5, 3)
+    np.testing.assert_allclose(dequantize_int8(q, scale, np.float32), x, atol=float(scale.max()) / 2 + 1e-7)
+    q0, s0 = quantize_int8(np.zeros((2, 4), np.float32))
+    assert (q0 == 0).all() and (dequantize_int8(q0, s0) == 0).all()
+
+    s = pkd_cache.dump(pkd_cache.DumpConfig(teacher=str(teacher_dir), task="sst2", data_dir=str(data_dir),
+                                            out=str(tmp_path / "int8.zarr"), max_seq_length=24, chunk_size=64,
+                                            dtype="int8"))
+    raw = zarr.open_group(str(tmp_path / "int8.zarr"), mode="r")["train"]
+    assert raw["cls"].dtype == np.int8 and raw["cls_scale"].shape == (160, 5)
+    ref = pkd_cache.open_store(str(store_path)).array("train", "cls")[:].astype(np.float32)
+    got = np.concatenate([b["cls"].float().numpy() for b in s.batches("train", 32, shuffle=False, layers=[1, 3])])
+    cos = (got * ref[:, [1, 3]]).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref[:, [1, 3]], axis=-1)
+    assert cos.min() > 0.999

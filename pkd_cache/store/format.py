@@ -10,8 +10,9 @@ Arrays per split (N examples, S = max_seq_length, C labels, L teacher layers, H 
     token_type_ids  N x S        uint8    segment ids
     labels          N            int64    class ids (float32 scores for regression tasks)
     logits          N x C        float32  teacher logits
-    cls             N x (L+1) x H  float16 (default) or float32: [CLS] hidden state; index 0 = embedding
+    cls             N x (L+1) x H  float16 (default), float32 or int8: [CLS] hidden state; index 0 = embedding
                                    output, index i = output of encoder layer i
+    cls_scale       N x (L+1)    float32  only with int8 `cls`: cls ≈ cls * cls_scale[..., None]
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ FORMAT_NAME = "pkd-cache"
 FORMAT_VERSION = 1
 TOKEN_ARRAYS = ("input_ids", "attention_mask", "token_type_ids")
 ARRAYS = TOKEN_ARRAYS + ("labels", "logits", "cls")
-CLS_DTYPES = ("float16", "float32")
+CLS_DTYPES = ("float16", "float32", "int8")  # int8: plus `cls_scale` (N x (L+1) float32)
 BLOSC = {"cname": "zstd", "clevel": 3}
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 import zarr
 
-from ..data.tokenize import trim_padding
 from ..errors import PkdCacheError
-from .format import ARRAYS, FORMAT_NAME, FORMAT_VERSION, TOKEN_ARRAYS
+from .format import ARRAYS, FORMAT_NAME, FORMAT_VERSION
+from .quantize import dequantize_int8
 
 
 class Store:
@@ -73,52 +73,33 @@ class Store:
         g = self.root[split]
         out = {}
         for name in fields:
-            if name == "cls" and layers is not None:
-                out[name] = g[name].oindex[slice(start, stop), list(layers)]
-            else:
-                out[name] = g[name][start:stop]
+            out[name] = self._rows(g[name], start, stop, layers if name == "cls" else None)
+        if "cls" in out and out["cls"].dtype == np.int8:  # dequantised on read (see store/quantize.py)
+            out["cls"] = dequantize_int8(out["cls"], self._rows(g["cls_scale"], start, stop, layers))
         return out
+
+    @staticmethod
+    def _rows(array, start: int, stop: int, layers: Optional[Sequence[int]]) -> np.ndarray:
+        return array[start:stop] if layers is None else array.oindex[slice(start, stop), list(layers)]
 
     def batches(self, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                 layers: Optional[Sequence[int]] = None, shuffle_chunks: int = 8,
-                fields: Sequence[str] = ARRAYS) -> Iterator[dict[str, torch.Tensor]]:
+                fields: Sequence[str] = ARRAYS, prefetch: int = 1,
+                pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """Dicts of torch tensors (`input_ids`, `attention_mask`, `token_type_ids`, `labels`, `logits`, `cls`).
 
         Token columns are cut to the batch's longest sequence. With `shuffle`, chunks are visited in a random
-        order and examples are shuffled within a buffer of `shuffle_chunks` chunks; the order is a pure
-        function of (seed, epoch). `layers` selects CLS rows (0 = embeddings, i = layer i); `fields` the arrays.
+        order and examples are shuffled within groups of `shuffle_chunks` chunks; the order is a pure
+        function of (seed, epoch) (see `pkd_cache.stream.epoch_groups`). `layers` selects CLS rows
+        (0 = embeddings, i = layer i); `fields` the arrays. A thread reads `prefetch` groups ahead.
         """
+        from ..stream import iter_batches
+
         if batch_size <= 0:
             raise PkdCacheError(f"batch size must be > 0, got {batch_size}")
-        n = self.num_examples(split)
-        chunk = self.root[split]["labels"].chunks[0]
-        starts = list(range(0, n, chunk))
-        rng = np.random.default_rng([seed, epoch])
-        if shuffle:
-            starts = [starts[i] for i in rng.permutation(len(starts))]
-        group = max(1, shuffle_chunks) if shuffle else 1
-        carry: Optional[dict[str, np.ndarray]] = None
-        for g0 in range(0, len(starts), group):
-            parts = [self.read(split, s, min(s + chunk, n), layers, fields) for s in starts[g0:g0 + group]]
-            if carry is not None:
-                parts.insert(0, carry)
-            buf = {k: np.concatenate([p[k] for p in parts]) for k in fields}
-            m = len(buf["labels"])
-            order = rng.permutation(m) if shuffle else np.arange(m)
-            last = g0 + group >= len(starts)
-            full = m if last else (m // batch_size) * batch_size
-            for b in range(0, full, batch_size):
-                idx = order[b:b + batch_size]
-                yield _to_batch({k: v[idx] for k, v in buf.items()})
-            carry = None if last or full == m else {k: v[order[full:]] for k, v in buf.items()}
-
-
-def _to_batch(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    batch = {}
-    for k, v in arrays.items():
-        t = torch.from_numpy(np.ascontiguousarray(v))
-        batch[k] = t.long() if k in TOKEN_ARRAYS else t
-    return trim_padding(batch)
+        self._split_meta(split)
+        return iter_batches(self, split, batch_size, shuffle, seed, epoch, layers, fields, shuffle_chunks,
+                            prefetch=prefetch, pin_memory=pin_memory)
 
 
 def open_store(path: str, require_complete: bool = True) -> Store:

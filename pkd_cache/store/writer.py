@@ -54,6 +54,8 @@ class StoreWriter:
         shapes = {"input_ids": ((n, seq_len), "int32"), "attention_mask": ((n, seq_len), "uint8"),
                   "token_type_ids": ((n, seq_len), "uint8"), "labels": ((n,), label_dtype),
                   "logits": ((n, num_labels), "float32"), "cls": ((n, layers + 1, hidden), cls_dtype)}
+        if cls_dtype == "int8":
+            shapes["cls_scale"] = ((n, layers + 1), "float32")
         for name, (shape, dtype) in shapes.items():
             chunks = (min(chunk_size, n),) + shape[1:]
             g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
@@ -75,3 +77,45 @@ class StoreWriter:
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class BackgroundWriter:
+    """Compresses and writes chunks on a thread while the teacher computes the next ones.
+
+    The queue is bounded (`depth` chunks), so memory stays flat: a slow disk makes the teacher wait rather than
+    pile up outputs. A write error is re-raised in the caller at the next `put` or at `close`.
+    """
+
+    def __init__(self, writer: StoreWriter, depth: int = 2):
+        import queue
+        import threading
+
+        self.writer, self.error = writer, None
+        self.queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._run, name="pkd-cache-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is None:  # after a failure, drain without writing so that `put` never blocks forever
+                try:
+                    self.writer.write(*item)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    self.error = e
+
+    def put(self, split: str, start: int, arrays: dict[str, np.ndarray]) -> None:
+        self._raise()
+        self.queue.put((split, start, arrays))
+
+    def close(self) -> None:
+        """Wait until everything queued is written; re-raise a write error."""
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
