@@ -67,11 +67,16 @@ def _load_group(store, split, group: Group, chunk: int, n: int, layers, fields, 
     starts = [c * chunk for c in group.chunks]
     with ThreadPoolExecutor(max_workers=workers) as pool:  # blosc releases the GIL: chunks decompress in parallel
         parts = list(pool.map(lambda s: store.read(split, s, min(s + chunk, n), layers, fields), starts))
-    offsets = np.cumsum([0] + [min(s + chunk, n) - s for s in starts])
-    offset_of_chunk = np.zeros(-(-n // chunk), dtype=np.int64)
-    offset_of_chunk[list(group.chunks)] = offsets[:-1]
-    pos = offset_of_chunk[group.rows // chunk] + group.rows % chunk  # row -> place in the concatenated chunks
-    return {k: np.concatenate([p[k] for p in parts])[pos] for k in fields}
+    chunk_of_row, local = group.rows // chunk, group.rows % chunk
+    out = {}
+    for k in fields:  # gather straight from the chunks into the group's order: one copy of the data
+        first = parts[0][k]
+        dest = np.empty((len(group.rows),) + first.shape[1:], first.dtype)
+        for c, part in zip(group.chunks, parts):
+            sel = chunk_of_row == c
+            dest[sel] = part[k][local[sel]]
+        out[k] = dest
+    return out
 
 
 def _prefetch(items: Iterator, depth: int) -> Iterator:

@@ -59,7 +59,7 @@ class StoreWriter:
         for name, (shape, dtype) in shapes.items():
             chunks = (min(chunk_size, n),) + shape[1:]
             g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
-                           compressors=compressor(np.dtype(dtype).itemsize))
+                           compressors=compressor(name, np.dtype(dtype).itemsize))
         self.metadata["splits"][split] = {"num_examples": n, **split_meta}
 
     def write(self, split: str, start: int, arrays: dict[str, np.ndarray]) -> None:
