@@ -80,26 +80,40 @@ def _load_group(store, split, group: Group, chunk: int, n: int, layers, fields, 
 
 
 def _prefetch(items: Iterator, depth: int) -> Iterator:
-    """Run the `items` generator `depth` items ahead on a thread; exceptions surface in the consumer."""
+    """Run the `items` generator `depth` items ahead on a thread; exceptions surface in the consumer.
+
+    A consumer that stops early (max steps, a fractional epoch) releases the thread and what it holds.
+    """
     if depth <= 0:
         yield from items
         return
     q: "queue.Queue" = queue.Queue(maxsize=depth)
-    done = object()
+    stop, done = threading.Event(), object()
 
     def work():
         try:
             for item in items:
+                if stop.is_set():
+                    return
                 q.put(item)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             q.put(e)
         q.put(done)
 
-    threading.Thread(target=work, name="pkd-cache-reader", daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    thread = threading.Thread(target=work, name="pkd-cache-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get(timeout=0.1)
+            except queue.Empty:
+                pass
 
 
 def to_batch(arrays: dict[str, np.ndarray], pin_memory: bool = False) -> dict[str, torch.Tensor]:

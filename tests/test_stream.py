@@ -47,3 +47,17 @@ def test_reader_errors_reach_the_consumer(store_path, monkeypatch):
     monkeypatch.setattr(store, "read", broken)
     with pytest.raises(OSError, match="unreadable"):
         list(store.batches("train", 16))
+
+
+def test_stopping_early_releases_the_reader_thread(store_path):
+    import threading
+    import time
+
+    store = pkd_cache.open_store(str(store_path))
+    it = store.batches("train", 8, shuffle_chunks=1, prefetch=1)
+    next(it)
+    it.close()  # what a training loop's `break` does to the generator
+    deadline = time.monotonic() + 10
+    while any(t.name == "pkd-cache-reader" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "pkd-cache-reader" for t in threading.enumerate())
