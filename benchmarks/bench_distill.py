@@ -93,10 +93,35 @@ def main() -> None:
         ft = timed_steps(student, opt, in_memory, finetune_loss, a.warmup, device)
         from_store = timed_steps(student, opt, store_batches(), store_loss, a.warmup, device)
         online = timed_steps(student, opt, in_memory, online_loss, a.warmup, device)
+        # What bounds B5 on this machine: the costs that make up a step, each timed alone on the same batches.
+        teacher_fwd = timed(lambda b: teacher_outputs(teacher, to_model_inputs(b, device)), in_memory, a.warmup, device)
+        student_fwd = timed(lambda b: store_loss(b).detach(), in_memory, a.warmup, device)
+    measured_bound = (teacher_fwd + from_store) / from_store
     rows = [("B4 store step / fine-tuning step", ft, from_store, from_store / ft, "<= 1.05"),
             ("B5 online KD step / store step", from_store, online, online / from_store,
              f">= {0.95 * 15 / 9:.2f} (0.95 x 1.67)")]
     print(table(rows, ("measure", "reference s/step", "measured s/step", "ratio", "goal")))
+    parts = [("teacher forward (inference mode), 6 layers", teacher_fwd),
+             ("student forward + losses, 3 layers", student_fwd),
+             ("student backward + optimiser step (store step - forward)", from_store - student_fwd),
+             ("backward / forward of the student", (from_store - student_fwd) / student_fwd),
+             ("B5 bound from these costs: (teacher fwd + store step) / store step", measured_bound),
+             ("B5 measured / bound from these costs", online / from_store / measured_bound)]
+    print("\n" + table(parts, ("part of a step", "s/step or ratio")))
+
+
+def timed(fn, batches, warmup: int, device) -> float:
+    """Mean seconds of `fn(batch)` over the batches after `warmup`."""
+    t0 = None
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        fn(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / (i + 1 - warmup)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ sequential and decompression amortised; the group shuffle mixes examples across 
 """
 from __future__ import annotations
 
+import os
 import queue
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,7 +18,10 @@ import numpy as np
 import torch
 
 from .data.tokenize import trim_padding
+from .errors import PkdCacheError
+from .store.chunks import ChunkReader
 from .store.format import TOKEN_ARRAYS
+from .store.quantize import dequantize_int8
 
 
 @dataclass(frozen=True)
@@ -45,38 +50,130 @@ def epoch_groups(num_examples: int, chunk_size: int, shuffle: bool, seed: int, e
 
 def iter_batches(store, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                  layers: Optional[Sequence[int]] = None, fields: Sequence[str] = (), shuffle_chunks: int = 8,
-                 prefetch: int = 1, workers: int = 4, pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+                 prefetch: int = 2, workers: Optional[int] = None,
+                 pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of torch tensors following `epoch_groups`; a thread loads the next group(s) meanwhile."""
     n = store.num_examples(split)
-    chunk = store.array(split, "labels").chunks[0]
+    readers = {k: ChunkReader(store.array(split, k)) for k in _stored_arrays(store, split, fields)}
+    chunk = readers[next(iter(readers))].chunks[0]
+    if any(r.chunks[0] != chunk for r in readers.values()):
+        raise PkdCacheError(f"store {store.path}: the arrays of split {split!r} are chunked differently along N")
     groups = epoch_groups(n, chunk, shuffle, seed, epoch, shuffle_chunks)
-    loaded = _prefetch((_load_group(store, split, g, chunk, n, layers, fields, workers) for g in groups), prefetch)
-    carry: Optional[dict[str, np.ndarray]] = None
-    for i, buf in enumerate(loaded):
-        if carry is not None:
-            buf = {k: np.concatenate([carry[k], v]) for k, v in buf.items()}
-        m = len(next(iter(buf.values())))
-        full = m if i == len(groups) - 1 else (m // batch_size) * batch_size
-        for b in range(0, full, batch_size):
-            yield to_batch({k: v[b:b + batch_size] for k, v in buf.items()}, pin_memory)
-        carry = {k: v[full:] for k, v in buf.items()} if full < m else None
+    buffers = BufferPool()
+    pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1), thread_name_prefix="pkd-cache-decode")
+    try:
+        loaded = _prefetch((_load_group(readers, g, chunk, layers, pool, buffers) for g in groups), prefetch)
+        carry: Optional[dict[str, np.ndarray]] = None
+        for i, buf in enumerate(loaded):
+            if carry is not None:
+                buf = {k: np.concatenate([carry[k], v]) for k, v in buf.items()}
+            m = len(next(iter(buf.values())))
+            full = m if i == len(groups) - 1 else (m // batch_size) * batch_size
+            for b in range(0, full, batch_size):
+                yield to_batch({k: v[b:b + batch_size] for k, v in buf.items()}, pin_memory)
+            carry = {k: v[full:] for k, v in buf.items()} if full < m else None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _load_group(store, split, group: Group, chunk: int, n: int, layers, fields, workers) -> dict[str, np.ndarray]:
-    """The group's examples in yield order: whole chunks are read (decompressed in parallel), then gathered."""
-    starts = [c * chunk for c in group.chunks]
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # blosc releases the GIL: chunks decompress in parallel
-        parts = list(pool.map(lambda s: store.read(split, s, min(s + chunk, n), layers, fields), starts))
+def _stored_arrays(store, split: str, fields: Sequence[str]) -> list[str]:
+    """The arrays to read for `fields`: int8 `cls` needs its `cls_scale` too."""
+    names = list(fields)
+    if "cls" in names and store.array(split, "cls").dtype == np.int8:
+        names.append("cls_scale")
+    return names
+
+
+def _load_group(readers: dict[str, ChunkReader], group: Group, chunk: int, layers, pool,
+                buffers: "BufferPool") -> dict[str, np.ndarray]:
+    """The group's examples in yield order, gathered straight from decoded chunks (decoded in parallel)."""
     chunk_of_row, local = group.rows // chunk, group.rows % chunk
-    out = {}
-    for k in fields:  # gather straight from the chunks into the group's order: one copy of the data
-        first = parts[0][k]
-        dest = np.empty((len(group.rows),) + first.shape[1:], first.dtype)
-        for c, part in zip(group.chunks, parts):
-            sel = chunk_of_row == c
-            dest[sel] = part[k][local[sel]]
-        out[k] = dest
+    where = {c: np.flatnonzero(chunk_of_row == c) for c in group.chunks}
+    out, jobs = {}, []
+    for name, reader in readers.items():
+        picks = list(layers) if layers is not None and name in ("cls", "cls_scale") else None
+        dest = buffers.get(_gathered_shape(reader, len(group.rows), picks), reader.dtype)
+        out[name] = dest
+        for c in group.chunks:
+            for j, pairs in _axis1_chunks(reader, picks):
+                coords = (c,) if len(reader.shape) == 1 else (c, j) + (0,) * (len(reader.shape) - 2)
+                jobs.append(pool.submit(_gather_chunk, reader, coords, pairs, dest, where[c], local[where[c]]))
+    for job in jobs:
+        job.result()
+    if "cls_scale" in out:  # int8 store: dequantised here, off the training thread
+        out["cls"] = dequantize_int8(out["cls"], out.pop("cls_scale"))
     return out
+
+
+def _gathered_shape(reader: ChunkReader, rows: int, picks) -> tuple[int, ...]:
+    shape = (rows,) + reader.shape[1:]
+    return shape if picks is None else shape[:1] + (len(picks),) + shape[2:]
+
+
+def _axis1_chunks(reader: ChunkReader, picks) -> list[tuple[int, Optional[list[tuple[int, int]]]]]:
+    """[(chunk index along axis 1, [(position in the output, index inside that chunk), ...] or None = all)]."""
+    if len(reader.shape) < 2:
+        return [(0, None)]
+    if any(k != s for k, s in zip(reader.chunks[2:], reader.shape[2:])):
+        raise PkdCacheError(f"array {reader.array.path} is chunked along an axis other than N and layers")
+    width = reader.chunks[1]
+    if picks is None and width >= reader.shape[1]:
+        return [(0, None)]
+    picks = range(reader.shape[1]) if picks is None else picks
+    by_chunk: dict[int, list[tuple[int, int]]] = {}
+    for pos, index in enumerate(picks):
+        by_chunk.setdefault(index // width, []).append((pos, index % width))
+    return sorted(by_chunk.items())
+
+
+def _gather_chunk(reader: ChunkReader, coords: tuple[int, ...], pairs, dest: np.ndarray, rows: np.ndarray,
+                  local: np.ndarray) -> None:
+    """Decode one chunk into this thread's buffer and copy its selected rows (and layers) into `dest[rows]`."""
+    buf = reader.read_into(coords, _thread_buffer(reader))
+    if pairs is None:
+        dest[rows] = buf[local]
+    else:
+        for pos, index in pairs:
+            dest[rows, pos] = buf[local, index]
+
+
+class BufferPool:
+    """Group-sized arrays recycled once nothing refers to them any more.
+
+    A fresh 160 MB array per group costs a page fault per 4 KB on first touch, about a third of the read time
+    (benchmarks/RESULTS.md, B3). Batches are views of these arrays, so an array is reused only when no view
+    of it is alive: its reference count is down to the pool's own. A consumer that keeps every batch (a list
+    of them, say) simply gets fresh arrays.
+    """
+
+    def __init__(self, per_shape: int = 4):
+        self.per_shape = per_shape
+        self.arrays: dict[tuple, list[np.ndarray]] = {}
+
+    def get(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        pooled = self.arrays.setdefault((shape, np.dtype(dtype).str), [])
+        for a in pooled:
+            if sys.getrefcount(a) <= 3:  # the list, the loop variable and getrefcount's argument
+                return a
+        a = np.empty(shape, dtype)
+        if len(pooled) < self.per_shape:
+            pooled.append(a)
+        return a
+
+
+_buffers = threading.local()
+
+
+def _thread_buffer(reader: ChunkReader) -> np.ndarray:
+    """A decode buffer per thread and chunk shape, reused chunk after chunk: no fresh pages (faults) per read.
+
+    A thread finishes with a buffer (the gather) before its next chunk, so arrays of one shape can share it.
+    """
+    cache = _buffers.__dict__.setdefault("cache", {})
+    key = (reader.chunks, reader.dtype.str)
+    if key not in cache:
+        cache[key] = reader.buffer()
+    return cache[key]
 
 
 def _prefetch(items: Iterator, depth: int) -> Iterator:

@@ -49,9 +49,9 @@ def test_metadata_describes_teacher_tokenizer_task_and_data(store_path):
     json.dumps(m)  # all JSON
 
 
-def test_arrays_are_chunked_along_examples_and_compressed(store_path):
-    a = zarr.open_group(str(store_path), mode="r")["train"]["cls"]
-    assert a.chunks == (64, 5, 32)
+def test_arrays_are_chunked_along_examples_and_cls_per_layer(store_path):
+    g = zarr.open_group(str(store_path), mode="r")["train"]
+    assert g["cls"].chunks == (64, 1, 32) and g["input_ids"].chunks == (64, 24) and g["logits"].chunks == (64, 2)
     meta = json.loads((store_path / "train" / "cls" / "zarr.json").read_text())
     assert any(c["name"] == "blosc" for c in meta["codecs"])
 
@@ -218,3 +218,5 @@ def test_int8_store_dequantises_close_to_float_and_keeps_directions(tmp_path, te
     got = np.concatenate([b["cls"].float().numpy() for b in s.batches("train", 32, shuffle=False, layers=[1, 3])])
     cos = (got * ref[:, [1, 3]]).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref[:, [1, 3]], axis=-1)
     assert cos.min() > 0.999
+    want = dequantize_int8(raw["cls"][:][:, [1, 3]], raw["cls_scale"][:][:, [1, 3]])
+    np.testing.assert_array_equal(got, want.astype(np.float32))

@@ -1,5 +1,6 @@
 """The epoch order is a pure function with the invariants a sampler needs; the reader follows it exactly."""
 import numpy as np
+import torch
 import pytest
 
 import pkd_cache
@@ -39,14 +40,48 @@ def test_reader_yields_the_planned_order(store_path, prefetch):
 
 
 def test_reader_errors_reach_the_consumer(store_path, monkeypatch):
+    from pkd_cache.store.chunks import ChunkReader
+
     store = pkd_cache.open_store(str(store_path))
 
     def broken(*a, **k):
         raise OSError("chunk unreadable")
 
-    monkeypatch.setattr(store, "read", broken)
+    monkeypatch.setattr(ChunkReader, "read_into", broken)
     with pytest.raises(OSError, match="unreadable"):
         list(store.batches("train", 16))
+
+
+def test_a_damaged_chunk_is_a_clear_error(store_path, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store_path, copy)
+    chunk = sorted((copy / "train" / "cls" / "c").rglob("*"))[-1]
+    chunk.write_bytes(chunk.read_bytes()[:40])
+    with pytest.raises(pkd_cache.PkdCacheError, match="damaged"):
+        list(pkd_cache.open_store(str(copy)).batches("train", 16))
+
+
+@pytest.mark.parametrize("layers", [None, [3, 1]])
+def test_direct_chunk_reads_match_zarr(store_path, monkeypatch, layers):
+    """The fast path (chunk files decoded in place) and zarr's own reads give the same batches."""
+    from pkd_cache.store import chunks
+
+    store = pkd_cache.open_store(str(store_path))
+    assert chunks.ChunkReader(store.array("train", "cls")).direct
+    fast = list(store.batches("train", 24, seed=1, layers=layers, shuffle_chunks=2))
+    monkeypatch.setattr(chunks, "_direct_chunk_dir", lambda array: None)
+    slow = list(store.batches("train", 24, seed=1, layers=layers, shuffle_chunks=2))
+    assert len(fast) == len(slow)
+    for a, b in zip(fast, slow):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    cls = store.array("train", "cls")[:]
+    rows = np.concatenate([g.rows for g in epoch_groups(160, 64, True, 1, 0, 2)])
+    want = cls[rows] if layers is None else cls[rows][:, layers]
+    np.testing.assert_array_equal(np.concatenate([b["cls"].numpy() for b in fast]), want)
 
 
 def test_stopping_early_releases_the_reader_thread(store_path):
@@ -61,3 +96,26 @@ def test_stopping_early_releases_the_reader_thread(store_path):
     while any(t.name == "pkd-cache-reader" for t in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(t.name == "pkd-cache-reader" for t in threading.enumerate())
+
+
+def test_stores_with_all_layers_in_one_chunk_read_the_same(store_path, tmp_path):
+    """Stores written before per-layer CLS chunks (one chunk = all L+1 layers) read identically."""
+    import shutil
+
+    import zarr
+
+    from pkd_cache.store.format import compressor
+
+    copy = tmp_path / "whole.zarr"
+    shutil.copytree(store_path, copy)
+    g = zarr.open_group(str(copy / "train"), mode="r+")
+    cls = g["cls"][:]
+    assert g["cls"].chunks[1] == 1
+    del g["cls"]
+    g.create_array("cls", shape=cls.shape, chunks=(64,) + cls.shape[1:], dtype=cls.dtype, fill_value=0,
+                   compressors=compressor("cls", 2))[:] = cls
+    for layers in (None, [4, 0, 2]):
+        a = list(pkd_cache.open_store(str(store_path)).batches("train", 24, seed=2, layers=layers, shuffle_chunks=2))
+        b = list(pkd_cache.open_store(str(copy)).batches("train", 24, seed=2, layers=layers, shuffle_chunks=2))
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x["cls"], y["cls"], rtol=0, atol=0)

@@ -84,7 +84,7 @@ class Store:
 
     def batches(self, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                 layers: Optional[Sequence[int]] = None, shuffle_chunks: int = 8,
-                fields: Sequence[str] = ARRAYS, prefetch: int = 1,
+                fields: Sequence[str] = ARRAYS, prefetch: int = 2,
                 pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """Dicts of torch tensors (`input_ids`, `attention_mask`, `token_type_ids`, `labels`, `logits`, `cls`).
 

@@ -58,6 +58,8 @@ class StoreWriter:
             shapes["cls_scale"] = ((n, layers + 1), "float32")
         for name, (shape, dtype) in shapes.items():
             chunks = (min(chunk_size, n),) + shape[1:]
+            if name == "cls":  # one chunk per layer: a student reads only its mapped layers (docs/FORMAT.md)
+                chunks = (chunks[0], 1, hidden)
             g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
                            compressors=compressor(name, np.dtype(dtype).itemsize))
         self.metadata["splits"][split] = {"num_examples": n, **split_meta}
