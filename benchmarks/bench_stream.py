@@ -34,12 +34,14 @@ def make_store(path: Path, n: int, whole_layers: bool = False) -> None:
     w = StoreWriter(str(path), True, meta)
     w.create_split("train", n, SEQ, 2, LAYERS, HIDDEN, "float16", "int64", CHUNK, {})
     if whole_layers:  # the first 0.1.0 layout: one CLS chunk holds all L+1 layers
+        from pkd_cache.store.chunks import blosc_params
         from pkd_cache.store.format import compressor
 
         g = w.root["train"]
         del g["cls"]
-        g.create_array("cls", shape=(n, LAYERS + 1, HIDDEN), chunks=(CHUNK, LAYERS + 1, HIDDEN), dtype="float16",
-                       fill_value=0, compressors=compressor("cls", 2))
+        cls = g.create_array("cls", shape=(n, LAYERS + 1, HIDDEN), chunks=(CHUNK, LAYERS + 1, HIDDEN),
+                             dtype="float16", fill_value=0, compressors=compressor("cls", 2))
+        w._arrays["train", "cls"] = (cls, blosc_params(cls))
     rng = np.random.default_rng(0)
     for s in range(0, n, CHUNK):
         m = min(CHUNK, n - s)
@@ -65,7 +67,7 @@ def memcpy_rate(n: int, bytes_per_example: int) -> float:
 
 @contextmanager
 def through_zarr():
-    with mock.patch.object(chunk_reads, "_direct_chunk_dir", lambda array: None):
+    with mock.patch.object(chunk_reads, "blosc_params", lambda array: None):
         yield
 
 

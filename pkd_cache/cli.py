@@ -195,6 +195,28 @@ def eval_(model: str = typer.Option(..., "--model", "--model-name-or-path"),
 
 @app.command()
 @user_errors
+def verify(store: str = typer.Argument(..., help="Path or URL of a store.")):
+    """Check a store: complete, consistent metadata, every chunk present and matching its dump-time checksum.
+
+    Exit 0 when the store is sound, 1 when it has problems (each printed on its own line), 2 when it cannot be
+    opened as a store at all.
+    """
+    from .store.verify import verify_store
+
+    report = verify_store(store)
+    for note in report.notes:
+        typer.echo(f"note: {note}", err=True)
+    for problem in report.problems:
+        typer.echo(f"problem: {problem}")
+    if not report.ok:
+        _fail(f"store {store} has {len(report.problems)} problem(s)", 1)
+    checked = "match their checksums" if report.checksummed else "decode"
+    typer.echo(f"ok: {store}: complete, metadata consistent, {report.chunks:,} chunks "
+               f"({report.bytes / 2**20:,.1f} MiB decoded) {checked}")
+
+
+@app.command()
+@user_errors
 def info(store: str = typer.Argument(..., help="Path of a store."),
          as_json: bool = typer.Option(False, "--json", help="Print the raw metadata as JSON.")):
     """Describe a store: teacher, tokenizer, task, splits, sizes, completeness."""

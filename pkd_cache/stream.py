@@ -54,7 +54,7 @@ def iter_batches(store, split: str, batch_size: int, shuffle: bool = True, seed:
                  pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of torch tensors following `epoch_groups`; a thread loads the next group(s) meanwhile."""
     n = store.num_examples(split)
-    readers = {k: ChunkReader(store.array(split, k)) for k in _stored_arrays(store, split, fields)}
+    readers = {k: store.chunk_reader(split, k) for k in _stored_arrays(store, split, fields)}
     chunk = readers[next(iter(readers))].chunks[0]
     if any(r.chunks[0] != chunk for r in readers.values()):
         raise PkdCacheError(f"store {store.path}: the arrays of split {split!r} are chunked differently along N")

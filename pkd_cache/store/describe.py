@@ -7,12 +7,6 @@ from rich.table import Table
 from .reader import Store
 
 
-def _size_bytes(store: Store) -> int:
-    from pathlib import Path
-
-    return sum(f.stat().st_size for f in Path(store.path).expanduser().rglob("*") if f.is_file())
-
-
 def _human(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -40,7 +34,7 @@ def print_info(store: Store) -> None:
         ("cls dtype", str(m.get("cls_dtype"))),
         ("created", str(m.get("created_at"))),
         ("completed", str(m.get("completed_at", "-"))),
-        ("size on disk", _human(_size_bytes(store))),
+        ("size on disk", _human(store.location.size())),
     ]
     for k, v in rows:
         head.add_row(f"[bold]{k}", v)

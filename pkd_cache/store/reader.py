@@ -1,7 +1,7 @@
 """Reading a store: its metadata, and shuffled or ordered batches of torch tensors."""
 from __future__ import annotations
 
-from pathlib import Path
+import json
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -9,20 +9,23 @@ import torch
 import zarr
 
 from ..errors import PkdCacheError
+from .chunks import CHECKSUMS_KEY, ChunkReader
 from .format import ARRAYS, FORMAT_NAME, FORMAT_VERSION
+from .location import Location
 from .quantize import dequantize_int8
 
 
 class Store:
     """A pkd-cache store opened read-only. `info()` is the metadata; `batches()` streams examples."""
 
-    def __init__(self, path: str, require_complete: bool = True):
-        self.path = path
-        p = Path(path).expanduser()
-        if not p.exists():
-            raise PkdCacheError(f"store {path} does not exist")
+    def __init__(self, path: str, require_complete: bool = True, storage_options: Optional[dict] = None):
+        self.path = str(path)
+        self.location = Location(self.path, storage_options)
+        if not self.location.exists("zarr.json"):
+            what = "is not a pkd-cache store (no zarr.json)" if self.location.exists() else "does not exist"
+            raise PkdCacheError(f"store {path} {what}")
         try:
-            self.root = zarr.open_group(str(p), mode="r")
+            self.root = zarr.open_group(store=self.location.zarr_store(read_only=True), mode="r")
             attrs = dict(self.root.attrs)
         except Exception as e:
             raise PkdCacheError(f"{path} is not a pkd-cache store (cannot open it as a Zarr group: {e})") from e
@@ -35,6 +38,25 @@ class Store:
         if require_complete and not attrs.get("complete"):
             raise PkdCacheError(f"store {path} is not complete (its dump did not finish); re-run the dump")
         self.meta = attrs
+        self._checksums: Optional[dict] = None
+
+    @property
+    def checksums(self) -> Optional[dict]:
+        """The manifest's {chunk key: [nbytes, crc32c]}, or None for a store written before checksums existed."""
+        if self._checksums is None and self.meta.get("checksums"):
+            key = self.meta["checksums"].get("file", CHECKSUMS_KEY)
+            try:
+                manifest = json.loads(self.location.read(key))
+            except FileNotFoundError:
+                raise PkdCacheError(f"store {self.path}: its checksum manifest {key} is missing; the store is damaged "
+                                    f"(run `pkd-cache verify {self.path}`)") from None
+            except ValueError as e:
+                raise PkdCacheError(f"store {self.path}: its checksum manifest {key} is not valid JSON ({e})") from e
+            self._checksums = manifest.get("chunks", {})
+        return self._checksums
+
+    def chunk_reader(self, split: str, name: str) -> ChunkReader:
+        return ChunkReader(self.array(split, name), self.location, f"{split}/{name}", self.checksums)
 
     def info(self) -> dict:
         return dict(self.meta)
@@ -102,5 +124,6 @@ class Store:
                             prefetch=prefetch, pin_memory=pin_memory)
 
 
-def open_store(path: str, require_complete: bool = True) -> Store:
-    return Store(path, require_complete=require_complete)
+def open_store(path: str, require_complete: bool = True, storage_options: Optional[dict] = None) -> Store:
+    """Open a store from a local path or an fsspec URL (`s3://bucket/sst2.zarr`, `http://host:8000/sst2.zarr`)."""
+    return Store(path, require_complete=require_complete, storage_options=storage_options)

@@ -1,52 +1,67 @@
-"""Writing a store: create the arrays, fill them chunk by chunk, mark the store complete last."""
+"""Writing a store: create the arrays, fill them chunk by chunk, record checksums, mark the store complete last."""
 from __future__ import annotations
 
 import datetime as dt
 import json
-import shutil
-from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import zarr
 
 from .. import __version__
 from ..errors import PkdCacheError
+from .chunks import CHECKSUMS_KEY, blosc_params, chunk_key, crc32c, encode_chunk
 from .format import FORMAT_NAME, FORMAT_VERSION, compressor
+from .location import Location
 
 
-def is_store(path: Path) -> bool:
-    meta = path / "zarr.json"
-    if not meta.is_file():
-        return False
+def is_store(location: Location) -> bool:
     try:
-        return json.loads(meta.read_text()).get("attributes", {}).get("format") == FORMAT_NAME
+        meta = json.loads(location.read("zarr.json"))
     except (OSError, ValueError):
         return False
+    return meta.get("attributes", {}).get("format") == FORMAT_NAME
 
 
-def check_target(out: str, overwrite: bool) -> Path:
+def check_target(out: str, overwrite: bool, storage_options: Optional[dict] = None) -> Location:
     """Refuse an existing `--out` unless `overwrite`; never delete something that is not a store."""
-    path = Path(out).expanduser()
-    if path.exists():
+    location = Location(out, storage_options)
+    location._writable()
+    if location.exists():
         if not overwrite:
             raise PkdCacheError(f"--out {out} already exists; pass --overwrite to replace it")
-        if path.is_dir() and not is_store(path) and any(path.iterdir()):
+        if not is_store(location) and not _empty_dir(location):
             raise PkdCacheError(f"--out {out} exists and is not a pkd-cache store; refusing to delete it")
-    return path
+    return location
+
+
+def _empty_dir(location: Location) -> bool:
+    if location.url:
+        try:
+            return not location.fs.ls(location.root)
+        except FileNotFoundError:
+            return True
+    return location.local.is_dir() and not any(location.local.iterdir())
 
 
 class StoreWriter:
-    """`create` the layout, `write` chunk-aligned blocks of examples, then `finish` (sets complete=True last)."""
+    """`create_split` the layout, `write` chunk-aligned blocks of examples, then `finish` (complete=True last).
 
-    def __init__(self, out: str, overwrite: bool, metadata: dict):
-        path = check_target(out, overwrite)
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        self.path = path
-        self.root = zarr.open_group(str(path), mode="w-")
+    zarr-python writes the metadata; the chunks are encoded and written here (store/chunks.py), each with its
+    CRC-32C recorded in the manifest that `finish` writes before the complete flag.
+    """
+
+    def __init__(self, out: str, overwrite: bool, metadata: dict, storage_options: Optional[dict] = None):
+        self.location = check_target(out, overwrite, storage_options)
+        if self.location.exists():
+            self.location.remove_all()
+        self.path = out
+        self.root = zarr.open_group(store=self.location.zarr_store(read_only=False), mode="w-")
         self.metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "complete": False,
                          "package_version": __version__, "created_at": _now(), **metadata, "splits": {}}
         self.root.attrs.update(self.metadata)
+        self.checksums: dict[str, list[int]] = {}
+        self._arrays: dict[tuple[str, str], tuple] = {}
 
     def create_split(self, split: str, n: int, seq_len: int, num_labels: int, layers: int, hidden: int,
                      cls_dtype: str, label_dtype: str, chunk_size: int, split_meta: dict) -> None:
@@ -60,17 +75,36 @@ class StoreWriter:
             chunks = (min(chunk_size, n),) + shape[1:]
             if name == "cls":  # one chunk per layer: a student reads only its mapped layers (docs/FORMAT.md)
                 chunks = (chunks[0], 1, hidden)
-            g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
-                           compressors=compressor(name, np.dtype(dtype).itemsize))
+            array = g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
+                                   compressors=compressor(name, np.dtype(dtype).itemsize))
+            self._arrays[split, name] = (array, blosc_params(array))
         self.metadata["splits"][split] = {"num_examples": n, **split_meta}
 
     def write(self, split: str, start: int, arrays: dict[str, np.ndarray]) -> None:
-        g = self.root[split]
+        """Examples [start, start + len) of each array; `start` is a multiple of the chunk size."""
         for name, value in arrays.items():
-            g[name][start:start + len(value)] = value
+            array, params = self._arrays[split, name]
+            rows = array.chunks[0]
+            if start % rows or (len(value) != rows and start + len(value) != array.shape[0]):
+                raise ValueError(f"write of {split}/{name} at {start} (+{len(value)}) is not chunk-aligned")
+            c = start // rows
+            if len(value) < rows:  # the last chunk is stored at the full chunk shape, padded with the fill value
+                value = np.concatenate([value, np.zeros((rows - len(value),) + value.shape[1:], value.dtype)])
+            value = value.astype(array.dtype, copy=False)
+            width = array.chunks[1] if value.ndim > 1 else None
+            for j in range(0, value.shape[1], width) if width else [None]:
+                block = value if j is None else value[:, j:j + width]
+                coords = (c,) if j is None else (c, j // width) + (0,) * (value.ndim - 2)
+                key = f"{split}/{name}/{chunk_key(array, coords)}"
+                data = encode_chunk(block, params)
+                self.location.write(key, data)
+                self.checksums[key] = [len(data), crc32c(data)]
 
     def finish(self) -> None:
-        """Record the metadata, then (a separate, last write) the complete flag."""
+        """Write the checksum manifest and the metadata, then (a separate, last write) the complete flag."""
+        manifest = {"algorithm": "crc32c", "chunks": dict(sorted(self.checksums.items()))}
+        self.location.write(CHECKSUMS_KEY, json.dumps(manifest, separators=(",", ":")).encode())
+        self.metadata["checksums"] = {"file": CHECKSUMS_KEY, "algorithm": "crc32c", "chunks": len(self.checksums)}
         self.metadata["completed_at"] = _now()
         self.root.attrs.update({k: v for k, v in self.metadata.items() if k != "complete"})
         self.root.attrs["complete"] = True

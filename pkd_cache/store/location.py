@@ -1,0 +1,140 @@
+"""Where a store lives: a local folder or an fsspec URL (`s3://`, `gs://`, `http(s)://`, `memory://`, ...).
+
+Everything pkd-cache reads or writes inside a store goes through a `Location`: the Zarr metadata (handed to zarr as
+a store object), the chunk files and the checksum manifest. Local folders use plain file IO (the fast path);
+anything with a scheme goes through fsspec. `http(s)://` is read-only. A bearer token for `pkd-cache serve` is
+taken from the environment variable `PKD_CACHE_TOKEN`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from ..errors import PkdCacheError
+
+TOKEN_ENV = "PKD_CACHE_TOKEN"
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")
+
+
+def is_url(path: str) -> bool:
+    return bool(_SCHEME.match(str(path))) and not str(path).startswith("file://")
+
+
+class Location:
+    """A store's root. Keys are '/'-separated paths relative to it (`train/cls/c/0/3/0`)."""
+
+    def __init__(self, path: str, storage_options: Optional[dict] = None):
+        self.path = str(path)
+        self.url = is_url(self.path)
+        self.read_only = self.path.startswith(("http://", "https://"))
+        if self.url:
+            self.storage_options = {**_default_options(self.path), **(storage_options or {})}
+            self.fs, self.root = _filesystem(self.path, self.storage_options)
+        else:
+            local = self.path[len("file://"):] if self.path.startswith("file://") else self.path
+            self.local = Path(local).expanduser()
+            self.root = str(self.local)
+
+    def __str__(self) -> str:
+        return self.path
+
+    def _full(self, key: str) -> str:
+        return f"{self.root.rstrip('/')}/{key}" if key else self.root
+
+    def read(self, key: str) -> bytes:
+        """The bytes at `key`; FileNotFoundError when absent."""
+        if not self.url:
+            with open(self.local / key, "rb") as f:
+                return f.read()
+        try:
+            return self.fs.cat_file(self._full(key))
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            if _is_not_found(e):
+                raise FileNotFoundError(f"{self.path}/{key}") from e
+            raise
+
+    def exists(self, key: str = "") -> bool:
+        if not self.url:
+            return (self.local / key).exists()
+        try:
+            return bool(self.fs.exists(self._full(key)))
+        except Exception as e:
+            if _is_not_found(e):
+                return False
+            raise
+
+    def size(self) -> int:
+        """Bytes under the root."""
+        if not self.url:
+            return sum(f.stat().st_size for f in self.local.rglob("*") if f.is_file())
+        return int(self.fs.du(self.root, total=True))
+
+    def write(self, key: str, data: bytes) -> None:
+        """Write `key` whole; a local file appears only once complete (written aside, then renamed)."""
+        self._writable()
+        if not self.url:
+            target = self.local / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+            return
+        self.fs.pipe_file(self._full(key), data)
+
+    def remove_all(self) -> None:
+        """Delete the whole store (used by --overwrite after the caller checked it is a store)."""
+        self._writable()
+        if not self.url:
+            import shutil
+
+            if self.local.is_dir():
+                shutil.rmtree(self.local)
+            elif self.local.exists():
+                self.local.unlink()
+            return
+        if self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
+
+    def zarr_store(self, read_only: bool):
+        """A zarr-python store object rooted here."""
+        from zarr.storage import FsspecStore, LocalStore
+
+        if not self.url:
+            return LocalStore(self.root, read_only=read_only)
+        return FsspecStore.from_url(self.path, storage_options=self.storage_options,
+                                    read_only=read_only or self.read_only)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise PkdCacheError(f"{self.path} is read-only (http(s) stores can be read, not written)")
+
+
+def _default_options(url: str) -> dict:
+    token = os.environ.get(TOKEN_ENV)
+    if url.startswith(("http://", "https://")) and token:
+        return {"headers": {"Authorization": f"Bearer {token}"}}
+    return {}
+
+
+def _filesystem(url: str, options: dict):
+    try:
+        import fsspec
+        from fsspec.core import url_to_fs
+
+        return url_to_fs(url, **options)
+    except ImportError as e:  # s3fs, gcsfs, aiohttp: the protocol's own package
+        raise PkdCacheError(f"cannot open {url}: {e} (pip install 'pkd-cache[remote]')") from e
+    except ValueError as e:
+        known = ", ".join(sorted(p for p in fsspec.available_protocols() if len(p) > 1)[:12])
+        raise PkdCacheError(f"cannot open {url}: {e} (known protocols include {known})") from e
+
+
+def _is_not_found(e: Exception) -> bool:
+    status = getattr(e, "status", None) or getattr(getattr(e, "response", None), "status_code", None)
+    return status == 404 or "404" in str(e)[:200] or "NoSuchKey" in str(e)
