@@ -150,6 +150,8 @@ def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher:
 @user_errors
 def distill(store: str = typer.Option(..., "--store"),
             output_dir: str = typer.Option(..., "--output-dir"),
+            task: Optional[str] = typer.Option(None, "--task", "--task-name",
+                                               help="Optional check: the task the store must hold."),
             student_layers: int = typer.Option(3, "--student-layers"),
             strategy: str = typer.Option("skip", "--strategy", help="PKD-skip or PKD-last layer map."),
             layer_map: Optional[str] = typer.Option(None, "--layer-map", help="Teacher layers, e.g. 2,4."),
@@ -168,7 +170,7 @@ def distill(store: str = typer.Option(..., "--store"),
     """Train a k-layer student from a store (no teacher in memory); keep the best dev checkpoint."""
     from . import distill as run
 
-    run(DistillConfig(store=store, output_dir=output_dir, student_layers=student_layers, strategy=strategy,
+    run(DistillConfig(store=store, output_dir=output_dir, task=task, student_layers=student_layers, strategy=strategy,
                       layer_map=_int_list(layer_map, "--layer-map"), alpha=alpha, beta=beta,
                       temperature=temperature, student_init=student_init, overwrite=overwrite, device=device,
                       train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed,

@@ -114,6 +114,7 @@ class DistillConfig:
     beta: Optional[float] = None
     temperature: float = 10.0
     student_init: Optional[str] = None  # default: the teacher's base model recorded in the store
+    task: Optional[str] = None  # a check: when given, it must be the store's task
     train_split: str = "train"
     eval_splits: Optional[list[str]] = None  # default: every split of the store except train_split
     overwrite: bool = False

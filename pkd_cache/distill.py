@@ -22,12 +22,25 @@ from .training import resolve_device, train, write_metrics
 EVAL_FIELDS = tuple(TOKEN_DTYPES) + ("labels",)
 
 
+def _store_task(meta: dict, config: DistillConfig):
+    """The store's task; it must be the one `--task` names (if given) and have the label set pkd-cache knows."""
+    name = meta["task"]["name"]
+    if config.task is not None and get_task(config.task).name != name:
+        raise PkdCacheError(f"--task {config.task} does not match the store's task {name} ({config.store})")
+    task = get_task(name)
+    stored = list(meta["task"].get("label_names") or [])
+    if stored != list(task.label_names):
+        raise PkdCacheError(f"the store's {name} labels {stored} differ from the task's {list(task.label_names)}; "
+                            f"its label ids would mean other classes")
+    return task
+
+
 def distill(config: DistillConfig) -> dict:
     """Train the student, keep the best dev checkpoint in `config.output_dir`; returns the metrics."""
     config.check()
     store = open_store(config.store)
     meta = store.info()
-    task = get_task(meta["task"]["name"])
+    task = _store_task(meta, config)
     k, n_teacher, hidden = config.student_layers, store.teacher_layers, store.hidden_size
     lmap = layer_map(n_teacher, k, config.strategy, config.layer_map)
     train_split = config.train_split

@@ -17,7 +17,9 @@ from .data.tasks import get_task
 from .data.tokenize import tokenize
 from .errors import PkdCacheError
 from .progress import log, progress_bar
+from .store.cache_key import CACHE_SETTINGS, cache_key, describe_difference, tokenizer_fingerprint
 from .store.fingerprint import vocab_fingerprint, weights_fingerprint
+from .store.format import FORMAT_VERSION
 from .store.quantize import quantize_int8
 from .store.writer import BackgroundWriter, StoreWriter, check_target
 from .teacher.load import FINETUNE_INFO, LoadedModel, check_max_length, load_for_task
@@ -35,7 +37,7 @@ def dump(config: DumpConfig):
     """Write the store at `config.out`; returns the opened store."""
     config.check()
     task = get_task(config.task)
-    check_target(config.out, config.overwrite)  # fail before any expensive work
+    existing = _existing_store(config)  # fail before any expensive work
     splits = config.splits or list(task.splits)
     unknown = [s for s in splits if s not in task.splits]
     if unknown:
@@ -43,6 +45,17 @@ def dump(config: DumpConfig):
     examples = {s: load_examples(task, s, config.data_dir, config.max_examples) for s in splits}
     loaded = load_for_task(config.teacher, task)
     check_max_length(loaded, config.max_seq_length)
+    key_parts = _key_parts(config, loaded, examples, splits)
+    key = cache_key(key_parts)
+    if existing is not None:
+        if existing.meta.get("cache_key") == key and not config.overwrite:
+            log(f"cache hit: {config.out} already holds this dump (same teacher, tokenizer, data and settings; "
+                f"key {key[:16]}); nothing to do")
+            return existing
+        if not config.overwrite:
+            diff = describe_difference(existing.meta.get("cache_key_parts"), key_parts)
+            raise PkdCacheError(f"--out {config.out} holds a different dump (differs in: {diff}); pass --overwrite "
+                                f"to replace it")
     finetuned_dir = None
     if loaded.head_is_new:
         loaded, finetuned_dir = _finetuned_teacher(config, task, loaded)
@@ -51,12 +64,13 @@ def dump(config: DumpConfig):
     device = resolve_device(config.device)
     model.to(device).eval()
     num_layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    weights_fp = weights_fingerprint(model) if finetuned_dir else key_parts["teacher"]["weights"]
     metadata = {
         "teacher": {"name_or_path": config.teacher, "resolved": loaded.name, "base_model": loaded.base_model,
                     "finetuned_by_dump": str(finetuned_dir) if finetuned_dir else None,
                     "model_type": model.config.model_type, "architecture": type(model).__name__,
                     "num_layers": num_layers, "hidden_size": hidden,
-                    "weights_fingerprint": weights_fingerprint(model),
+                    "weights_fingerprint": weights_fp,
                     "config": json.loads(model.config.to_json_string())},
         "tokenizer": {"name_or_path": loaded.name, "class": type(tokenizer).__name__,
                       "vocab_size": len(tokenizer.get_vocab()), "vocab_fingerprint": vocab_fingerprint(tokenizer),
@@ -64,7 +78,7 @@ def dump(config: DumpConfig):
         "task": {"name": task.name, "label_names": list(task.label_names), "num_labels": task.num_labels,
                  "is_regression": task.is_regression, "metric": task.metric, "dev_splits": list(task.dev_splits)},
         "max_seq_length": config.max_seq_length, "cls_dtype": config.dtype, "chunk_size": config.chunk_size,
-        "settings": to_dict(config),
+        "settings": to_dict(config), "cache_key": key, "cache_key_parts": key_parts,
     }
     writer = StoreWriter(config.out, config.overwrite, metadata)
     background = BackgroundWriter(writer)
@@ -99,6 +113,40 @@ def dump(config: DumpConfig):
     from .store.reader import open_store
 
     return open_store(config.out)
+
+
+def _existing_store(config: DumpConfig):
+    """The complete store already at `--out` (a possible cache hit), None if there is nothing there.
+
+    Anything else at `--out` (not a store, an unfinished store) is refused now unless `--overwrite`.
+    """
+    from .store.reader import open_store
+    from .store.writer import is_store
+
+    location = check_target(config.out, overwrite=True)  # refuses to replace what is not a store
+    if not location.exists():
+        return None
+    if is_store(location):
+        store = open_store(config.out, require_complete=False)
+        if store.complete:
+            return store
+        if not config.overwrite:
+            raise PkdCacheError(f"--out {config.out} is an unfinished store (its dump did not complete); pass "
+                                f"--overwrite to replace it")
+        return None
+    check_target(config.out, config.overwrite)
+    return None
+
+
+def _key_parts(config: DumpConfig, loaded: LoadedModel, examples: dict, splits: list[str]) -> dict:
+    """The cache key's parts (store/cache_key.py); the teacher as given, plus how dump would fine-tune it."""
+    teacher = {"weights": weights_fingerprint(loaded.model)}
+    if loaded.head_is_new and config.finetune:
+        teacher["finetune"] = {k: v for k, v in to_dict(config.finetune_train).items()}
+    vocab = vocab_fingerprint(loaded.tokenizer)
+    settings = {k: getattr(config, k) for k in CACHE_SETTINGS} | {"splits": splits, "format_version": FORMAT_VERSION}
+    return {"teacher": teacher, "tokenizer": tokenizer_fingerprint(loaded.tokenizer, vocab),
+            "data": {s: ex.fingerprint() for s, ex in examples.items()}, "settings": settings}
 
 
 def _finetuned_teacher(config: DumpConfig, task, loaded) -> tuple[LoadedModel, Path]:

@@ -168,6 +168,26 @@ def copy_store(c: Ctx, complete: bool) -> Path:
     return dst
 
 
+def other_vocab(c: Ctx) -> Path:
+    """The students' backbone with one more token in its vocabulary."""
+    from transformers import AutoTokenizer
+
+    dst = c.tmp / "other-vocab"
+    shutil.copytree(c.backbone, dst)
+    tok = AutoTokenizer.from_pretrained(dst)
+    tok.add_tokens(["zzzz"])
+    tok.save_pretrained(dst)
+    return dst
+
+
+def relabelled_store(c: Ctx) -> Path:
+    dst = copy_store(c, complete=True)
+    meta = json.loads((dst / "zarr.json").read_text())
+    meta["attributes"]["task"]["label_names"] = ["positive", "negative"]
+    (dst / "zarr.json").write_text(json.dumps(meta))
+    return dst
+
+
 def incomplete_untouched(c: Ctx) -> None:
     untouched(c)
     assert attributes(c.state["dir"])["complete"] is False
@@ -184,10 +204,18 @@ CASES: dict[str, Case] = {
         ("example 1: label 2 is outside", "0..1"), no_store),
     "teacher-label-count": Case(lambda c: dump_args(c, teacher=c.teacher3), ("3-label head", "sst2 has 2 labels"),
                                 no_store),
-    "out-exists": Case(lambda c: dump_args(c, out=copy_store(c, complete=True)), ("already exists", "--overwrite"),
-                       untouched),
+    "out-exists": Case(lambda c: dump_args(c, out=copy_store(c, complete=True)),
+                       ("holds a different dump", "chunk_size 64 -> 1024", "--overwrite"), untouched),
+    "out-unfinished": Case(lambda c: dump_args(c, out=copy_store(c, complete=False)),
+                           ("unfinished store", "--overwrite"), untouched),
     "incomplete-store": Case(lambda c: distill_args(c, store=copy_store(c, complete=False)),
                              ("not complete",), incomplete_untouched, subprocess=True),
+    "distill-task-mismatch": Case(lambda c: distill_args(c, "--task", "rte"),
+                                  ("--task rte does not match the store's task sst2",), no_student),
+    "distill-student-vocab": Case(lambda c: distill_args(c, "--student-init", other_vocab(c)),
+                                  ("tokenizer of --student-init", "vocabulary"), no_student),
+    "distill-store-labels": Case(lambda c: distill_args(c, store=relabelled_store(c)),
+                                 ("labels ['positive', 'negative'] differ", "['negative', 'positive']"), no_student),
     "layer-map-out-of-range": Case(lambda c: distill_args(c, "--layer-map", "5"),
                                    ("--layer-map 5", "out of range", "1..4"), no_student),
     "layer-map-wrong-length": Case(lambda c: distill_args(c, "--layer-map", "1,2"),

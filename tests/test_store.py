@@ -95,11 +95,15 @@ def test_existing_out_is_refused_then_replaced_with_overwrite(tmp_path, teacher_
                                max_seq_length=16, max_examples=20)
     pkd_cache.dump(cfg)
     stamp = (out / "zarr.json").read_text()
-    with pytest.raises(PkdCacheError, match="already exists"):
+    assert pkd_cache.dump(cfg).num_examples("train") == 20  # the same dump again: a cache hit, nothing written
+    assert (out / "zarr.json").read_text() == stamp
+    cfg.max_seq_length = 24
+    with pytest.raises(PkdCacheError, match="holds a different dump"):
         pkd_cache.dump(cfg)
     assert (out / "zarr.json").read_text() == stamp
     cfg.overwrite = True
-    assert pkd_cache.dump(cfg).num_examples("train") == 20
+    store = pkd_cache.dump(cfg)
+    assert store.num_examples("train") == 20 and store.info()["max_seq_length"] == 24
 
 
 def test_overwrite_never_deletes_a_folder_that_is_not_a_store(tmp_path, teacher_dir, data_dir):

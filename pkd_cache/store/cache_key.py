@@ -1,0 +1,59 @@
+"""A store's identity: what it was made from, so that a dump that would write the same store is skipped.
+
+The key is the sha256 of the canonical JSON (sorted keys, no spaces) of its parts:
+
+    teacher    sha256 of the teacher's weights as given to `dump` (before any fine-tune `dump` does itself),
+               plus the fine-tune settings when `dump` fine-tunes it
+    tokenizer  vocabulary fingerprint and the tokenizer's normalisation / pre-tokenisation / post-processing
+    data       {split: content fingerprint of the examples dumped}
+    settings   what changes the stored values or their layout: max length, CLS dtype, splits, precision,
+               fixed padding, chunk size, format version
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Optional
+
+CACHE_SETTINGS = ("max_seq_length", "dtype", "splits", "precision", "pad_to_max_length", "chunk_size")
+
+
+def tokenizer_fingerprint(tokenizer, vocab_fp: str) -> str:
+    """sha256 over the vocabulary fingerprint and the fast tokenizer's pipeline (lower-casing, accents, ...)."""
+    pipeline: dict = {}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        pipeline = {k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "post_processor")}
+        pipeline["model"] = {k: v for k, v in (spec.get("model") or {}).items() if k != "vocab"}
+    else:  # a slow tokenizer: its init settings stand in for the pipeline
+        pipeline = {k: v for k, v in sorted(getattr(tokenizer, "init_kwargs", {}).items())
+                    if isinstance(v, (str, int, float, bool, type(None)))}
+    return _sha256({"vocab": vocab_fp, "class": type(tokenizer).__name__.removesuffix("Fast"), "pipeline": pipeline})
+
+
+def cache_key(parts: dict) -> str:
+    return _sha256(parts)
+
+
+def describe_difference(old: Optional[dict], new: dict) -> str:
+    """What differs between two stores' key parts, in words ("teacher weights", "settings: dtype float16 -> int8")."""
+    if not old:
+        return "it records no cache key (written by an older pkd-cache)"
+    out = []
+    if old.get("teacher") != new.get("teacher"):
+        out.append("teacher weights")
+    if old.get("tokenizer") != new.get("tokenizer"):
+        out.append("tokenizer")
+    old_data, new_data = old.get("data") or {}, new.get("data") or {}
+    changed = sorted(s for s in set(old_data) | set(new_data) if old_data.get(s) != new_data.get(s))
+    if changed:
+        out.append("data (" + ", ".join(changed) + ")")
+    old_s, new_s = old.get("settings") or {}, new.get("settings") or {}
+    out += [f"{k} {old_s.get(k)!r} -> {new_s.get(k)!r}" for k in sorted(set(old_s) | set(new_s))
+            if old_s.get(k) != new_s.get(k)]
+    return ", ".join(out) or "the key's definition"
+
+
+def _sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
