@@ -1,4 +1,4 @@
-"""`pkd-cache` command line: finetune, dump, distill, eval, info. Each command builds a config and calls the API."""
+"""`pkd-cache` command line: finetune, dump, distill, eval, info, verify, ls, serve. Each command calls the API."""
 from __future__ import annotations
 
 import functools
@@ -219,7 +219,7 @@ def verify(store: str = typer.Argument(..., help="Path or URL of a store.")):
 
 @app.command()
 @user_errors
-def info(store: str = typer.Argument(..., help="Path of a store."),
+def info(store: str = typer.Argument(..., help="Path or URL of a store."),
          as_json: bool = typer.Option(False, "--json", help="Print the raw metadata as JSON.")):
     """Describe a store: teacher, tokenizer, task, splits, sizes, completeness."""
     from .store import open_store
@@ -230,6 +230,35 @@ def info(store: str = typer.Argument(..., help="Path of a store."),
         typer.echo(json.dumps(s.info(), indent=2))
     else:
         print_info(s)
+
+
+@app.command("ls")
+@user_errors
+def ls(url: str = typer.Argument(".", help="A folder, bucket prefix (s3://, gs://) or `pkd-cache serve` address."),
+       as_json: bool = typer.Option(False, "--json", help="Print the list as JSON.")):
+    """List the stores under a folder or URL: task, teacher, splits, size, completeness."""
+    from .store.listing import list_stores, print_stores
+
+    stores = list_stores(url)
+    if as_json:
+        typer.echo(json.dumps(stores, indent=2))
+    elif not stores:
+        typer.echo(f"no pkd-cache stores in {url}")
+    else:
+        print_stores(url, stores)
+
+
+@app.command()
+@user_errors
+def serve(folder: str = typer.Argument(..., help="Folder whose stores are served."),
+          host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port"),
+          token: Optional[str] = typer.Option(None, "--token", envvar="PKD_CACHE_SERVE_TOKEN",
+                                              help="Require `Authorization: Bearer <token>` (clients set "
+                                                   "PKD_CACHE_TOKEN).")):
+    """Serve the stores in FOLDER over read-only HTTP: `distill --store http://host:port/<store>` reads them."""
+    from .serve import serve as run
+
+    run(folder, host, port, token)
 
 
 def main() -> None:

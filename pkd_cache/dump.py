@@ -20,6 +20,7 @@ from .progress import log, progress_bar
 from .store.cache_key import CACHE_SETTINGS, cache_key, describe_difference, tokenizer_fingerprint
 from .store.fingerprint import vocab_fingerprint, weights_fingerprint
 from .store.format import FORMAT_VERSION
+from .store.location import is_url
 from .store.quantize import quantize_int8
 from .store.writer import BackgroundWriter, StoreWriter, check_target
 from .teacher.load import FINETUNE_INFO, LoadedModel, check_max_length, load_for_task
@@ -28,8 +29,9 @@ from .training import resolve_device
 
 
 def finetuned_teacher_dir(out: str) -> Path:
-    """Where `dump` keeps a teacher it had to fine-tune: beside the store (`sst2.zarr` -> `sst2.teacher`)."""
-    p = Path(out).expanduser()
+    """Where `dump` keeps a teacher it had to fine-tune: beside the store (`sst2.zarr` -> `sst2.teacher`), or in
+    the current folder when the store is remote (`s3://bucket/sst2.zarr` -> `./sst2.teacher`)."""
+    p = Path(out.rstrip("/").rsplit("/", 1)[-1]) if is_url(out) else Path(out).expanduser()
     return p.with_name(p.name[:-5] + ".teacher" if p.name.endswith(".zarr") else p.name + ".teacher")
 
 

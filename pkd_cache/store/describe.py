@@ -34,7 +34,7 @@ def print_info(store: Store) -> None:
         ("cls dtype", str(m.get("cls_dtype"))),
         ("created", str(m.get("created_at"))),
         ("completed", str(m.get("completed_at", "-"))),
-        ("size on disk", _human(store.location.size())),
+        ("size on disk", _human(store.size_bytes())),
     ]
     for k, v in rows:
         head.add_row(f"[bold]{k}", v)

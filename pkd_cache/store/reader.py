@@ -55,6 +55,13 @@ class Store:
             self._checksums = manifest.get("chunks", {})
         return self._checksums
 
+    def size_bytes(self) -> int:
+        """Bytes of the store: the files on disk for a local store; for a remote one, the chunks its manifest
+        records (one request instead of a listing of every chunk)."""
+        if self.location.url and self.checksums is not None:
+            return sum(n for n, _ in self.checksums.values())
+        return self.location.size()
+
     def chunk_reader(self, split: str, name: str) -> ChunkReader:
         return ChunkReader(self.array(split, name), self.location, f"{split}/{name}", self.checksums)
 

@@ -1,0 +1,76 @@
+"""`pkd-cache ls URL`: the stores under a local folder, a bucket prefix or a `pkd-cache serve` address."""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import PkdCacheError
+from ..serve import summary_from_meta
+from .location import Location, is_url
+
+
+def list_stores(url: str, storage_options: Optional[dict] = None) -> list[dict]:
+    """One summary per store directly under `url` (or `url` itself, when it is a store)."""
+    location = Location(url, storage_options)
+    if location.read_only:  # http(s): a `pkd-cache serve` lists its stores as JSON
+        return _served(location)
+    if not location.exists():
+        raise PkdCacheError(f"{url} does not exist")
+    own = _meta(location, "")
+    if own is not None:
+        return [summary_from_meta(url.rstrip("/").rsplit("/", 1)[-1], own, location.size())]
+    out = []
+    for name in _children(location):
+        meta = _meta(location, name)
+        if meta is not None:
+            size = Location(f"{url.rstrip('/')}/{name}", storage_options).size()
+            out.append(summary_from_meta(name, meta, size))
+    return out
+
+
+def _meta(location: Location, name: str) -> Optional[dict]:
+    try:
+        attrs = json.loads(location.read(f"{name}/zarr.json" if name else "zarr.json")).get("attributes", {})
+    except (OSError, ValueError):
+        return None
+    return attrs if attrs.get("format") == "pkd-cache" else None
+
+
+def _children(location: Location) -> list[str]:
+    if not location.url:
+        return sorted(p.name for p in location.local.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries = location.fs.ls(location.root, detail=True)
+    return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+
+
+def _served(location: Location) -> list[dict]:
+    base = location.path.rstrip("/")
+    try:
+        data = json.loads(location.fs.cat_file(f"{base}/?format=json"))
+        return list(data["stores"])
+    except FileNotFoundError:
+        raise PkdCacheError(f"{location.path} lists no stores (is it a `pkd-cache serve` address?)") from None
+    except (ValueError, KeyError, TypeError):
+        raise PkdCacheError(f"{location.path} did not answer with a pkd-cache store list") from None
+    except Exception as e:
+        status = getattr(e, "status", None)
+        if status in (401, 403):
+            raise PkdCacheError(f"{location.path} refused the request ({status}): set PKD_CACHE_TOKEN to the "
+                                f"server's token") from e
+        raise
+
+
+def print_stores(url: str, stores: list[dict]) -> None:
+    from .describe import _human
+
+    table = Table("store", "task", "teacher", "layers x hidden", "splits", "cls", "size", "complete", "created",
+                  title=f"stores in {url}" if is_url(url) or stores else None)
+    for s in stores:
+        splits = ", ".join(f"{k} {v:,}" for k, v in (s.get("splits") or {}).items())
+        table.add_row(s["name"], str(s.get("task")), str(s.get("teacher")), f"{s.get('layers')} x {s.get('hidden')}",
+                      splits, str(s.get("cls_dtype")), _human(s["bytes"]) if s.get("bytes") is not None else "?",
+                      "yes" if s.get("complete") else "NO", str(s.get("created_at") or "-"))
+    Console().print(table)
