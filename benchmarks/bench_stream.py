@@ -23,7 +23,8 @@ from common import header, table
 
 import pkd_cache
 from pkd_cache.store import chunks as chunk_reads
-from pkd_cache.store.writer import StoreWriter
+from pkd_cache.store.format import split_arrays
+from pkd_cache.store.writer import open_writer
 
 LAYERS, HIDDEN, SEQ, CHUNK = 12, 768, 128, 1024
 PKD_SKIP = [2, 4, 6, 8, 10]
@@ -31,8 +32,8 @@ PKD_SKIP = [2, 4, 6, 8, 10]
 
 def make_store(path: Path, n: int, whole_layers: bool = False) -> None:
     meta = {"teacher": {"num_layers": LAYERS, "hidden_size": HIDDEN}, "task": {"name": "sst2"}}
-    w = StoreWriter(str(path), True, meta)
-    w.create_split("train", n, SEQ, 2, LAYERS, HIDDEN, "float16", "int64", CHUNK, {})
+    w = open_writer(str(path), True, {**meta, "chunk_size": CHUNK})
+    w.create_split("train", split_arrays(n, SEQ, 2, LAYERS, HIDDEN, "float16", "int64"), {})
     if whole_layers:  # the first 0.1.0 layout: one CLS chunk holds all L+1 layers
         from pkd_cache.store.chunks import blosc_params
         from pkd_cache.store.format import compressor

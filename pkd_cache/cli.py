@@ -116,7 +116,8 @@ def finetune(model: str = typer.Option(..., "--model", "--model-name-or-path", h
 def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher: folder, hub name, or "
                                                             "bert-base / bert-large (fine-tuned first)."),
          task: str = typer.Option(..., "--task", "--task-name"),
-         out: str = typer.Option(..., "--out", help="Store to write (a .zarr folder)."),
+         out: str = typer.Option(..., "--out", help="Store to write: a folder or an fsspec URL (s3://, gs://, "
+                                                    "memory://)."),
          data_dir: Optional[str] = DataDir,
          split: Optional[List[str]] = typer.Option(None, "--split", help="Splits to dump (repeatable); default all."),
          max_seq_length: int = typer.Option(128, "--max-seq-length"),
@@ -134,14 +135,16 @@ def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher:
          pad_to_max_length: bool = typer.Option(False, "--pad-to-max-length",
                                                 help="Pad every batch to --max-seq-length (as the original PKD code) "
                                                      "instead of length bucketing."),
-         max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Only the first N of each split.")):
+         max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Only the first N of each split."),
+         store_format: str = typer.Option("zarr", "--format", help="zarr, or arrow (IPC shards that "
+                                                                   "`datasets.load_dataset('arrow', ...)` reads).")):
     """Run the teacher once; write token ids, labels, logits and every layer's [CLS] to a store."""
     from . import dump as run
 
     run(DumpConfig(teacher=teacher, task=task, out=out, data_dir=data_dir, splits=split or None,
                    max_seq_length=max_seq_length, batch_size=batch_size, dtype=dtype, chunk_size=chunk_size,
                    overwrite=overwrite, finetune=finetune, device=device, max_examples=max_examples,
-                   precision=precision, pad_to_max_length=pad_to_max_length,
+                   precision=precision, pad_to_max_length=pad_to_max_length, format=store_format,
                    finetune_train=TrainConfig(epochs=finetune_epochs, learning_rate=finetune_learning_rate,
                                               seed=seed)))
 

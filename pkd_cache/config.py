@@ -79,6 +79,7 @@ class DumpConfig:
     precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast; fp16 only on GPU)
     pad_to_max_length: bool = False  # pad every batch to max_seq_length (the original PKD code) instead of bucketing
     max_examples: Optional[int] = None  # take only the first N examples of each split (smoke runs)
+    format: str = "zarr"  # zarr | arrow (Arrow IPC shards, readable with `datasets`)
 
     def check(self) -> None:
         check_max_seq_length(self.max_seq_length)
@@ -91,6 +92,8 @@ class DumpConfig:
         check_positive_or_none(self.max_examples, "--max-examples")
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise PkdCacheError(f"--precision must be fp32, fp16 or bf16, got {self.precision!r}")
+        if self.format not in ("zarr", "arrow"):
+            raise PkdCacheError(f"--format must be zarr or arrow, got {self.format!r}")
         if self.finetune:
             self.finetune_train.check(flag="--finetune-")
 

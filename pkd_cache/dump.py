@@ -19,10 +19,10 @@ from .errors import PkdCacheError
 from .progress import log, progress_bar
 from .store.cache_key import CACHE_SETTINGS, cache_key, describe_difference, tokenizer_fingerprint
 from .store.fingerprint import vocab_fingerprint, weights_fingerprint
-from .store.format import FORMAT_VERSION
+from .store.format import FORMAT_VERSION, split_arrays
 from .store.location import is_url
 from .store.quantize import quantize_int8
-from .store.writer import BackgroundWriter, StoreWriter, check_target
+from .store.writer import BackgroundWriter, check_target, open_writer
 from .teacher.load import FINETUNE_INFO, LoadedModel, check_max_length, load_for_task
 from .teacher.run import run_chunk
 from .training import resolve_device
@@ -82,16 +82,16 @@ def dump(config: DumpConfig):
         "max_seq_length": config.max_seq_length, "cls_dtype": config.dtype, "chunk_size": config.chunk_size,
         "settings": to_dict(config), "cache_key": key, "cache_key_parts": key_parts,
     }
-    writer = StoreWriter(config.out, config.overwrite, metadata)
+    writer = open_writer(config.out, config.overwrite, metadata, config.format)
     background = BackgroundWriter(writer)
     int8 = config.dtype == "int8"
     cls_dtype = np.dtype(np.float32 if int8 else config.dtype)  # int8 is quantised from float32 below
     t0 = time.perf_counter()
     try:
         for split, ex in examples.items():
-            writer.create_split(split, len(ex), config.max_seq_length, task.num_labels, num_layers, hidden,
-                                config.dtype, "float32" if task.is_regression else "int64", config.chunk_size,
-                                {"source": ex.source, "data_fingerprint": ex.fingerprint()})
+            shapes = split_arrays(len(ex), config.max_seq_length, task.num_labels, num_layers, hidden, config.dtype,
+                                  "float32" if task.is_regression else "int64")
+            writer.create_split(split, shapes, {"source": ex.source, "data_fingerprint": key_parts["data"][split]})
             with progress_bar(len(ex), f"dump {split}") as bar:
                 for start in range(0, len(ex), config.chunk_size):
                     stop = min(start + config.chunk_size, len(ex))

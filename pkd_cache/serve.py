@@ -196,12 +196,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _store_meta(path: Path) -> Optional[dict]:
-    """The attributes of the store at `path` (None if it is not one), without sizing it: called on every request."""
-    try:
-        meta = json.loads((path / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return None
-    return meta if meta.get("format") == "pkd-cache" else None
+    """The metadata of the store at `path` (None if it is not one), without sizing it: called on every request."""
+    from .store.location import Location
+    from .store.writer import read_metadata
+
+    return read_metadata(Location(str(path))) if path.is_dir() else None
 
 
 def make_server(folder: str, host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None,

@@ -7,7 +7,7 @@ The key is the sha256 of the canonical JSON (sorted keys, no spaces) of its part
     tokenizer  vocabulary fingerprint and the tokenizer's normalisation / pre-tokenisation / post-processing
     data       {split: content fingerprint of the examples dumped}
     settings   what changes the stored values or their layout: max length, CLS dtype, splits, precision,
-               fixed padding, chunk size, format version
+               fixed padding, chunk size, store format (zarr or arrow), format version
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import hashlib
 import json
 from typing import Optional
 
-CACHE_SETTINGS = ("max_seq_length", "dtype", "splits", "precision", "pad_to_max_length", "chunk_size")
+CACHE_SETTINGS = ("max_seq_length", "dtype", "splits", "precision", "pad_to_max_length", "chunk_size", "format")
 
 
 def tokenizer_fingerprint(tokenizer, vocab_fp: str) -> str:

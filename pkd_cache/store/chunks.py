@@ -91,6 +91,14 @@ class ChunkReader:
     def buffer(self) -> np.ndarray:
         return np.empty(self.chunks, self.dtype)
 
+    def chunk_name(self, coords: tuple[int, ...]) -> str:
+        """How messages name a chunk: its key inside the array (`c/3/5/0`)."""
+        return chunk_key(self.array, coords)
+
+    def file_key(self, coords: tuple[int, ...]) -> str:
+        """The chunk's path in the store and in the checksum manifest (`train/cls/c/3/5/0`)."""
+        return f"{self.key}/{chunk_key(self.array, coords)}"
+
     def read_into(self, coords: tuple[int, ...], out: np.ndarray) -> np.ndarray:
         """Chunk `coords` (chunk-grid indices) into `out`; edge chunks are padded with the fill value."""
         if self.params is None:

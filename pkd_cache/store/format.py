@@ -21,6 +21,7 @@ FORMAT_VERSION = 1
 TOKEN_ARRAYS = ("input_ids", "attention_mask", "token_type_ids")
 ARRAYS = TOKEN_ARRAYS + ("labels", "logits", "cls")
 CLS_DTYPES = ("float16", "float32", "int8")  # int8: plus `cls_scale` (N x (L+1) float32)
+STORE_FORMATS = ("zarr", "arrow")
 
 
 def compressor(name: str, dtype_size: int):
@@ -37,3 +38,23 @@ def compressor(name: str, dtype_size: int):
     if name == "cls":
         return BloscCodec(cname="lz4", clevel=5, shuffle=shuffle)
     return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)
+
+
+def split_arrays(n: int, seq_len: int, num_labels: int, layers: int, hidden: int, cls_dtype: str,
+                 label_dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{array: (shape, dtype)} of one split of N examples."""
+    shapes = {"input_ids": ((n, seq_len), "int32"), "attention_mask": ((n, seq_len), "uint8"),
+              "token_type_ids": ((n, seq_len), "uint8"), "labels": ((n,), label_dtype),
+              "logits": ((n, num_labels), "float32"), "cls": ((n, layers + 1, hidden), cls_dtype)}
+    if cls_dtype == "int8":
+        shapes["cls_scale"] = ((n, layers + 1), "float32")
+    return shapes
+
+
+def expected_arrays(meta: dict) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
+    """{split: {array: (shape, dtype)}} that the metadata promises; KeyError/TypeError/ValueError if malformed."""
+    layers, hidden = int(meta["teacher"]["num_layers"]), int(meta["teacher"]["hidden_size"])
+    seq, labels = int(meta["max_seq_length"]), int(meta["task"]["num_labels"])
+    label_dtype = "float32" if meta["task"].get("is_regression") else "int64"
+    return {s: split_arrays(int(v["num_examples"]), seq, labels, layers, hidden, str(meta["cls_dtype"]), label_dtype)
+            for s, v in meta["splits"].items()}

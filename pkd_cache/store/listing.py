@@ -26,17 +26,15 @@ def list_stores(url: str, storage_options: Optional[dict] = None) -> list[dict]:
     for name in _children(location):
         meta = _meta(location, name)
         if meta is not None:
-            size = Location(f"{url.rstrip('/')}/{name}", storage_options).size()
+            size = location.child(name).size()
             out.append(summary_from_meta(name, meta, size))
     return out
 
 
 def _meta(location: Location, name: str) -> Optional[dict]:
-    try:
-        attrs = json.loads(location.read(f"{name}/zarr.json" if name else "zarr.json")).get("attributes", {})
-    except (OSError, ValueError):
-        return None
-    return attrs if attrs.get("format") == "pkd-cache" else None
+    from .writer import read_metadata
+
+    return read_metadata(location.child(name) if name else location)
 
 
 def _children(location: Location) -> list[str]:
@@ -66,8 +64,10 @@ def _served(location: Location) -> list[dict]:
 def print_stores(url: str, stores: list[dict]) -> None:
     from .describe import _human
 
-    table = Table("store", "task", "teacher", "layers x hidden", "splits", "cls", "size", "complete", "created",
-                  title=f"stores in {url}" if is_url(url) or stores else None)
+    from rich.table import Column
+
+    table = Table(Column("store", no_wrap=True), "task", "teacher", "layers x hidden", "splits", "cls", "size",
+                  "complete", "created", title=f"stores in {url}" if is_url(url) or stores else None)
     for s in stores:
         splits = ", ".join(f"{k} {v:,}" for k, v in (s.get("splits") or {}).items())
         table.add_row(s["name"], str(s.get("task")), str(s.get("teacher")), f"{s.get('layers')} x {s.get('hidden')}",

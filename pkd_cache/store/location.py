@@ -34,12 +34,17 @@ class Location:
             self.storage_options = {**_default_options(self.path), **(storage_options or {})}
             self.fs, self.root = _filesystem(self.path, self.storage_options)
         else:
+            self.storage_options = {}
             local = self.path[len("file://"):] if self.path.startswith("file://") else self.path
             self.local = Path(local).expanduser()
             self.root = str(self.local)
 
     def __str__(self) -> str:
         return self.path
+
+    def child(self, name: str) -> "Location":
+        """The location of `name` inside this one (same credentials and options)."""
+        return Location(f"{self.path.rstrip('/')}/{name}", self.storage_options if self.url else None)
 
     def _full(self, key: str) -> str:
         return f"{self.root.rstrip('/')}/{key}" if key else self.root

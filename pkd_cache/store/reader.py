@@ -11,6 +11,7 @@ import zarr
 from ..errors import PkdCacheError
 from .chunks import CHECKSUMS_KEY, ChunkReader
 from .format import ARRAYS, FORMAT_NAME, FORMAT_VERSION
+from .arrow import ARROW_META
 from .location import Location
 from .quantize import dequantize_int8
 
@@ -21,15 +22,23 @@ class Store:
     def __init__(self, path: str, require_complete: bool = True, storage_options: Optional[dict] = None):
         self.path = str(path)
         self.location = Location(self.path, storage_options)
-        if not self.location.exists("zarr.json"):
-            what = "is not a pkd-cache store (no zarr.json)" if self.location.exists() else "does not exist"
+        self.root = None  # the Zarr group (None for an Arrow store)
+        if self.location.exists("zarr.json"):
+            try:
+                self.root = zarr.open_group(store=self.location.zarr_store(read_only=True), mode="r")
+                attrs = dict(self.root.attrs)
+            except Exception as e:
+                raise PkdCacheError(f"{path} is not a pkd-cache store (cannot open it as a Zarr group: {e})") from e
+        elif self.location.exists(ARROW_META):
+            try:
+                attrs = json.loads(self.location.read(ARROW_META))
+            except ValueError as e:
+                raise PkdCacheError(f"{path} is not a pkd-cache store ({ARROW_META} is not valid JSON: {e})") from e
+        else:
+            what = "is not a pkd-cache store (no zarr.json or pkd_cache.json)" if self.location.exists() \
+                else "does not exist"
             raise PkdCacheError(f"store {path} {what}")
-        try:
-            self.root = zarr.open_group(store=self.location.zarr_store(read_only=True), mode="r")
-            attrs = dict(self.root.attrs)
-        except Exception as e:
-            raise PkdCacheError(f"{path} is not a pkd-cache store (cannot open it as a Zarr group: {e})") from e
-        if attrs.get("format") != FORMAT_NAME:
+        if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
             raise PkdCacheError(f"{path} is not a pkd-cache store (no 'format: {FORMAT_NAME}' attribute)")
         version = attrs.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -39,6 +48,11 @@ class Store:
             raise PkdCacheError(f"store {path} is not complete (its dump did not finish); re-run the dump")
         self.meta = attrs
         self._checksums: Optional[dict] = None
+        self._arrow = None
+
+    @property
+    def store_format(self) -> str:
+        return "zarr" if self.root is not None else "arrow"
 
     @property
     def checksums(self) -> Optional[dict]:
@@ -62,8 +76,17 @@ class Store:
             return sum(n for n, _ in self.checksums.values())
         return self.location.size()
 
-    def chunk_reader(self, split: str, name: str) -> ChunkReader:
+    def chunk_reader(self, split: str, name: str):
+        if self.root is None:
+            return self._arrow_backend().chunk_reader(split, name)
         return ChunkReader(self.array(split, name), self.location, f"{split}/{name}", self.checksums)
+
+    def _arrow_backend(self):
+        from .arrow import ArrowBackend
+
+        if self._arrow is None:
+            self._arrow = ArrowBackend(self.location, self.meta, self.checksums)
+        return self._arrow
 
     def info(self) -> dict:
         return dict(self.meta)
@@ -93,23 +116,27 @@ class Store:
         return self.meta["splits"][split]
 
     def array(self, split: str, name: str):
+        """One array of a split: a zarr array, or for an Arrow store an object with the same shape, dtype,
+        chunks and `[start:stop]` slicing."""
         self._split_meta(split)
+        if self.root is None:
+            return self._arrow_backend().array(split, name)
         return self.root[split][name]
 
     def read(self, split: str, start: int, stop: int, layers: Optional[Sequence[int]] = None,
              fields: Sequence[str] = ARRAYS) -> dict[str, np.ndarray]:
         """Examples [start, stop) of `fields` as numpy arrays; `cls` restricted to `layers` (indices into L+1)."""
-        g = self.root[split]
         out = {}
         for name in fields:
-            out[name] = self._rows(g[name], start, stop, layers if name == "cls" else None)
+            out[name] = self._rows(self.array(split, name), start, stop, layers if name == "cls" else None)
         if "cls" in out and out["cls"].dtype == np.int8:  # dequantised on read (see store/quantize.py)
-            out["cls"] = dequantize_int8(out["cls"], self._rows(g["cls_scale"], start, stop, layers))
+            out["cls"] = dequantize_int8(out["cls"], self._rows(self.array(split, "cls_scale"), start, stop, layers))
         return out
 
     @staticmethod
     def _rows(array, start: int, stop: int, layers: Optional[Sequence[int]]) -> np.ndarray:
-        return array[start:stop] if layers is None else array.oindex[slice(start, stop), list(layers)]
+        rows = array[start:stop]
+        return rows if layers is None else rows[:, list(layers)]
 
     def batches(self, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                 layers: Optional[Sequence[int]] = None, shuffle_chunks: int = 8,

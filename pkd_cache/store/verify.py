@@ -77,32 +77,24 @@ def verify_store(path: str, storage_options: Optional[dict] = None) -> Report:
 
 def _expected_arrays(meta: dict, report: Report) -> Optional[dict]:
     """{split: {array: (shape, dtype)}} from the metadata, or None (with the problem noted) if it is unusable."""
+    from .format import expected_arrays
+
     try:
-        layers, hidden = int(meta["teacher"]["num_layers"]), int(meta["teacher"]["hidden_size"])
-        seq, labels = int(meta["max_seq_length"]), int(meta["task"]["num_labels"])
-        regression, cls_dtype = bool(meta["task"].get("is_regression")), str(meta["cls_dtype"])
-        splits = {s: int(v["num_examples"]) for s, v in meta["splits"].items()}
         _ = meta["teacher"]["weights_fingerprint"], meta["tokenizer"]["vocab_fingerprint"]
+        out = expected_arrays(meta)
     except (KeyError, TypeError, ValueError) as e:
         report.problems.append(f"metadata: missing or malformed entry {e}")
         return None
-    if not splits:
+    if not out:
         report.problems.append("metadata: no splits")
-    out = {}
-    for split, n in splits.items():
-        out[split] = {"input_ids": ((n, seq), "int32"), "attention_mask": ((n, seq), "uint8"),
-                      "token_type_ids": ((n, seq), "uint8"), "labels": ((n,), "float32" if regression else "int64"),
-                      "logits": ((n, labels), "float32"), "cls": ((n, layers + 1, hidden), cls_dtype)}
-        if cls_dtype == "int8":
-            out[split]["cls_scale"] = ((n, layers + 1), "float32")
     return out
 
 
 def _check_chunk(split, name, reader, coords, meta, report: Report, seen: set) -> None:
-    from .chunks import ChunkError, chunk_key
+    from .chunks import ChunkError
 
-    where = f"{split}/{name} chunk {chunk_key(reader.array, coords)}"
-    seen.add(f"{split}/{name}/{chunk_key(reader.array, coords)}")
+    where = f"{split}/{name} chunk {reader.chunk_name(coords)}"
+    seen.add(reader.file_key(coords))
     try:
         values = reader.read_into(coords, reader.buffer())
     except ChunkError as e:

@@ -15,12 +15,23 @@ from .format import FORMAT_NAME, FORMAT_VERSION, compressor
 from .location import Location
 
 
+def read_metadata(location: Location) -> Optional[dict]:
+    """The metadata of the store at `location` (Zarr or Arrow flavour), None if there is no store there."""
+    from .arrow import ARROW_META
+
+    for key, inner in (("zarr.json", "attributes"), (ARROW_META, None)):
+        try:
+            meta = json.loads(location.read(key))
+        except (OSError, ValueError):
+            continue
+        meta = meta.get(inner, {}) if inner else meta
+        if isinstance(meta, dict) and meta.get("format") == FORMAT_NAME:
+            return meta
+    return None
+
+
 def is_store(location: Location) -> bool:
-    try:
-        meta = json.loads(location.read("zarr.json"))
-    except (OSError, ValueError):
-        return False
-    return meta.get("attributes", {}).get("format") == FORMAT_NAME
+    return read_metadata(location) is not None
 
 
 def check_target(out: str, overwrite: bool, storage_options: Optional[dict] = None) -> Location:
@@ -44,37 +55,44 @@ def _empty_dir(location: Location) -> bool:
     return location.local.is_dir() and not any(location.local.iterdir())
 
 
+def open_writer(out: str, overwrite: bool, metadata: dict, store_format: str = "zarr",
+                storage_options: Optional[dict] = None):
+    """A writer for a new store at `out` (an existing store there is replaced only with `overwrite`)."""
+    location = check_target(out, overwrite, storage_options)
+    if location.exists():
+        location.remove_all()
+    full = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "complete": False,
+            "package_version": __version__, "created_at": _now(), "store_format": store_format, **metadata,
+            "splits": {}}
+    if store_format == "arrow":
+        from .arrow import ArrowStoreWriter
+
+        return ArrowStoreWriter(location, full)
+    return StoreWriter(location, full)
+
+
 class StoreWriter:
-    """`create_split` the layout, `write` chunk-aligned blocks of examples, then `finish` (complete=True last).
+    """The Zarr store: `create_split` the layout, `write` chunk-aligned blocks, then `finish` (complete=True last).
 
     zarr-python writes the metadata; the chunks are encoded and written here (store/chunks.py), each with its
     CRC-32C recorded in the manifest that `finish` writes before the complete flag.
     """
 
-    def __init__(self, out: str, overwrite: bool, metadata: dict, storage_options: Optional[dict] = None):
-        self.location = check_target(out, overwrite, storage_options)
-        if self.location.exists():
-            self.location.remove_all()
-        self.path = out
+    def __init__(self, location: Location, metadata: dict):
+        self.location, self.metadata = location, metadata
         self.root = zarr.open_group(store=self.location.zarr_store(read_only=False), mode="w-")
-        self.metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "complete": False,
-                         "package_version": __version__, "created_at": _now(), **metadata, "splits": {}}
         self.root.attrs.update(self.metadata)
         self.checksums: dict[str, list[int]] = {}
         self._arrays: dict[tuple[str, str], tuple] = {}
 
-    def create_split(self, split: str, n: int, seq_len: int, num_labels: int, layers: int, hidden: int,
-                     cls_dtype: str, label_dtype: str, chunk_size: int, split_meta: dict) -> None:
+    def create_split(self, split: str, shapes: dict[str, tuple], split_meta: dict) -> None:
+        """`shapes`: {array: (shape, dtype)} (format.split_arrays); chunked by the metadata's chunk_size."""
         g = self.root.create_group(split)
-        shapes = {"input_ids": ((n, seq_len), "int32"), "attention_mask": ((n, seq_len), "uint8"),
-                  "token_type_ids": ((n, seq_len), "uint8"), "labels": ((n,), label_dtype),
-                  "logits": ((n, num_labels), "float32"), "cls": ((n, layers + 1, hidden), cls_dtype)}
-        if cls_dtype == "int8":
-            shapes["cls_scale"] = ((n, layers + 1), "float32")
+        n = next(iter(shapes.values()))[0][0]
         for name, (shape, dtype) in shapes.items():
-            chunks = (min(chunk_size, n),) + shape[1:]
+            chunks = (min(self.metadata["chunk_size"], n),) + shape[1:]
             if name == "cls":  # one chunk per layer: a student reads only its mapped layers (docs/FORMAT.md)
-                chunks = (chunks[0], 1, hidden)
+                chunks = (chunks[0], 1, shape[2])
             array = g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
                                    compressors=compressor(name, np.dtype(dtype).itemsize))
             self._arrays[split, name] = (array, blosc_params(array))
