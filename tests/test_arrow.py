@@ -85,3 +85,22 @@ def test_int8_arrow_matches_int8_zarr(teacher_dir, data_dir, tmp_path):
     z = dump(teacher_dir, data_dir, tmp_path / "i8.zarr", dtype="int8")
     for x, y in zip(all_batches(a, layers=[2]), all_batches(z, layers=[2]), strict=True):
         np.testing.assert_array_equal(x["cls"], y["cls"])
+
+
+def test_an_arrow_store_over_http(arrow_path, tmp_path):
+    import threading
+
+    from pkd_cache.serve import make_server
+
+    shutil.copytree(arrow_path, tmp_path / "sst2.arrow")
+    server = make_server(str(tmp_path), port=0, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        remote = pkd_cache.open_store(f"{server.url}/sst2.arrow")
+        for x, y in zip(all_batches(remote, layers=[1]), all_batches(pkd_cache.open_store(str(arrow_path)), layers=[1]),
+                        strict=True):
+            np.testing.assert_array_equal(x["cls"], y["cls"])
+        assert [s["name"] for s in json.loads(cli_in_process("ls", server.url, "--json").stdout)] == ["sst2.arrow"]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -93,3 +93,19 @@ def test_distill_stops_on_a_corrupt_chunk_and_names_it(copy, backbone_dir, tmp_p
     assert p.returncode == 2, show(p)
     assert "chunk train/cls/c/1/" in p.stderr and "is corrupt" in p.stderr and "Traceback" not in p.stderr, show(p)
     assert not (tmp_path / "student" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("codecs, dtype, says", [
+    ([{"name": "bytes"}, {"name": "numcodecs.pickle", "configuration": {}}], "int64", "uses codec 'numcodecs.pickle'"),
+    ([{"name": "vlen-utf8"}], "string", "has data type 'string'"),
+])
+def test_a_store_asking_for_unsafe_decoding_is_refused(copy, codecs, dtype, says):
+    """Nothing in a store may execute on load: arrays with object/string data or unknown codecs are refused."""
+    meta_path = copy / "train" / "labels" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["codecs"], meta["data_type"] = codecs, dtype
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(pkd_cache.PkdCacheError, match=says):
+        list(pkd_cache.open_store(str(copy)).batches("train", 16))
+    p = cli_in_process("verify", copy)
+    assert p.returncode != 0 and says in p.stdout + p.stderr and "Traceback" not in p.stderr, show(p)

@@ -49,6 +49,7 @@ class Store:
         self.meta = attrs
         self._checksums: Optional[dict] = None
         self._arrow = None
+        self._checked: set[tuple[str, str]] = set()
 
     @property
     def store_format(self) -> str:
@@ -121,6 +122,9 @@ class Store:
         self._split_meta(split)
         if self.root is None:
             return self._arrow_backend().array(split, name)
+        if (split, name) not in self._checked:
+            check_plain_array(self.location, f"{split}/{name}")
+            self._checked.add((split, name))
         return self.root[split][name]
 
     def read(self, split: str, start: int, stop: int, layers: Optional[Sequence[int]] = None,
@@ -156,6 +160,34 @@ class Store:
         self._split_meta(split)
         return iter_batches(self, split, batch_size, shuffle, seed, epoch, layers, fields, shuffle_chunks,
                             prefetch=prefetch, pin_memory=pin_memory)
+
+
+SAFE_CODECS = ("bytes", "blosc", "zstd", "gzip", "crc32c", "transpose")
+SAFE_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16",
+               "float32", "float64")
+
+
+def check_plain_array(location: Location, key: str) -> None:
+    """Refuse an array whose metadata asks for anything but plain numbers and known codecs, before zarr sees it.
+
+    A store from someone else must be safe to open: no object dtypes, no pickle or other codec that could run
+    code or that pkd-cache does not know.
+    """
+    try:
+        meta = json.loads(location.read(f"{key}/zarr.json"))
+    except FileNotFoundError:
+        raise PkdCacheError(f"store {location}: array {key} is missing") from None
+    except ValueError as e:
+        raise PkdCacheError(f"store {location}: {key}/zarr.json is not valid JSON ({e})") from e
+    dtype = meta.get("data_type")
+    if meta.get("node_type") != "array" or dtype not in SAFE_DTYPES:
+        raise PkdCacheError(f"store {location}: array {key} has data type {dtype!r}; pkd-cache opens only plain "
+                            f"numeric arrays")
+    names = [c.get("name") if isinstance(c, dict) else c for c in meta.get("codecs", [])]
+    bad = [n for n in names if n not in SAFE_CODECS]
+    if bad or meta.get("storage_transformers"):
+        raise PkdCacheError(f"store {location}: array {key} uses codec {bad[0] if bad else 'storage transformers'!r}, "
+                            f"which pkd-cache does not open (allowed: {', '.join(SAFE_CODECS)})")
 
 
 def open_store(path: str, require_complete: bool = True, storage_options: Optional[dict] = None) -> Store:

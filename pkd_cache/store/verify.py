@@ -56,8 +56,11 @@ def verify_store(path: str, storage_options: Optional[dict] = None) -> Report:
         for name, (shape, dtype) in arrays.items():
             try:
                 reader = store.chunk_reader(split, name)
-            except (KeyError, PkdCacheError, FileNotFoundError):
+            except (KeyError, FileNotFoundError):
                 report.problems.append(f"{split}/{name}: array missing")
+                continue
+            except PkdCacheError as e:
+                report.problems.append(f"{split}/{name}: {str(e).removeprefix(f'store {path}: ')}")
                 continue
             if reader.shape != shape or reader.dtype != np.dtype(dtype):
                 report.problems.append(f"{split}/{name}: shape {reader.shape} {reader.dtype}, expected {shape} {dtype}")
