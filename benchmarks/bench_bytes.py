@@ -10,10 +10,9 @@ student from each store) is a pair of `pkd-cache distill` runs, recorded in RESU
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
-from common import GLUE, header, minilm_teacher, table
+from common import GLUE, header, table, teacher_workspace
 
 import pkd_cache
 
@@ -28,9 +27,7 @@ def main() -> None:
     a = p.parse_args()
     print(header())
     rows = []
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        teacher = minilm_teacher(tmp / "teacher")
+    with teacher_workspace() as (tmp, teacher):
         for dtype in ("float16", "int8"):
             out = tmp / f"{dtype}.zarr"
             pkd_cache.dump(pkd_cache.DumpConfig(teacher=str(teacher), task="sst2", data_dir=str(GLUE / "SST-2"),

@@ -31,19 +31,13 @@ LMAP = [2, 4]
 
 def timed_steps(student, opt, batches, step_loss, warmup: int, device) -> float:
     """Mean seconds per optimiser step over the batches after `warmup` (forward, loss, backward, step)."""
-    t0 = None
-    for i, batch in enumerate(batches):
-        if i == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+    def step(batch):
         loss = step_loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / (i + 1 - warmup)
+
+    return timed(step, batches, warmup, device)
 
 
 def main() -> None:

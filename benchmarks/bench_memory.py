@@ -14,10 +14,8 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-from common import GLUE, header, minilm, minilm_teacher, table
+from common import teacher_workspace, GLUE, header, minilm, table
 
 
 def peak_rss_mib(args: list[str]) -> float:
@@ -38,9 +36,7 @@ def main() -> None:
     a = p.parse_args()
     print(header())
     rows = []
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        teacher = minilm_teacher(tmp / "teacher")
+    with teacher_workspace() as (tmp, teacher):
         for n in (a.examples, 10 * a.examples):
             store = tmp / f"s{n}.zarr"
             dump = peak_rss_mib(["dump", "--teacher", str(teacher), "--task", "sst2", "--data-dir", str(GLUE / "SST-2"),

@@ -4,7 +4,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +30,14 @@ def minilm_teacher(folder: Path) -> Path:
         AutoModelForSequenceClassification.from_pretrained(minilm(), num_labels=2).save_pretrained(folder)
         AutoTokenizer.from_pretrained(minilm()).save_pretrained(folder)
     return folder
+
+
+@contextmanager
+def teacher_workspace():
+    """A temporary folder holding the MiniLM teacher: yields (folder, teacher folder)."""
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        yield tmp, minilm_teacher(tmp / "teacher")
 
 
 def header() -> str:

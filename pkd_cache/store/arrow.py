@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import PkdCacheError
-from .chunks import CHECKSUMS_KEY, ChunkError, crc32c
+from .chunks import ChunkError, crc32c, write_manifest
 from .location import Location
 
 ARROW_META = "pkd_cache.json"
@@ -95,9 +95,7 @@ class ArrowStoreWriter:
         self.checksums[key] = [len(data), crc32c(data)]
 
     def finish(self) -> None:
-        manifest = {"algorithm": "crc32c", "chunks": dict(sorted(self.checksums.items()))}
-        self.location.write(CHECKSUMS_KEY, json.dumps(manifest, separators=(",", ":")).encode())
-        self.metadata["checksums"] = {"file": CHECKSUMS_KEY, "algorithm": "crc32c", "chunks": len(self.checksums)}
+        write_manifest(self.location, self.checksums, self.metadata)
         self.metadata["complete"] = True  # one atomic write: the metadata and the flag together, last
         self._write_meta()
 

@@ -28,6 +28,15 @@ class ChunkError(PkdCacheError):
 CHECKSUMS_KEY = "checksums.json"  # {"algorithm": "crc32c", "chunks": {"train/cls/c/0/3/0": [nbytes, crc32c]}}
 
 
+def write_manifest(location, checksums: dict, metadata: dict) -> None:
+    """Write `checksums.json` and record it in the metadata (before the complete flag is set)."""
+    import json
+
+    manifest = {"algorithm": "crc32c", "chunks": dict(sorted(checksums.items()))}
+    location.write(CHECKSUMS_KEY, json.dumps(manifest, separators=(",", ":")).encode())
+    metadata["checksums"] = {"file": CHECKSUMS_KEY, "algorithm": "crc32c", "chunks": len(checksums)}
+
+
 def crc32c(data: bytes) -> int:
     import google_crc32c  # a zarr dependency; hardware CRC-32C (>10 GB/s)
 

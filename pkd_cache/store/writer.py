@@ -10,7 +10,7 @@ import zarr
 
 from .. import __version__
 from ..errors import PkdCacheError
-from .chunks import CHECKSUMS_KEY, blosc_params, chunk_key, crc32c, encode_chunk
+from .chunks import blosc_params, chunk_key, crc32c, encode_chunk, write_manifest
 from .format import FORMAT_NAME, FORMAT_VERSION, compressor
 from .location import Location
 
@@ -120,9 +120,7 @@ class StoreWriter:
 
     def finish(self) -> None:
         """Write the checksum manifest and the metadata, then (a separate, last write) the complete flag."""
-        manifest = {"algorithm": "crc32c", "chunks": dict(sorted(self.checksums.items()))}
-        self.location.write(CHECKSUMS_KEY, json.dumps(manifest, separators=(",", ":")).encode())
-        self.metadata["checksums"] = {"file": CHECKSUMS_KEY, "algorithm": "crc32c", "chunks": len(self.checksums)}
+        write_manifest(self.location, self.checksums, self.metadata)
         self.metadata["completed_at"] = _now()
         self.root.attrs.update({k: v for k, v in self.metadata.items() if k != "complete"})
         self.root.attrs["complete"] = True
