@@ -13,8 +13,8 @@ from .errors import PkdCacheError  # noqa: E402
 from .store import Store, open_store  # noqa: E402
 from .teacher.finetune import finetune  # noqa: E402
 from .dump import dump  # noqa: E402
-from .distill import distill  # noqa: E402
+from .distill import distill, distill_many  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 
 __all__ = ["DistillConfig", "DumpConfig", "EvalConfig", "FinetuneConfig", "TrainConfig", "PkdCacheError", "Store",
-           "finetune", "dump", "distill", "evaluate", "open_store", "__version__"]
+           "finetune", "dump", "distill", "distill_many", "evaluate", "open_store", "__version__"]

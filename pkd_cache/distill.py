@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -17,7 +19,7 @@ from .store.reader import open_store
 from .student.init import build_student, student_cls
 from .student.layer_map import layer_map
 from .student.losses import LossWeights, pkd_loss
-from .training import resolve_device, train, write_metrics
+from .training import Member, resolve_device, total_steps_of, train_many, write_metrics
 
 EVAL_FIELDS = tuple(TOKEN_DTYPES) + ("labels",)
 
@@ -35,70 +37,146 @@ def _store_task(meta: dict, config: DistillConfig):
     return task
 
 
-def distill(config: DistillConfig) -> dict:
-    """Train the student, keep the best dev checkpoint in `config.output_dir`; returns the metrics."""
+# What fixes the batches: members of one pass (`distill_many`) must agree on these.
+PASS_KEYS = ("store", "train_split", "batch_size", "seed", "epochs", "max_steps", "device")
+
+
+@dataclass
+class _Plan:
+    """One student's settings, resolved and checked against the store before anything is built or written."""
+
+    config: DistillConfig
+    task: object
+    k: int
+    lmap: list[int]
+    beta: float
+    init: str
+    eval_splits: list[str]
+
+    @property
+    def need_cls(self) -> bool:
+        return self.beta > 0 and self.k > 1
+
+
+def _plan(config: DistillConfig, store) -> _Plan:
     config.check()
-    store = open_store(config.store)
     meta = store.info()
     task = _store_task(meta, config)
-    k, n_teacher, hidden = config.student_layers, store.teacher_layers, store.hidden_size
-    lmap = layer_map(n_teacher, k, config.strategy, config.layer_map)
-    train_split = config.train_split
-    store.num_examples(train_split)  # names the store's splits if this one is missing
-    eval_splits = config.eval_splits or [s for s in store.splits if s != train_split]
+    k = config.student_layers
+    lmap = layer_map(store.teacher_layers, k, config.strategy, config.layer_map)
+    store.num_examples(config.train_split)  # names the store's splits if this one is missing
+    eval_splits = config.eval_splits or [s for s in store.splits if s != config.train_split]
     if not eval_splits:
         raise PkdCacheError(f"store {config.store} has no dev split to evaluate on (splits: {', '.join(store.splits)})")
     init = config.student_init or meta["teacher"].get("base_model")
     if not init:
         raise PkdCacheError("the store does not record the teacher's base model; pass --student-init")
-    beta = config.beta if config.beta is not None else 100.0 / hidden
+    beta = config.beta if config.beta is not None else 100.0 / store.hidden_size
     check_output_dir(config.output_dir, config.overwrite)
+    return _Plan(config, task, k, lmap, beta, init, eval_splits)
 
-    torch.manual_seed(config.train.seed)
-    student = build_student(init, task, k, meta["tokenizer"].get("vocab_fingerprint"))
-    model = student.model
-    if beta > 0 and model.config.hidden_size != hidden:
-        raise PkdCacheError(f"the student's hidden size {model.config.hidden_size} differs from the teacher's {hidden}; "
-                            f"the patient loss needs equal widths (use --beta 0)")
-    out = prepare_output_dir(config.output_dir, config.overwrite)  # everything has loaded
-    device = resolve_device(config.device)
-    model.to(device)
-    weights = LossWeights(alpha=config.alpha, beta=beta, temperature=config.temperature)
-    need_cls = beta > 0 and k > 1
-    fields = ("input_ids", "attention_mask", "token_type_ids", "labels", "logits") + (("cls",) if need_cls else ())
-    log(f"distilling a {k}-layer student from {init} on {task.name}: layer map {lmap} of {n_teacher} teacher layers, "
-        f"alpha {config.alpha:g}, beta {beta:g}, T {config.temperature:g}")
 
-    def loss_fn(batch):
-        outputs = model(**to_model_inputs(batch, device), output_hidden_states=need_cls)
-        on_device = {key: batch[key].to(device, non_blocking=True) for key in ("labels", "logits", "cls") if key in batch}
-        s_cls = student_cls(outputs.hidden_states, k) if need_cls else None
-        return pkd_loss(outputs.logits, s_cls, on_device, weights, task.is_regression)
+def _pass_settings(config: DistillConfig) -> dict:
+    flat = {**to_dict(config), **to_dict(config.train)}
+    return {k: flat.get(k) for k in PASS_KEYS}
+
+
+def distill(config: DistillConfig) -> dict:
+    """Train the student, keep the best dev checkpoint in `config.output_dir`; returns the metrics."""
+    return distill_many([config])[0]
+
+
+def distill_many(configs: list[DistillConfig], description: str = "distill") -> list[dict]:
+    """Train several students in one pass over the store: each batch is read and decompressed once, then every
+    student takes its step on it. Each student trains exactly as it would alone (own seed, RNG, optimiser,
+    checkpoint, metrics.json); they must share the store, batch size, seed, epochs and max steps."""
+    if not configs:
+        return []
+    first = _pass_settings(configs[0])
+    for c in configs[1:]:
+        diff = [k for k, v in _pass_settings(c).items() if v != first[k]]
+        if diff:
+            raise PkdCacheError(f"students trained in one pass must share {', '.join(PASS_KEYS)}; "
+                                f"{c.output_dir} differs in {', '.join(diff)}")
+    outs = [c.output_dir for c in configs]
+    if len(set(outs)) != len(outs):
+        raise PkdCacheError("students trained in one pass need distinct output directories")
+    store = open_store(configs[0].store)
+    plans = [_plan(c, store) for c in configs]  # every check before any model is built or folder written
+    device = resolve_device(configs[0].device)
+    layers = sorted({layer for p in plans if p.need_cls for layer in p.lmap})
+    members, finishers = zip(*(_member(p, store, device, layers, len(plans) > 1) for p in plans))
+    train_cfg = configs[0].train
+    fields = ("input_ids", "attention_mask", "token_type_ids", "labels", "logits") + (("cls",) if layers else ())
 
     def epoch_batches(epoch: int):
-        return store.batches(train_split, config.train.batch_size, shuffle=True, seed=config.train.seed, epoch=epoch,
-                             layers=lmap if need_cls else None, fields=fields, pin_memory=device.type == "cuda")
+        return store.batches(configs[0].train_split, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed,
+                             epoch=epoch, layers=layers or None, fields=fields, pin_memory=device.type == "cuda")
+
+    steps_per_epoch = math.ceil(store.num_examples(configs[0].train_split) / train_cfg.batch_size)
+    t0 = time.perf_counter()
+    results = train_many(list(members), steps_per_epoch, epoch_batches, description=description)
+    return [finish(result, time.perf_counter() - t0) for finish, result in zip(finishers, results)]
+
+
+def _member(plan: _Plan, store, device, layers: list[int], named: bool):
+    """The student of `plan` as a training `Member`, and a function that writes its metrics when training ends."""
+    config, task, k = plan.config, plan.task, plan.k
+    meta = store.info()
+    torch.manual_seed(config.train.seed)
+    student = build_student(plan.init, task, k, meta["tokenizer"].get("vocab_fingerprint"))
+    model = student.model
+    hidden, teacher_hidden = model.config.hidden_size, store.hidden_size
+    projection = None
+    if plan.need_cls and hidden != teacher_hidden:  # a narrower (or wider) student: learn a map to the teacher's width
+        projection = torch.nn.Linear(hidden, teacher_hidden, bias=False)
+    out = prepare_output_dir(config.output_dir, config.overwrite)  # everything has loaded
+    model.to(device)
+    if projection is not None:
+        projection.to(device)
+    weights = LossWeights(alpha=config.alpha, beta=plan.beta, temperature=config.temperature)
+    positions = [layers.index(layer) for layer in plan.lmap] if plan.need_cls else []
+    log(f"distilling a {k}-layer student from {plan.init} on {task.name} into {out}: layer map {plan.lmap} of "
+        f"{store.teacher_layers} teacher layers, alpha {config.alpha:g}, beta {plan.beta:g}, T {config.temperature:g}"
+        + (f", CLS projected {hidden} -> {teacher_hidden}" if projection is not None else ""))
+
+    def loss_fn(batch):
+        outputs = model(**to_model_inputs(batch, device), output_hidden_states=plan.need_cls)
+        on_device = {key: batch[key].to(device, non_blocking=True) for key in ("labels", "logits")}
+        s_cls = None
+        if plan.need_cls:
+            cls = batch["cls"] if positions == list(range(len(layers))) else batch["cls"][:, positions]
+            on_device["cls"] = cls.to(device, non_blocking=True)
+            s_cls = student_cls(outputs.hidden_states, k)
+            if projection is not None:
+                s_cls = projection(s_cls)
+        return pkd_loss(outputs.logits, s_cls, on_device, weights, task.is_regression)
 
     def evaluate():
-        return score(model, {s: store.batches(s, 128, shuffle=False, fields=EVAL_FIELDS) for s in eval_splits},
+        return score(model, {s: store.batches(s, 128, shuffle=False, fields=EVAL_FIELDS) for s in plan.eval_splits},
                      task, device)
 
     student.tokenizer.model_max_length = int(meta["max_seq_length"])  # `eval` scores at the trained length
 
-    def save_best():
+    def save_best():  # the projection is a training aid: not part of the saved student
         model.save_pretrained(out)
         student.tokenizer.save_pretrained(out)
 
-    t0 = time.perf_counter()
-    steps_per_epoch = math.ceil(store.num_examples(train_split) / config.train.batch_size)
-    main_key = main_metric_key(task, eval_splits)
-    result = train(model, config.train, steps_per_epoch, epoch_batches, loss_fn, evaluate, main_key, save_best,
-                   description="distill")
-    metrics = {"task": task.name, "store": config.store, "student_init": init, "student_layers": k,
-               "layer_map": lmap, "alpha": config.alpha, "beta": beta, "temperature": config.temperature,
-               "best_epoch": result.best_epoch, "best_" + main_key: result.best_metric, "history": result.history,
-               "steps": result.steps, "wall_seconds": time.perf_counter() - t0,
-               "teacher_weights_fingerprint": meta["teacher"].get("weights_fingerprint"), "config": to_dict(config)}
-    write_metrics(out, metrics)
-    log(f"best {main_key} {result.best_metric:.4f} (epoch {result.best_epoch}); student saved to {out}")
-    return metrics
+    steps_per_epoch = math.ceil(store.num_examples(config.train_split) / config.train.batch_size)
+    main_key = main_metric_key(task, plan.eval_splits)
+    extra = list(projection.named_parameters(prefix="cls_projection")) if projection is not None else None
+    member = Member(model, config.train, total_steps_of(config.train, steps_per_epoch), loss_fn, evaluate, main_key,
+                    save_best, extra, name=Path(config.output_dir).name if named else "")
+
+    def finish(result, seconds: float) -> dict:
+        metrics = {"task": task.name, "store": config.store, "student_init": plan.init, "student_layers": k,
+                   "layer_map": plan.lmap, "alpha": config.alpha, "beta": plan.beta,
+                   "temperature": config.temperature, "cls_projection": [hidden, teacher_hidden] if projection else None,
+                   "best_epoch": result.best_epoch, "best_" + main_key: result.best_metric, "history": result.history,
+                   "steps": result.steps, "wall_seconds": seconds,
+                   "teacher_weights_fingerprint": meta["teacher"].get("weights_fingerprint"), "config": to_dict(config)}
+        write_metrics(out, metrics)
+        log(f"best {main_key} {result.best_metric:.4f} (epoch {result.best_epoch}); student saved to {out}")
+        return metrics
+
+    return member, finish

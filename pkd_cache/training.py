@@ -50,57 +50,114 @@ def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainConf
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
 
-def train(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int,
-          epoch_batches: Callable[[int], Iterable[dict]], loss_fn: Callable[[dict], tuple[torch.Tensor, dict]],
-          evaluate: Callable[[], dict], main_metric: str, save_best: Callable[[], None],
-          extra_params: Optional[list[tuple[str, torch.nn.Parameter]]] = None,
-          description: str = "train") -> TrainResult:
-    """Train for cfg.epochs (a fractional last epoch is allowed), evaluating after each; keep the best."""
-    total_steps = math.ceil(cfg.epochs * steps_per_epoch)
-    if cfg.max_steps > 0:
-        total_steps = min(total_steps, cfg.max_steps)
-    params = list(model.named_parameters()) + list(extra_params or [])
-    opt, sched = build_optimizer(params, cfg, total_steps)
-    result = TrainResult(best_metric=-math.inf, best_epoch=-1)
+def total_steps_of(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    total = math.ceil(cfg.epochs * steps_per_epoch)
+    return min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+
+
+class Member:
+    """One model in training: its optimiser and schedule, its loss, evaluation and best checkpoint, its RNG.
+
+    Several members can train on the same batches (one store read for all, `train_many`). Each keeps its own
+    torch RNG state (dropout), swapped in around its step, so a member trains exactly as it would alone.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, total_steps: int,
+                 loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], evaluate: Callable[[], dict], main_metric: str,
+                 save_best: Callable[[], None], extra_params: Optional[list[tuple[str, torch.nn.Parameter]]] = None,
+                 name: str = ""):
+        self.model, self.cfg, self.total_steps, self.name = model, cfg, total_steps, name
+        self.loss_fn, self.evaluate, self.main_metric, self.save_best = loss_fn, evaluate, main_metric, save_best
+        self.params = list(model.named_parameters()) + list(extra_params or [])
+        self.opt, self.sched = build_optimizer(self.params, cfg, total_steps)
+        self.result = TrainResult(best_metric=-math.inf, best_epoch=-1)
+        self.running: dict[str, torch.Tensor] = {}
+        self.step_count = 0
+        self.rng = _rng_state()  # the state right after the caller seeded and built the model
+
+    def step(self, batch: dict) -> None:
+        _set_rng_state(self.rng)
+        loss, parts = self.loss_fn(batch)  # forward + loss (the caller's single loss seam)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.max_grad_norm > 0:  # clip
+            torch.nn.utils.clip_grad_norm_([p for _, p in self.params], self.cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.rng = _rng_state()
+        self.step_count += 1
+        # log: the loss parts stay on the device and are summed there; the host syncs once per log line
+        for k, v in parts.items():
+            self.running[k] = self.running[k] + v if k in self.running else v
+        every = self.cfg.logging_steps
+        if every > 0 and self.step_count % every == 0:
+            avg = ", ".join(f"{k} {float(v) / every:.4f}" for k, v in self.running.items())
+            log(f"{self.name + ': ' if self.name else ''}step {self.step_count}/{self.total_steps}  {avg}  "
+                f"lr {self.sched.get_last_lr()[0]:.2e}")
+            self.running = {}
+
+    def end_epoch(self, epoch: int) -> None:
+        """Evaluate; keep the best checkpoint on the main dev metric."""
+        metrics = self.evaluate()
+        self.result.history.append({"epoch": epoch + 1, "step": self.step_count, **metrics})
+        score = metrics[self.main_metric]
+        better = score > self.result.best_metric
+        log(f"{self.name + ': ' if self.name else ''}epoch {epoch + 1}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + ("  (best so far, saved)" if better else ""))
+        if better:
+            self.result.best_metric, self.result.best_epoch = score, epoch + 1
+            self.save_best()
+        self.model.train()
+
+
+def train_many(members: list[Member], steps_per_epoch: int, epoch_batches: Callable[[int], Iterable[dict]],
+               description: str = "train") -> list[TrainResult]:
+    """Train every member on the same batches (they share epochs and max steps), evaluating after each epoch."""
+    total_steps = members[0].total_steps
+    if any(m.total_steps != total_steps for m in members):
+        raise ValueError("members of one pass must train for the same number of steps")
     step, t0 = 0, time.perf_counter()
     n_epochs = math.ceil(total_steps / steps_per_epoch)
     for epoch in range(n_epochs):
-        model.train()
-        running: dict[str, torch.Tensor] = {}
+        for m in members:
+            m.model.train()
         steps_this_epoch = min(steps_per_epoch, total_steps - step)
         with progress_bar(steps_this_epoch, f"{description} epoch {epoch + 1}/{n_epochs}", unit="step") as bar:
             for batch in epoch_batches(epoch):
                 if step >= total_steps or bar.done >= steps_this_epoch:  # stop: max steps or a fractional epoch
                     break
-                loss, parts = loss_fn(batch)  # forward + loss (the caller's single loss seam)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.max_grad_norm > 0:  # clip
-                    torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm)
-                opt.step()
-                sched.step()
+                for m in members:
+                    m.step(batch)
                 step += 1
                 bar.advance(1)
-                # log: the loss parts stay on the device and are summed there; the host syncs once per log line
-                for k, v in parts.items():
-                    running[k] = running[k] + v if k in running else v
-                if cfg.logging_steps > 0 and step % cfg.logging_steps == 0:
-                    avg = ", ".join(f"{k} {float(v) / cfg.logging_steps:.4f}" for k, v in running.items())
-                    log(f"step {step}/{total_steps}  {avg}  lr {sched.get_last_lr()[0]:.2e}")
-                    running = {}
-        # eval / checkpoint: after every epoch, keep the best on the main dev metric
-        metrics = evaluate()
-        entry = {"epoch": epoch + 1, "step": step, **metrics}
-        result.history.append(entry)
-        score = metrics[main_metric]
-        better = score > result.best_metric
-        log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            + ("  (best so far, saved)" if better else ""))
-        if better:
-            result.best_metric, result.best_epoch = score, epoch + 1
-            save_best()
-    result.steps, result.train_seconds = step, time.perf_counter() - t0
-    return result
+        for m in members:
+            m.end_epoch(epoch)
+    for m in members:
+        m.result.steps, m.result.train_seconds = step, time.perf_counter() - t0
+    return [m.result for m in members]
+
+
+def train(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int,
+          epoch_batches: Callable[[int], Iterable[dict]], loss_fn: Callable[[dict], tuple[torch.Tensor, dict]],
+          evaluate: Callable[[], dict], main_metric: str, save_best: Callable[[], None],
+          extra_params: Optional[list[tuple[str, torch.nn.Parameter]]] = None,
+          description: str = "train") -> TrainResult:
+    """Train one model for cfg.epochs (a fractional last epoch is allowed), evaluating after each; keep the best."""
+    member = Member(model, cfg, total_steps_of(cfg, steps_per_epoch), loss_fn, evaluate, main_metric, save_best,
+                    extra_params)
+    return train_many([member], steps_per_epoch, epoch_batches, description)[0]
+
+
+def _rng_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 @torch.inference_mode()

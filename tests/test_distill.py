@@ -84,9 +84,6 @@ def test_bad_inputs_are_one_line_errors(tmp_path, store_path, backbone_dir):
     (other_vocab / "tokenizer.json").write_text((other_vocab / "tokenizer.json").read_text().replace('"good"', '"goood"'))
     with pytest.raises(PkdCacheError, match="tokenizer"):
         pkd_cache.distill(_cfg(store_path, tmp_path / "x3", other_vocab, student_layers=2))
-    wide = make_bert(tmp_path / "wide", layers=2, hidden=48)
-    with pytest.raises(PkdCacheError, match="hidden size"):
-        pkd_cache.distill(_cfg(store_path, tmp_path / "x4", wide, student_layers=2))
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("x")
@@ -125,3 +122,40 @@ def test_dump_fine_tunes_a_headless_teacher_and_distill_defaults_to_its_base(tmp
     (tmp_path / "auto2.teacher" / "x").write_text("x")
     with pytest.raises(PkdCacheError, match="exists from other settings"):
         pkd_cache.dump(cfg)
+
+
+def test_a_student_of_another_width_learns_a_projection_that_is_not_saved(tmp_path, store_path):
+    """A 48-wide student of a 32-wide teacher: its CLS is projected to 32 for the patient loss."""
+    from safetensors.torch import load_file
+
+    wide = make_bert(tmp_path / "wide", layers=2, hidden=48)
+    m = pkd_cache.distill(_cfg(store_path, tmp_path / "s", wide, student_layers=2, beta=5.0))
+    assert m["cls_projection"] == [48, 32]
+    saved = load_file(tmp_path / "s" / "model.safetensors")
+    assert not any("projection" in k for k in saved)
+    plain = load_file(pkd_cache.distill(_cfg(store_path, tmp_path / "b0", wide, student_layers=2, beta=0.0))
+                      and tmp_path / "b0" / "model.safetensors")
+    assert any(not torch.equal(saved[k], plain[k]) for k in saved)  # the patient loss, through the projection, acted
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "s")
+    assert model.config.hidden_size == 48 and model.config.num_hidden_layers == 2
+
+
+def test_students_in_one_pass_train_exactly_as_alone(tmp_path, store_path, backbone_dir):
+    """distill_many reads each batch once for all; every student ends bit-identical to its own separate run."""
+    from safetensors.torch import load_file
+
+    variants = [dict(student_layers=2, alpha=0.5), dict(student_layers=3, strategy="last", alpha=0.7, beta=2.0),
+                dict(student_layers=2, alpha=0.0, beta=0.0, temperature=5.0)]
+    alone = [pkd_cache.distill(_cfg(store_path, tmp_path / f"alone{i}", backbone_dir, epochs=2, **v))
+             for i, v in enumerate(variants)]
+    together = pkd_cache.distill_many([_cfg(store_path, tmp_path / f"pass{i}", backbone_dir, epochs=2, **v)
+                                       for i, v in enumerate(variants)])
+    for i, (a, b) in enumerate(zip(alone, together)):
+        assert a["history"] == b["history"] and a["layer_map"] == b["layer_map"]
+        wa, wb = load_file(tmp_path / f"alone{i}" / "model.safetensors"), load_file(tmp_path / f"pass{i}" / "model.safetensors")
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(PkdCacheError, match="must share"):
+        pkd_cache.distill_many([_cfg(store_path, tmp_path / "m1", backbone_dir, seed=1),
+                                _cfg(store_path, tmp_path / "m2", backbone_dir, seed=2)])
