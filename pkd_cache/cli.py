@@ -1,4 +1,4 @@
-"""`pkd-cache` command line: finetune, dump, distill, eval, info, verify, ls, serve. Each command calls the API."""
+"""`pkd-cache` command line: finetune, dump, distill, sweep, eval, info, verify, ls, serve; each calls the API."""
 from __future__ import annotations
 
 import functools
@@ -149,27 +149,32 @@ def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher:
                                               seed=seed)))
 
 
+StoreOpt = typer.Option(..., "--store", help="Path or URL of a store.")
+TaskCheck = typer.Option(None, "--task", "--task-name", help="Optional check: the task the store must hold.")
+StudentLayers = typer.Option(3, "--student-layers")
+Strategy = typer.Option("skip", "--strategy", help="PKD-skip or PKD-last layer map.")
+Alpha = typer.Option(0.5, "--alpha", help="Weight of the soft-label loss.")
+Beta = typer.Option(None, "--beta", help="Weight of the patient loss, summed over the hidden dim (default: 100/H, "
+                                         "the paper's 100 in its code's units).")
+Temperature = typer.Option(10.0, "--temperature")
+StudentInit = typer.Option(None, "--student-init", help="Pretrained model to take the first k layers from "
+                                                        "(default: the teacher's base model).")
+BatchSize = typer.Option(32, "--batch-size", "--per-device-train-batch-size")
+Device = typer.Option(None, "--device")
+
+
 @app.command()
 @user_errors
-def distill(store: str = typer.Option(..., "--store"),
+def distill(store: str = StoreOpt,
             output_dir: str = typer.Option(..., "--output-dir"),
-            task: Optional[str] = typer.Option(None, "--task", "--task-name",
-                                               help="Optional check: the task the store must hold."),
-            student_layers: int = typer.Option(3, "--student-layers"),
-            strategy: str = typer.Option("skip", "--strategy", help="PKD-skip or PKD-last layer map."),
+            task: Optional[str] = TaskCheck, student_layers: int = StudentLayers, strategy: str = Strategy,
             layer_map: Optional[str] = typer.Option(None, "--layer-map", help="Teacher layers, e.g. 2,4."),
-            alpha: float = typer.Option(0.5, "--alpha", help="Weight of the soft-label loss."),
-            beta: Optional[float] = typer.Option(None, "--beta", help="Weight of the patient loss, summed over the "
-                                                 "hidden dim (default: 100/H, the paper's 100 in its code's units)."),
-            temperature: float = typer.Option(10.0, "--temperature"),
-            student_init: Optional[str] = typer.Option(None, "--student-init",
-                                                       help="Pretrained model to take the first k layers from "
-                                                            "(default: the teacher's base model)."),
-            batch_size: int = typer.Option(32, "--batch-size", "--per-device-train-batch-size"),
+            alpha: float = Alpha, beta: Optional[float] = Beta, temperature: float = Temperature,
+            student_init: Optional[str] = StudentInit, batch_size: int = BatchSize,
             epochs: float = Epochs, learning_rate: float = Lr, weight_decay: float = Wd,
             warmup_ratio: float = Warmup, seed: int = Seed, max_steps: int = MaxSteps, logging_steps: int = LogSteps,
             overwrite: bool = typer.Option(False, "--overwrite", "--overwrite-output-dir"),
-            device: Optional[str] = typer.Option(None, "--device")):
+            device: Optional[str] = Device):
     """Train a k-layer student from a store (no teacher in memory); keep the best dev checkpoint."""
     from . import distill as run
 
@@ -178,6 +183,38 @@ def distill(store: str = typer.Option(..., "--store"),
                       temperature=temperature, student_init=student_init, overwrite=overwrite, device=device,
                       train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed,
                                           max_steps, logging_steps)))
+
+
+@app.command()
+@user_errors
+def sweep(store: str = StoreOpt,
+          output_dir: str = typer.Option(..., "--output-dir", help="Folder of the runs, results.csv and sweep.png."),
+          grid: List[str] = typer.Option([], "--grid", help="NAME=V1,V2,... (repeatable): alpha, beta, paper_beta, "
+                                                            "temperature, learning_rate, student_layers, strategy, "
+                                                            "epochs, batch_size, seed, weight_decay, warmup_ratio."),
+          students_per_pass: int = typer.Option(1, "--students-per-pass", help="Students trained together on each "
+                                                                               "batch read from the store."),
+          top: int = typer.Option(10, "--top", help="Rows of the table of best runs."),
+          task: Optional[str] = TaskCheck, student_layers: int = StudentLayers, strategy: str = Strategy,
+          alpha: float = Alpha, beta: Optional[float] = Beta, temperature: float = Temperature,
+          student_init: Optional[str] = StudentInit, batch_size: int = BatchSize,
+          epochs: float = Epochs, learning_rate: float = Lr, weight_decay: float = Wd,
+          warmup_ratio: float = Warmup, seed: int = Seed, max_steps: int = MaxSteps,
+          logging_steps: int = typer.Option(0, "--logging-steps"), device: Optional[str] = Device):
+    """Train every combination of a grid of student settings from one store (resumable); report the best.
+
+    Settings not in a grid take the value of their option. `paper_beta` is beta in the PKD paper's units (mean over
+    the hidden dimension): the paper's grid is `--grid paper_beta=10,100,500,1000`.
+    """
+    from .sweep import SweepConfig, parse_grid
+    from .sweep import sweep as run
+
+    base = DistillConfig(store=store, output_dir=output_dir, task=task, student_layers=student_layers,
+                         strategy=strategy, alpha=alpha, beta=beta, temperature=temperature,
+                         student_init=student_init, device=device,
+                         train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed,
+                                             max_steps, logging_steps))
+    run(SweepConfig(base=base, grid=parse_grid(grid), students_per_pass=students_per_pass, top=top))
 
 
 @app.command("eval")

@@ -1,0 +1,91 @@
+"""A sweep's results: `results.csv` (one row per finished run), a table of the best runs, `sweep.png`."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+SETTINGS = ("student_layers", "strategy", "alpha", "beta", "temperature", "learning_rate", "epochs", "batch_size",
+            "seed")
+
+
+def result_rows(runs) -> list[dict]:
+    """One dict per finished run: its name, grid values, settings and results (metric, epoch, wall time)."""
+    rows = []
+    for run in runs:
+        path = Path(run.config.output_dir) / "metrics.json"
+        if not path.is_file():
+            continue
+        m = json.loads(path.read_text())
+        cfg, train = m.get("config", {}), m.get("config", {}).get("train", {})
+        metric_key = next((k for k in m if k.startswith("best_") and k != "best_epoch"), None)
+        row = {"run": run.name, **{f"grid_{k}": v for k, v in run.values.items()}}
+        row.update({k: cfg.get(k, train.get(k)) for k in SETTINGS})
+        row.update({"beta": m.get("beta"), "layer_map": " ".join(map(str, m.get("layer_map", []))),
+                    "metric": metric_key[len("best_"):] if metric_key else None,
+                    "best": m.get(metric_key) if metric_key else None, "best_epoch": m.get("best_epoch"),
+                    "wall_seconds": round(float(m.get("wall_seconds", 0)), 1), "steps": m.get("steps")})
+        rows.append(row)
+    return rows
+
+
+def write_report(out: Path, runs, top: int, quiet: bool = False) -> list[dict]:
+    rows = result_rows(runs)
+    if rows:
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        tmp = out / "results.csv.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(out / "results.csv")
+        plot(out / "sweep.png", rows, [k for k in (runs[0].values if runs else {})])
+    if not quiet:
+        print_best(rows, top, out)
+    return rows
+
+
+def print_best(rows: list[dict], top: int, out: Path) -> None:
+    console = Console()
+    if not rows:
+        console.print("no finished runs yet")
+        return
+    ranked = sorted(rows, key=lambda r: -(r["best"] if r["best"] is not None else -math.inf))[:top]
+    grid_keys = [k for k in ranked[0] if k.startswith("grid_")]
+    table = Table("rank", "run", *(k[len("grid_"):] for k in grid_keys), f"best {ranked[0]['metric']}", "epoch",
+                  "wall s", title=f"best {len(ranked)} of {len(rows)} runs ({out / 'results.csv'})")
+    for i, r in enumerate(ranked, 1):
+        table.add_row(str(i), r["run"], *(str(r[k]) for k in grid_keys), f"{r['best']:.4f}", str(r["best_epoch"]),
+                      f"{r['wall_seconds']:.0f}")
+    console.print(table)
+
+
+def plot(path: Path, rows: list[dict], keys: list[str]) -> None:
+    """One panel per swept setting: every run's metric against that setting, and the best per value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = keys or ["alpha"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
+    metric = rows[0]["metric"] or "metric"
+    for ax, key in zip(axes[0], keys):
+        col = f"grid_{key}" if f"grid_{key}" in rows[0] else key
+        values = sorted({r.get(col) for r in rows}, key=lambda v: (isinstance(v, str), v))
+        xs = {v: i for i, v in enumerate(values)}
+        ax.scatter([xs[r.get(col)] for r in rows], [r["best"] for r in rows], alpha=0.5, s=18)
+        best = [max(r["best"] for r in rows if r.get(col) == v) for v in values]
+        ax.plot(range(len(values)), best, marker="o", color="C3", label="best")
+        ax.set_xticks(range(len(values)), [str(v) for v in values])
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"dev {metric}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

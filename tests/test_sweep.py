@@ -1,0 +1,59 @@
+"""`pkd-cache sweep`: a grid from one store, students sharing passes, resumable, with results.csv, table and plot."""
+import csv
+
+import pytest
+from test_cli import cli_in_process, show
+
+
+def sweep_args(store, out, init, *grid, extra=()):
+    args = ["sweep", "--store", store, "--student-init", init, "--output-dir", out, "--student-layers", "2",
+            "--epochs", "1", "--batch-size", "16", "--learning-rate", "1e-3", *extra]
+    for g in grid:
+        args += ["--grid", g]
+    return args
+
+
+def read_rows(out):
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_grid_runs_every_combination_then_resumes(store_path, backbone_dir, tmp_path):
+    out = tmp_path / "runs"
+    args = sweep_args(store_path, out, backbone_dir, "alpha=0,0.5", "strategy=skip,last", "paper_beta=0,100",
+                      extra=["--students-per-pass", "4", "--student-layers", "3"])
+    p = cli_in_process(*args)
+    assert p.returncode == 0, show(p)
+    rows = read_rows(out)
+    assert len(rows) == 8 and {r["run"] for r in rows} == {
+        f"alpha={a}_strategy={s}_paper_beta={b}" for a in ("0", "0.5") for s in ("skip", "last") for b in ("0", "100")}
+    for r in rows:
+        assert 0 <= float(r["best"]) <= 1 and r["metric"] == "validation_accuracy"
+        assert float(r["beta"]) == pytest.approx(float(r["grid_paper_beta"]) / 32)  # the teacher is 32 wide
+        assert r["layer_map"] == ("2 3" if r["strategy"] == "last" else "1 2")
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "best 8 of 8 runs" in p.stdout
+    assert "sweep pass 2/2" in p.stderr  # 8 runs, 4 per pass
+
+    stamps = {r: (out / r / "metrics.json").stat().st_mtime_ns for r in (x["run"] for x in rows)}
+    (out / rows[0]["run"] / "metrics.json").unlink()  # as if that run had been interrupted
+    p = cli_in_process(*args)
+    assert p.returncode == 0 and "7 already done, 1 to train" in p.stderr, show(p)
+    for run, stamp in stamps.items():
+        if run != rows[0]["run"]:
+            assert (out / run / "metrics.json").stat().st_mtime_ns == stamp  # untouched
+    assert len(read_rows(out)) == 8
+
+
+@pytest.mark.parametrize("grid, says", [
+    ("alph=0.1", "unknown setting 'alph'"),
+    ("alpha=0.1,x", "'x' is not a float"),
+    ("alpha", "expected NAME=V1,V2"),
+    ("alpha=", "no values"),
+    ("alpha=1.5", "--alpha must be in [0, 1]"),
+    ("strategy=skip,middle", "--strategy must be 'skip' or 'last'"),
+])
+def test_bad_grids_are_one_line_errors(store_path, backbone_dir, tmp_path, grid, says):
+    p = cli_in_process(*sweep_args(store_path, tmp_path / "runs", backbone_dir, grid))
+    assert p.returncode == 2 and says in p.stderr and len(p.stderr.strip().splitlines()) == 1, show(p)
+    assert not (tmp_path / "runs" / "results.csv").exists()
