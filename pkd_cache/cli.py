@@ -165,7 +165,7 @@ Device = typer.Option(None, "--device")
 
 @app.command()
 @user_errors
-def distill(store: str = StoreOpt,
+def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or URL of a store."),
             output_dir: str = typer.Option(..., "--output-dir"),
             task: Optional[str] = TaskCheck, student_layers: int = StudentLayers, strategy: str = Strategy,
             layer_map: Optional[str] = typer.Option(None, "--layer-map", help="Teacher layers, e.g. 2,4."),
@@ -174,13 +174,26 @@ def distill(store: str = StoreOpt,
             epochs: float = Epochs, learning_rate: float = Lr, weight_decay: float = Wd,
             warmup_ratio: float = Warmup, seed: int = Seed, max_steps: int = MaxSteps, logging_steps: int = LogSteps,
             overwrite: bool = typer.Option(False, "--overwrite", "--overwrite-output-dir"),
-            device: Optional[str] = Device):
-    """Train a k-layer student from a store (no teacher in memory); keep the best dev checkpoint."""
+            device: Optional[str] = Device,
+            teacher: Optional[str] = typer.Option(None, "--teacher", help="Online KD instead of a store: run this "
+                                                                          "fine-tuned teacher on every step."),
+            data_dir: Optional[str] = DataDir,
+            max_seq_length: int = typer.Option(128, "--max-seq-length", help="Online KD: tokenisation length."),
+            chunk_size: int = typer.Option(1024, "--chunk-size", help="Online KD: batch order of a store with "
+                                                                      "this chunk size."),
+            max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Online KD: first N examples.")):
+    """Train a k-layer student from a store (no teacher in memory); keep the best dev checkpoint.
+
+    With --teacher instead of --store: online KD, the same losses with the teacher run on every step (to compare
+    with the cached teacher on the same student, seed and batches).
+    """
     from . import distill as run
 
     run(DistillConfig(store=store, output_dir=output_dir, task=task, student_layers=student_layers, strategy=strategy,
                       layer_map=_int_list(layer_map, "--layer-map"), alpha=alpha, beta=beta,
                       temperature=temperature, student_init=student_init, overwrite=overwrite, device=device,
+                      teacher=teacher, data_dir=data_dir, max_seq_length=max_seq_length, chunk_size=chunk_size,
+                      max_examples=max_examples,
                       train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed,
                                           max_steps, logging_steps)))
 

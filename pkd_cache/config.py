@@ -108,8 +108,8 @@ class DistillConfig:
     units (mean over the hidden dimension), i.e. 100 / hidden_size here.
     """
 
-    store: str
-    output_dir: str
+    store: Optional[str] = None  # the store to distil from (or `teacher`, for online KD)
+    output_dir: str = ""
     student_layers: int = 3
     strategy: str = "skip"  # skip | last
     layer_map: Optional[list[int]] = None
@@ -123,9 +123,24 @@ class DistillConfig:
     overwrite: bool = False
     device: Optional[str] = None
     train: TrainConfig = field(default_factory=TrainConfig)
+    # online KD, for comparison: no store, the teacher runs on every step over the task's data
+    teacher: Optional[str] = None
+    data_dir: Optional[str] = None
+    max_seq_length: int = 128
+    chunk_size: int = 1024  # batches in the order of a store with this chunk size
+    max_examples: Optional[int] = None
 
     def check(self) -> None:
         self.train.check()
+        if (self.store is None) == (self.teacher is None):
+            raise PkdCacheError("pass --store (distil from a store) or --teacher (online KD), not both or neither")
+        if not self.output_dir:
+            raise PkdCacheError("--output-dir is required")
+        if self.teacher is not None:
+            check_max_seq_length(self.max_seq_length)
+            check_positive_or_none(self.max_examples, "--max-examples")
+            if self.chunk_size <= 0:
+                raise PkdCacheError(f"--chunk-size must be > 0, got {self.chunk_size}")
         if self.student_layers <= 0:
             raise PkdCacheError(f"--student-layers must be > 0, got {self.student_layers}")
         if self.strategy not in ("skip", "last"):

@@ -38,7 +38,8 @@ def _store_task(meta: dict, config: DistillConfig):
 
 
 # What fixes the batches: members of one pass (`distill_many`) must agree on these.
-PASS_KEYS = ("store", "train_split", "batch_size", "seed", "epochs", "max_steps", "device")
+PASS_KEYS = ("store", "teacher", "data_dir", "max_seq_length", "chunk_size", "max_examples", "train_split",
+             "batch_size", "seed", "epochs", "max_steps", "device")
 
 
 @dataclass
@@ -101,9 +102,11 @@ def distill_many(configs: list[DistillConfig], description: str = "distill") -> 
     outs = [c.output_dir for c in configs]
     if len(set(outs)) != len(outs):
         raise PkdCacheError("students trained in one pass need distinct output directories")
-    store = open_store(configs[0].store)
-    plans = [_plan(c, store) for c in configs]  # every check before any model is built or folder written
+    for c in configs:
+        c.check()
     device = resolve_device(configs[0].device)
+    store = _source(configs[0], device)
+    plans = [_plan(c, store) for c in configs]  # every check before any model is built or folder written
     layers = sorted({layer for p in plans if p.need_cls for layer in p.lmap})
     members, finishers = zip(*(_member(p, store, device, layers, len(plans) > 1) for p in plans))
     train_cfg = configs[0].train
@@ -117,6 +120,16 @@ def distill_many(configs: list[DistillConfig], description: str = "distill") -> 
     t0 = time.perf_counter()
     results = train_many(list(members), steps_per_epoch, epoch_batches, description=description)
     return [finish(result, time.perf_counter() - t0) for finish, result in zip(finishers, results)]
+
+
+def _source(config: DistillConfig, device):
+    """Where the batches and the teacher's outputs come from: the store, or (online KD) the teacher itself."""
+    if config.teacher is None:
+        return open_store(config.store)
+    from .online import OnlineSource
+
+    return OnlineSource(config.teacher, config.task, config.data_dir, config.max_seq_length, config.chunk_size,
+                        device, config.max_examples)
 
 
 def _member(plan: _Plan, store, device, layers: list[int], named: bool):
@@ -169,7 +182,8 @@ def _member(plan: _Plan, store, device, layers: list[int], named: bool):
                     save_best, extra, name=Path(config.output_dir).name if named else "")
 
     def finish(result, seconds: float) -> dict:
-        metrics = {"task": task.name, "store": config.store, "student_init": plan.init, "student_layers": k,
+        metrics = {"task": task.name, "store": config.store, "online_teacher": config.teacher,
+                   "student_init": plan.init, "student_layers": k,
                    "layer_map": plan.lmap, "alpha": config.alpha, "beta": plan.beta,
                    "temperature": config.temperature, "cls_projection": [hidden, teacher_hidden] if projection else None,
                    "best_epoch": result.best_epoch, "best_" + main_key: result.best_metric, "history": result.history,

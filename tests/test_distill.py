@@ -14,7 +14,8 @@ from conftest import make_bert
 def _cfg(store, out, init, **kw):
     train = pkd_cache.TrainConfig(epochs=kw.pop("epochs", 1), learning_rate=kw.pop("lr", 1e-3),
                                   batch_size=16, seed=kw.pop("seed", 0), logging_steps=0)
-    return pkd_cache.DistillConfig(store=str(store), output_dir=str(out), student_init=str(init), train=train, **kw)
+    return pkd_cache.DistillConfig(store=None if store is None else str(store), output_dir=str(out),
+                                   student_init=str(init), train=train, **kw)
 
 
 def test_distill_never_needs_the_teacher(tmp_path, teacher_dir, backbone_dir, data_dir, monkeypatch):
@@ -159,3 +160,29 @@ def test_students_in_one_pass_train_exactly_as_alone(tmp_path, store_path, backb
     with pytest.raises(PkdCacheError, match="must share"):
         pkd_cache.distill_many([_cfg(store_path, tmp_path / "m1", backbone_dir, seed=1),
                                 _cfg(store_path, tmp_path / "m2", backbone_dir, seed=2)])
+
+
+def test_online_kd_sees_the_store_batches_and_agrees_with_it(tmp_path, store_path, teacher_dir, data_dir,
+                                                              backbone_dir):
+    """distill --teacher (no store): the same batches in the same order, the teacher run on each; the student
+    matches the one trained from the store up to float16 storage of the CLS vectors."""
+    from pkd_cache.online import OnlineSource
+
+    source = OnlineSource(str(teacher_dir), "sst2", str(data_dir), 24, 64, torch.device("cpu"))
+    store = pkd_cache.open_store(str(store_path))
+    for a, b in zip(source.batches("train", 16, seed=3, epoch=1, layers=[2, 4], fields=pkd_cache.store.ARRAYS),
+                    store.batches("train", 16, seed=3, epoch=1, layers=[2, 4]), strict=True):
+        for k in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(a[k].long(), b[k].long())
+        torch.testing.assert_close(a["logits"], b["logits"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(a["cls"], b["cls"].float(), rtol=0, atol=5e-3)  # float16 in the store
+    online = pkd_cache.distill(_cfg(None, tmp_path / "online", backbone_dir, student_layers=2, teacher=str(teacher_dir),
+                                    task="sst2", data_dir=str(data_dir), max_seq_length=24, chunk_size=64))
+    cached = pkd_cache.distill(_cfg(store_path, tmp_path / "cached", backbone_dir, student_layers=2))
+    assert online["online_teacher"] == str(teacher_dir) and online["layer_map"] == cached["layer_map"]
+    assert abs(online["best_validation_accuracy"] - cached["best_validation_accuracy"]) <= 2 / 48
+    with pytest.raises(PkdCacheError, match="not both or neither"):
+        pkd_cache.distill(_cfg(store_path, tmp_path / "both", backbone_dir, teacher=str(teacher_dir), task="sst2"))
+    with pytest.raises(PkdCacheError, match="no trained sst2 head"):
+        pkd_cache.distill(_cfg(None, tmp_path / "x", backbone_dir, teacher=str(backbone_dir), task="sst2",
+                               data_dir=str(data_dir)))
