@@ -230,6 +230,28 @@ def sweep(store: str = StoreOpt,
     run(SweepConfig(base=base, grid=parse_grid(grid), students_per_pass=students_per_pass, top=top))
 
 
+@app.command("bench-student")
+@user_errors
+def bench_student(model: str = typer.Option(..., "--model", help="The student (a saved folder)."),
+                  teacher: Optional[str] = typer.Option(None, "--teacher", help="The teacher to compare with."),
+                  batch_size: int = typer.Option(32, "--batch-size"),
+                  seq_length: int = typer.Option(128, "--seq-length"),
+                  iterations: int = typer.Option(20, "--iterations"),
+                  device: Optional[str] = Device,
+                  as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON.")):
+    """Parameters, latency and throughput of a student next to its teacher (the PKD paper's Table 2)."""
+    from .bench_student import BenchStudentConfig, print_rows
+    from .bench_student import bench_student as run
+
+    cfg = BenchStudentConfig(model=model, teacher=teacher, batch_size=batch_size, seq_length=seq_length,
+                             iterations=iterations, device=device)
+    rows = run(cfg)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        print_rows(rows, cfg)
+
+
 @app.command("eval")
 @user_errors
 def eval_(model: str = typer.Option(..., "--model", "--model-name-or-path"),
