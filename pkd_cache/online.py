@@ -17,6 +17,7 @@ from .data.loading import load_examples
 from .data.tasks import get_task
 from .data.tokenize import TOKEN_DTYPES, to_model_inputs, tokenize
 from .errors import PkdCacheError
+from .store.chunks import ArrayChunks
 from .store.fingerprint import vocab_fingerprint
 from .teacher.load import check_max_length, load_for_task
 from .teacher.run import teacher_outputs
@@ -34,17 +35,8 @@ class ArrayArray:
         return self.values[key]
 
 
-class ArrayChunkReader:
+class ArrayChunkReader(ArrayChunks):
     """The `ChunkReader` interface over an in-memory array."""
-
-    direct = True
-
-    def __init__(self, array: ArrayArray):
-        self.array, self.chunks, self.shape = array, array.chunks, array.shape
-        self.dtype, self.fill_value = array.dtype, 0
-
-    def buffer(self) -> np.ndarray:
-        return np.empty(self.chunks, self.dtype)
 
     def read_into(self, coords: tuple[int, ...], out: np.ndarray) -> np.ndarray:
         rows = self.chunks[0]

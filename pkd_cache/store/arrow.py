@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import PkdCacheError
-from .chunks import ChunkError, crc32c, write_manifest
+from .chunks import ArrayChunks, ChunkError, crc32c, write_manifest
 from .location import Location
 
 ARROW_META = "pkd_cache.json"
@@ -125,17 +125,8 @@ class ArrowArray:
         return out[(slice(None),) + key[1:]] if isinstance(key, tuple) else out
 
 
-class ArrowChunkReader:
+class ArrowChunkReader(ArrayChunks):
     """The `ChunkReader` interface over shards: chunk (c, j, 0) of `cls` is column `cls_j` of shard c."""
-
-    direct = True
-
-    def __init__(self, array: ArrowArray):
-        self.array, self.chunks, self.shape = array, array.chunks, array.shape
-        self.dtype, self.fill_value = array.dtype, 0
-
-    def buffer(self) -> np.ndarray:
-        return np.empty(self.chunks, self.dtype)
 
     def chunk_name(self, coords: tuple[int, ...]) -> str:
         column = f"cls_{coords[1]}" if self.array.name == "cls" else self.array.name

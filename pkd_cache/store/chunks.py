@@ -81,6 +81,23 @@ def encode_chunk(values: np.ndarray, params: dict) -> bytes:
                                     params["blocksize"], values.dtype.itemsize)
 
 
+class ArrayChunks:
+    """What the stream needs of an array's chunk reader, for sources other than Zarr (Arrow shards, memory):
+    `chunks`, `shape`, `dtype`, `buffer()` and `read_into(coords, out)`."""
+
+    direct = True
+
+    def __init__(self, array):
+        self.array, self.chunks, self.shape = array, tuple(array.chunks), tuple(array.shape)
+        self.dtype, self.fill_value = np.dtype(array.dtype), 0
+
+    def buffer(self) -> np.ndarray:
+        return np.empty(self.chunks, self.dtype)
+
+    def read_into(self, coords: tuple[int, ...], out: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
 class ChunkReader:
     """Chunks of one array of a store, each decoded into a C-contiguous buffer of the chunk's full shape."""
 
