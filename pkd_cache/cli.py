@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from .config import DistillConfig, DumpConfig, EvalConfig, FinetuneConfig, TrainConfig
-from .errors import PkdCacheError
+from .errors import Interrupted, PkdCacheError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Patient Knowledge Distillation with a cached teacher: dump once, distill many students.")
@@ -40,7 +40,7 @@ def user_errors(fn):
         except PkdCacheError as e:
             if _state["debug"]:
                 raise
-            _fail(str(e), 2)
+            _fail(str(e), 130 if isinstance(e, Interrupted) else 2)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except OSError as e:  # disk full, permissions, ...: the system's own words, and where
@@ -137,14 +137,16 @@ def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher:
                                                      "instead of length bucketing."),
          max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Only the first N of each split."),
          store_format: str = typer.Option("zarr", "--format", help="zarr, or arrow (IPC shards that "
-                                                                   "`datasets.load_dataset('arrow', ...)` reads).")):
+                                                                   "`datasets.load_dataset('arrow', ...)` reads)."),
+         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted dump into --out: keep its "
+                                                             "durable chunks, run the teacher on the rest.")):
     """Run the teacher once; write token ids, labels, logits and every layer's [CLS] to a store."""
     from . import dump as run
 
     run(DumpConfig(teacher=teacher, task=task, out=out, data_dir=data_dir, splits=split or None,
                    max_seq_length=max_seq_length, batch_size=batch_size, dtype=dtype, chunk_size=chunk_size,
                    overwrite=overwrite, finetune=finetune, device=device, max_examples=max_examples,
-                   precision=precision, pad_to_max_length=pad_to_max_length, format=store_format,
+                   precision=precision, pad_to_max_length=pad_to_max_length, format=store_format, resume=resume,
                    finetune_train=TrainConfig(epochs=finetune_epochs, learning_rate=finetune_learning_rate,
                                               seed=seed)))
 

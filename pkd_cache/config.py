@@ -80,6 +80,7 @@ class DumpConfig:
     pad_to_max_length: bool = False  # pad every batch to max_seq_length (the original PKD code) instead of bucketing
     max_examples: Optional[int] = None  # take only the first N examples of each split (smoke runs)
     format: str = "zarr"  # zarr | arrow (Arrow IPC shards, readable with `datasets`)
+    resume: bool = False  # continue an interrupted dump into `out`: its durable chunks are kept
 
     def check(self) -> None:
         check_max_seq_length(self.max_seq_length)

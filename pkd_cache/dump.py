@@ -5,7 +5,10 @@ chunk's outputs is ever held. The complete flag is written last, after every spl
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from .config import DumpConfig, FinetuneConfig, to_dict
 from .data.loading import load_examples
 from .data.tasks import get_task
 from .data.tokenize import tokenize
-from .errors import PkdCacheError
+from .errors import Interrupted, PkdCacheError
 from .progress import log, progress_bar
 from .store.cache_key import CACHE_SETTINGS, cache_key, describe_difference, tokenizer_fingerprint
 from .store.fingerprint import vocab_fingerprint, weights_fingerprint
@@ -49,7 +52,12 @@ def dump(config: DumpConfig):
     check_max_length(loaded, config.max_seq_length)
     key_parts = _key_parts(config, loaded, examples, splits)
     key = cache_key(key_parts)
-    if existing is not None:
+    resuming = existing is not None and not existing.complete
+    if resuming and existing.meta.get("cache_key") != key:
+        diff = describe_difference(existing.meta.get("cache_key_parts"), key_parts)
+        raise PkdCacheError(f"cannot resume {config.out}: it was started by a different dump (differs in: {diff}); "
+                            f"pass --overwrite instead of --resume to start again")
+    if existing is not None and not resuming:
         if existing.meta.get("cache_key") == key and not config.overwrite:
             log(f"cache hit: {config.out} already holds this dump (same teacher, tokenizer, data and settings; "
                 f"key {key[:16]}); nothing to do")
@@ -82,29 +90,49 @@ def dump(config: DumpConfig):
         "max_seq_length": config.max_seq_length, "cls_dtype": config.dtype, "chunk_size": config.chunk_size,
         "settings": to_dict(config), "cache_key": key, "cache_key_parts": key_parts,
     }
-    writer = open_writer(config.out, config.overwrite, metadata, config.format)
-    background = BackgroundWriter(writer)
+    writer = open_writer(config.out, config.overwrite, metadata, config.format, resume=resuming)
     int8 = config.dtype == "int8"
     cls_dtype = np.dtype(np.float32 if int8 else config.dtype)  # int8 is quantised from float32 below
-    t0 = time.perf_counter()
+    t0, computed, kept = time.perf_counter(), 0, 0
     try:
-        for split, ex in examples.items():
-            shapes = split_arrays(len(ex), config.max_seq_length, task.num_labels, num_layers, hidden, config.dtype,
-                                  "float32" if task.is_regression else "int64")
-            writer.create_split(split, shapes, {"source": ex.source, "data_fingerprint": key_parts["data"][split]})
-            with progress_bar(len(ex), f"dump {split}") as bar:
-                for start in range(0, len(ex), config.chunk_size):
-                    stop = min(start + config.chunk_size, len(ex))
-                    tokens = tokenize(tokenizer, ex, start, stop, config.max_seq_length)
-                    logits, cls = run_chunk(model, tokens, config.batch_size, bucketed=not config.pad_to_max_length,
-                                            cls_dtype=cls_dtype, device=device, precision=config.precision)
-                    arrays = {**tokens, "labels": ex.labels[start:stop], "logits": logits, "cls": cls}
-                    if int8:
-                        arrays["cls"], arrays["cls_scale"] = quantize_int8(cls)
-                    background.put(split, start, arrays)
-                    bar.advance(stop - start)
+        with stop_on_sigterm():
+            background = BackgroundWriter(writer)
+            try:
+                for split, ex in examples.items():
+                    shapes = split_arrays(len(ex), config.max_seq_length, task.num_labels, num_layers, hidden,
+                                          config.dtype, "float32" if task.is_regression else "int64")
+                    writer.create_split(split, shapes, {"source": ex.source,
+                                                        "data_fingerprint": key_parts["data"][split]})
+                    durable = set(writer.load_durable(split))
+                    with progress_bar(len(ex), f"dump {split}") as bar:
+                        for start in range(0, len(ex), config.chunk_size):
+                            stop = min(start + config.chunk_size, len(ex))
+                            if start // config.chunk_size in durable:  # written by the interrupted dump
+                                kept += stop - start
+                                bar.advance(stop - start)
+                                continue
+                            tokens = tokenize(tokenizer, ex, start, stop, config.max_seq_length)
+                            logits, cls = run_chunk(model, tokens, config.batch_size,
+                                                    bucketed=not config.pad_to_max_length, cls_dtype=cls_dtype,
+                                                    device=device, precision=config.precision)
+                            arrays = {**tokens, "labels": ex.labels[start:stop], "logits": logits, "cls": cls}
+                            if int8:
+                                arrays["cls"], arrays["cls_scale"] = quantize_int8(cls)
+                            background.put(split, start, arrays)
+                            computed += stop - start
+                            bar.advance(stop - start)
+            finally:
+                background.close()  # drains the queue (what is queued becomes durable); re-raises a write error
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: {writer.durable_examples():,} of {sum(len(e) for e in examples.values()):,} "
+                          f"examples are durable in {config.out}; run the same command with --resume to continue") \
+            from None
     finally:
-        background.close()  # drains the queue; re-raises a write error
+        writer.close()  # the lock; after a failure the store stays unfinished and resumable
+    if resuming:
+        log(f"resumed {config.out}: {kept:,} examples were durable already, the teacher ran on {computed:,}")
+        writer.metadata["resumptions"][-1] = {"at": writer.metadata["resumptions"][-1], "kept_examples": kept,
+                                              "computed_examples": computed}
     seconds = time.perf_counter() - t0
     writer.metadata["dump_seconds"] = round(seconds, 3)  # tokenise + forward + write, all splits
     writer.finish()
@@ -115,6 +143,23 @@ def dump(config: DumpConfig):
     from .store.reader import open_store
 
     return open_store(config.out)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM stops a dump like Ctrl-C: the writer drains, the store stays resumable (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _existing_store(config: DumpConfig):
@@ -130,11 +175,11 @@ def _existing_store(config: DumpConfig):
         return None
     if is_store(location):
         store = open_store(config.out, require_complete=False)
-        if store.complete:
+        if store.complete or (config.resume and not config.overwrite):
             return store
         if not config.overwrite:
             raise PkdCacheError(f"--out {config.out} is an unfinished store (its dump did not complete); pass "
-                                f"--overwrite to replace it")
+                                f"--resume to continue it or --overwrite to start again")
         return None
     check_target(config.out, config.overwrite)
     return None

@@ -7,3 +7,7 @@ no traceback. Anything else is a bug in pkd-cache and is reported as such (``--d
 
 class PkdCacheError(ValueError):
     """A problem with the user's input or environment, explained in one line."""
+
+
+class Interrupted(PkdCacheError):
+    """Ctrl-C or SIGTERM stopped the work cleanly; the message says what was kept and how to continue."""

@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import PkdCacheError
 from .chunks import ArrayChunks, ChunkError, crc32c, write_manifest
 from .location import Location
+from .writer import ChunkedWriter
 
 ARROW_META = "pkd_cache.json"
 
@@ -58,12 +59,13 @@ def from_column(column, shape: tuple[int, ...], dtype) -> np.ndarray:
     return flat.to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape((len(column),) + shape)
 
 
-class ArrowStoreWriter:
+class ArrowStoreWriter(ChunkedWriter):
     """Same interface as the Zarr `StoreWriter`: `create_split`, `write` (one shard per chunk), `finish`."""
 
-    def __init__(self, location: Location, metadata: dict):
-        self.location, self.metadata = location, metadata
-        self.checksums: dict[str, list[int]] = {}
+    def __init__(self, location: Location, metadata: dict, resume: bool = False):
+        self._start(location, resume)
+        self.metadata = self._resumed_metadata(json.loads(location.read(ARROW_META)), metadata) if resume \
+            else metadata
         self.shapes: dict[str, dict] = {}
         self._write_meta()
 
@@ -92,12 +94,13 @@ class ArrowStoreWriter:
         data = sink.getvalue().to_pybytes()
         key = shard_key(split, start // rows)
         self.location.write(key, data)
-        self.checksums[key] = [len(data), crc32c(data)]
+        self._record(split, start // rows, {key: [len(data), crc32c(data)]})
 
     def finish(self) -> None:
         write_manifest(self.location, self.checksums, self.metadata)
         self.metadata["complete"] = True  # one atomic write: the metadata and the flag together, last
         self._write_meta()
+        self._finished()
 
     def _write_meta(self) -> None:
         self.location.write(ARROW_META, json.dumps(self.metadata, indent=1).encode())

@@ -73,6 +73,31 @@ class Location:
                 return False
             raise
 
+    def list(self, key: str) -> list[str]:
+        """Names of the entries directly under `key` (empty if it does not exist)."""
+        if not self.url:
+            folder = self.local / key
+            return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        try:
+            return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(self._full(key), detail=False))
+        except FileNotFoundError:
+            return []
+
+    def remove(self, key: str) -> None:
+        """Delete `key` (a file or a folder) if it exists."""
+        self._writable()
+        if not self.url:
+            import shutil
+
+            target = self.local / key
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            return
+        if self.fs.exists(self._full(key)):
+            self.fs.rm(self._full(key), recursive=True)
+
     def size(self) -> int:
         """Bytes under the root."""
         if not self.url:

@@ -12,6 +12,7 @@ from .. import __version__
 from ..errors import PkdCacheError
 from .chunks import blosc_params, chunk_key, crc32c, encode_chunk, write_manifest
 from .format import FORMAT_NAME, FORMAT_VERSION, compressor
+from .journal import FOLDER as JOURNAL, WriterLock, durable_chunks, record_chunk
 from .location import Location
 
 
@@ -56,10 +57,14 @@ def _empty_dir(location: Location) -> bool:
 
 
 def open_writer(out: str, overwrite: bool, metadata: dict, store_format: str = "zarr",
-                storage_options: Optional[dict] = None):
-    """A writer for a new store at `out` (an existing store there is replaced only with `overwrite`)."""
-    location = check_target(out, overwrite, storage_options)
-    if location.exists():
+                storage_options: Optional[dict] = None, resume: bool = False):
+    """A writer for a new store at `out` (an existing store there is replaced only with `overwrite`), or with
+    `resume` for the unfinished store there: its durable chunks are kept and skipped."""
+    location = Location(out, storage_options) if resume else check_target(out, overwrite, storage_options)
+    lock = WriterLock(location)
+    if not resume and location.exists():
+        lock.acquire()  # not while another dump is writing it
+        lock.release()
         location.remove_all()
     full = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "complete": False,
             "package_version": __version__, "created_at": _now(), "store_format": store_format, **metadata,
@@ -67,28 +72,87 @@ def open_writer(out: str, overwrite: bool, metadata: dict, store_format: str = "
     if store_format == "arrow":
         from .arrow import ArrowStoreWriter
 
-        return ArrowStoreWriter(location, full)
-    return StoreWriter(location, full)
+        return ArrowStoreWriter(location, full, resume)
+    return StoreWriter(location, full, resume)
 
 
-class StoreWriter:
+class ChunkedWriter:
+    """What both store flavours share: the single-writer lock, each chunk's checksums recorded once its files are
+    in place (store/journal.py), the chunks a resumed dump finds durable, and the manifest at the end."""
+
+    def _start(self, location: Location, resume: bool) -> None:
+        self.location = location
+        self.lock = WriterLock(location)
+        self.lock.acquire()
+        self.checksums: dict[str, list[int]] = {}
+        self.durable: dict[str, set[int]] = {}
+        self.resumed = resume
+
+    def _resumed_metadata(self, old: dict, new: dict) -> dict:
+        """The first dump's metadata, with this resumption recorded."""
+        meta = {**old, "resumptions": [*old.get("resumptions", []), _now()]}
+        meta["settings"] = new.get("settings", old.get("settings"))
+        return meta
+
+    def load_durable(self, split: str) -> set[int]:
+        """Chunks of `split` that an earlier, interrupted dump made durable (empty for a fresh store)."""
+        records = durable_chunks(self.location, split) if self.resumed else {}
+        for record in records.values():
+            self.checksums.update(record)
+        self.durable[split] = set(records)
+        return self.durable[split]
+
+    def _record(self, split: str, chunk: int, files: dict[str, list[int]]) -> None:
+        self.checksums.update(files)
+        record_chunk(self.location, split, chunk, files)
+        self.durable.setdefault(split, set()).add(chunk)
+
+    def durable_examples(self) -> int:
+        rows = self.metadata["chunk_size"]
+        return sum(min(rows, self.metadata["splits"][s]["num_examples"] - c * rows)
+                   for s, chunks in self.durable.items() for c in chunks)
+
+    def close(self) -> None:
+        """Release the lock (after `finish`, or when the dump stops early: the store stays resumable)."""
+        self.lock.release()
+
+    def _finished(self) -> None:
+        self.close()
+        self.location.remove(JOURNAL)  # progress folded into checksums.json, lock released: the store is complete
+
+
+class StoreWriter(ChunkedWriter):
     """The Zarr store: `create_split` the layout, `write` chunk-aligned blocks, then `finish` (complete=True last).
 
     zarr-python writes the metadata; the chunks are encoded and written here (store/chunks.py), each with its
     CRC-32C recorded in the manifest that `finish` writes before the complete flag.
     """
 
-    def __init__(self, location: Location, metadata: dict):
-        self.location, self.metadata = location, metadata
-        self.root = zarr.open_group(store=self.location.zarr_store(read_only=False), mode="w-")
+    def __init__(self, location: Location, metadata: dict, resume: bool = False):
+        self._start(location, resume)
+        if resume:
+            self.root = zarr.open_group(store=self.location.zarr_store(read_only=False), mode="r+")
+            self.metadata = self._resumed_metadata(dict(self.root.attrs), metadata)
+        else:
+            self.metadata = metadata  # mode "a": the folder already holds our lock, and nothing else (checked)
+            self.root = zarr.open_group(store=self.location.zarr_store(read_only=False), mode="a")
         self.root.attrs.update(self.metadata)
-        self.checksums: dict[str, list[int]] = {}
         self._arrays: dict[tuple[str, str], tuple] = {}
 
     def create_split(self, split: str, shapes: dict[str, tuple], split_meta: dict) -> None:
         """`shapes`: {array: (shape, dtype)} (format.split_arrays); chunked by the metadata's chunk_size."""
-        g = self.root.create_group(split)
         n = next(iter(shapes.values()))[0][0]
+        if self.resumed and split in self.root:
+            g = self.root[split]
+            for name, (shape, dtype) in shapes.items():
+                array = g[name]
+                if tuple(array.shape) != tuple(shape) or np.dtype(array.dtype) != np.dtype(dtype):
+                    raise PkdCacheError(f"cannot resume {self.location}: {split}/{name} is {array.shape} "
+                                        f"{array.dtype}, this dump needs {shape} {dtype}")
+                self._arrays[split, name] = (array, blosc_params(array))
+            self.metadata["splits"][split] = {"num_examples": n, **split_meta}
+            return
+        g = self.root.create_group(split)
         for name, (shape, dtype) in shapes.items():
             chunks = (min(self.metadata["chunk_size"], n),) + shape[1:]
             if name == "cls":  # one chunk per layer: a student reads only its mapped layers (docs/FORMAT.md)
@@ -99,7 +163,9 @@ class StoreWriter:
         self.metadata["splits"][split] = {"num_examples": n, **split_meta}
 
     def write(self, split: str, start: int, arrays: dict[str, np.ndarray]) -> None:
-        """Examples [start, start + len) of each array; `start` is a multiple of the chunk size."""
+        """Examples [start, start + len) of each array; `start` is a multiple of the chunk size. The chunk is
+        recorded as durable once all its files are written."""
+        files = {}
         for name, value in arrays.items():
             array, params = self._arrays[split, name]
             rows = array.chunks[0]
@@ -116,7 +182,8 @@ class StoreWriter:
                 key = f"{split}/{name}/{chunk_key(array, coords)}"
                 data = encode_chunk(block, params)
                 self.location.write(key, data)
-                self.checksums[key] = [len(data), crc32c(data)]
+                files[key] = [len(data), crc32c(data)]
+        self._record(split, start // self.metadata["chunk_size"], files)
 
     def finish(self) -> None:
         """Write the checksum manifest and the metadata, then (a separate, last write) the complete flag."""
@@ -125,6 +192,7 @@ class StoreWriter:
         self.root.attrs.update({k: v for k, v in self.metadata.items() if k != "complete"})
         self.root.attrs["complete"] = True
         self.metadata["complete"] = True
+        self._finished()
 
 
 def _now() -> str:

@@ -1,0 +1,146 @@
+"""A dump survives SIGKILL, SIGTERM and a full disk: `--resume` finishes it, byte for byte as if never stopped."""
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import write_sst2
+from test_cli import ENV, cli_in_process, show
+
+import pkd_cache
+from pkd_cache.store.location import Location
+
+CHUNK = "64"
+
+
+@pytest.fixture(scope="module")
+def big_data(tmp_path_factory):
+    return write_sst2(tmp_path_factory.mktemp("big") / "SST-2", n_train=3000, n_dev=200)
+
+
+def dump_args(teacher, data, out, *extra):
+    return ["dump", "--teacher", str(teacher), "--task", "sst2", "--data-dir", str(data), "--out", str(out),
+            "--max-seq-length", "24", "--batch-size", "16", "--chunk-size", CHUNK, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, teacher_dir, big_data):
+    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    p = cli_in_process(*dump_args(teacher_dir, big_data, out))
+    assert p.returncode == 0, show(p)
+    return out
+
+
+def files(store: Path) -> dict[str, bytes]:
+    """Every file of the store but the root metadata (times and the record of resumptions may differ there)."""
+    return {str(f.relative_to(store)): f.read_bytes() for f in sorted(store.rglob("*"))
+            if f.is_file() and f.relative_to(store) != Path("zarr.json")}
+
+
+def assert_identical(store: Path, reference: Path) -> None:
+    a, b = files(store), files(reference)
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+    meta = json.loads((store / "zarr.json").read_text())["attributes"]
+    ref = json.loads((reference / "zarr.json").read_text())["attributes"]
+    assert meta["complete"] and meta["cache_key"] == ref["cache_key"]
+
+
+def start_dump(teacher, data, out):
+    return subprocess.Popen([sys.executable, "-m", "pkd_cache", *dump_args(teacher, data, out)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_progress(out: Path, proc, records: int = 1) -> None:
+    progress = out / ".pkd_cache" / "progress" / "train"
+    deadline = time.monotonic() + 120
+    while not (progress.is_dir() and len(list(progress.iterdir())) >= records):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the dump never made progress"
+        time.sleep(0.01)
+
+
+def test_sigkill_at_random_moments_then_resume_is_byte_identical(tmp_path, teacher_dir, big_data, reference):
+    rng = random.Random(0)
+    for i in range(5):
+        out = tmp_path / f"killed{i}.zarr"
+        proc = start_dump(teacher_dir, big_data, out)
+        wait_for_progress(out, proc, records=rng.randint(1, 30))
+        time.sleep(rng.uniform(0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert not json.loads((out / "zarr.json").read_text())["attributes"]["complete"]
+        p = cli_in_process(*dump_args(teacher_dir, big_data, out, "--resume"))
+        assert p.returncode == 0, show(p)
+        assert "resumed" in p.stderr and "the teacher ran on" in p.stderr, show(p)
+        assert_identical(out, reference)
+        assert not (out / ".pkd_cache").exists()
+
+
+def test_sigterm_stops_cleanly_and_says_how_to_resume(tmp_path, teacher_dir, big_data, reference):
+    out = tmp_path / "term.zarr"
+    proc = start_dump(teacher_dir, big_data, out)
+    wait_for_progress(out, proc, records=3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "examples are durable" in err and "--resume" in err and "Traceback" not in err, err
+    assert not (out / ".pkd_cache" / "lock.json").exists()  # released on the way out
+    p = cli_in_process(*dump_args(teacher_dir, big_data, out))  # a plain re-run does not resume: it says how
+    assert p.returncode == 2 and "--resume" in p.stderr, show(p)
+    p = cli_in_process(*dump_args(teacher_dir, big_data, out, "--resume"))
+    assert p.returncode == 0, show(p)
+    assert_identical(out, reference)
+
+
+def test_one_writer_at_a_time_and_stale_locks(tmp_path, teacher_dir, big_data, reference):
+    out = tmp_path / "locked.zarr"
+    proc = start_dump(teacher_dir, big_data, out)
+    wait_for_progress(out, proc)
+    p = cli_in_process(*dump_args(teacher_dir, big_data, out, "--resume"))
+    holder = json.loads((out / ".pkd_cache" / "lock.json").read_text())
+    assert p.returncode == 2 and f"pid {proc.pid}" in p.stderr and holder["pid"] == proc.pid, show(p)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert (out / ".pkd_cache" / "lock.json").exists()  # left behind by the killed process: stale
+    p = cli_in_process(*dump_args(teacher_dir, big_data, out, "--resume"))
+    assert p.returncode == 0, show(p)
+    assert_identical(out, reference)
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_store_resumable(tmp_path, teacher_dir, big_data, reference,
+                                                                monkeypatch):
+    out = tmp_path / "full.zarr"
+    real_write, count = Location.write, {"n": 0}
+
+    def failing_write(self, key, data):
+        count["n"] += 1
+        if count["n"] > 200:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.local / key))
+        return real_write(self, key, data)
+
+    monkeypatch.setattr(Location, "write", failing_write)
+    p = cli_in_process(*dump_args(teacher_dir, big_data, out))
+    assert p.returncode == 2 and "No space left on device" in p.stderr and len(p.stderr.splitlines()) == 1, show(p)
+    assert not json.loads((out / "zarr.json").read_text())["attributes"]["complete"]
+    monkeypatch.setattr(Location, "write", real_write)
+    p = cli_in_process(*dump_args(teacher_dir, big_data, out, "--resume"))
+    assert p.returncode == 0, show(p)
+    assert_identical(out, reference)
+
+
+def test_resume_with_other_settings_refuses(tmp_path, teacher_dir, big_data):
+    out = tmp_path / "other.zarr"
+    proc = start_dump(teacher_dir, big_data, out)
+    wait_for_progress(out, proc, records=2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    p = cli_in_process(*dump_args(teacher_dir, big_data, out, "--resume", "--dtype", "int8"))
+    assert p.returncode == 2 and "cannot resume" in p.stderr and "dtype 'float16' -> 'int8'" in p.stderr, show(p)
+    assert pkd_cache.open_store(str(out), require_complete=False).complete is False
