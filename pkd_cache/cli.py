@@ -63,9 +63,10 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def _train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed, max_steps,
-                  logging_steps) -> TrainConfig:
+                  logging_steps, save_steps: int = 0) -> TrainConfig:
     return TrainConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay,
-                       warmup_ratio=warmup_ratio, seed=seed, max_steps=max_steps, logging_steps=logging_steps)
+                       warmup_ratio=warmup_ratio, seed=seed, max_steps=max_steps, logging_steps=logging_steps,
+                       save_steps=save_steps)
 
 
 def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
@@ -183,7 +184,10 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
             max_seq_length: int = typer.Option(128, "--max-seq-length", help="Online KD: tokenisation length."),
             chunk_size: int = typer.Option(1024, "--chunk-size", help="Online KD: batch order of a store with "
                                                                       "this chunk size."),
-            max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Online KD: first N examples.")):
+            max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Online KD: first N examples."),
+            save_steps: int = typer.Option(0, "--save-steps", help="Also checkpoint every N steps (always after "
+                                                                   "each epoch)."),
+            resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --output-dir.")):
     """Train a k-layer student from a store (no teacher in memory); keep the best dev checkpoint.
 
     With --teacher instead of --store: online KD, the same losses with the teacher run on every step (to compare
@@ -195,9 +199,9 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
                       layer_map=_int_list(layer_map, "--layer-map"), alpha=alpha, beta=beta,
                       temperature=temperature, student_init=student_init, overwrite=overwrite, device=device,
                       teacher=teacher, data_dir=data_dir, max_seq_length=max_seq_length, chunk_size=chunk_size,
-                      max_examples=max_examples,
+                      max_examples=max_examples, resume=resume,
                       train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed,
-                                          max_steps, logging_steps)))
+                                          max_steps, logging_steps, save_steps)))
 
 
 @app.command()

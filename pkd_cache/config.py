@@ -25,6 +25,7 @@ class TrainConfig:
     seed: int = 0
     logging_steps: int = 50
     max_steps: int = -1  # > 0 stops after this many optimiser steps (smoke runs, benchmarks)
+    save_steps: int = 0  # distill: > 0 also checkpoints every N steps (it always does after each epoch)
 
     def check(self, flag: str = "--") -> None:
         """`flag` prefixes the option names in messages (dump's fine-tuning options are --finetune-...)."""
@@ -124,6 +125,7 @@ class DistillConfig:
     overwrite: bool = False
     device: Optional[str] = None
     train: TrainConfig = field(default_factory=TrainConfig)
+    resume: bool = False  # continue from the checkpoint in output_dir (written every save_steps / epoch)
     # online KD, for comparison: no store, the teacher runs on every step over the task's data
     teacher: Optional[str] = None
     data_dir: Optional[str] = None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint
 from .config import DistillConfig, to_dict
 from .data.tasks import get_task
 from .data.tokenize import TOKEN_DTYPES, to_model_inputs
@@ -73,7 +74,10 @@ def _plan(config: DistillConfig, store) -> _Plan:
     if not init:
         raise PkdCacheError("the store does not record the teacher's base model; pass --student-init")
     beta = config.beta if config.beta is not None else 100.0 / store.hidden_size
-    check_output_dir(config.output_dir, config.overwrite)
+    if not config.resume:
+        check_output_dir(config.output_dir, config.overwrite)
+    elif checkpoint.load(Path(config.output_dir).expanduser()) is None:
+        raise PkdCacheError(f"--resume: no checkpoint in {config.output_dir} to continue from")
     return _Plan(config, task, k, lmap, beta, init, eval_splits)
 
 
@@ -112,13 +116,18 @@ def distill_many(configs: list[DistillConfig], description: str = "distill") -> 
     train_cfg = configs[0].train
     fields = ("input_ids", "attention_mask", "token_type_ids", "labels", "logits") + (("cls",) if layers else ())
 
-    def epoch_batches(epoch: int):
+    def epoch_batches(epoch: int, start_batch: int = 0):
         return store.batches(configs[0].train_split, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed,
-                             epoch=epoch, layers=layers or None, fields=fields, pin_memory=device.type == "cuda")
+                             epoch=epoch, layers=layers or None, fields=fields, pin_memory=device.type == "cuda",
+                             start_batch=start_batch)
 
     steps_per_epoch = math.ceil(store.num_examples(configs[0].train_split) / train_cfg.batch_size)
     t0 = time.perf_counter()
-    results = train_many(list(members), steps_per_epoch, epoch_batches, description=description)
+    resume = {c.resume for c in configs}
+    if len(resume) != 1:
+        raise PkdCacheError("the students of one pass must all resume or all start")
+    results = train_many(list(members), steps_per_epoch, epoch_batches, description=description,
+                         save_steps=train_cfg.save_steps, resume=resume.pop())
     return [finish(result, time.perf_counter() - t0) for finish, result in zip(finishers, results)]
 
 
@@ -143,7 +152,8 @@ def _member(plan: _Plan, store, device, layers: list[int], named: bool):
     projection = None
     if plan.need_cls and hidden != teacher_hidden:  # a narrower (or wider) student: learn a map to the teacher's width
         projection = torch.nn.Linear(hidden, teacher_hidden, bias=False)
-    out = prepare_output_dir(config.output_dir, config.overwrite)  # everything has loaded
+    out = Path(config.output_dir).expanduser() if config.resume else \
+        prepare_output_dir(config.output_dir, config.overwrite)  # everything has loaded
     model.to(device)
     if projection is not None:
         projection.to(device)
@@ -179,7 +189,7 @@ def _member(plan: _Plan, store, device, layers: list[int], named: bool):
     main_key = main_metric_key(task, plan.eval_splits)
     extra = list(projection.named_parameters(prefix="cls_projection")) if projection is not None else None
     member = Member(model, config.train, total_steps_of(config.train, steps_per_epoch), loss_fn, evaluate, main_key,
-                    save_best, extra, name=Path(config.output_dir).name if named else "")
+                    save_best, extra, name=Path(config.output_dir).name if named else "", output_dir=out)
 
     def finish(result, seconds: float) -> dict:
         metrics = {"task": task.name, "store": config.store, "online_teacher": config.teacher,
@@ -190,6 +200,7 @@ def _member(plan: _Plan, store, device, layers: list[int], named: bool):
                    "steps": result.steps, "wall_seconds": seconds,
                    "teacher_weights_fingerprint": meta["teacher"].get("weights_fingerprint"), "config": to_dict(config)}
         write_metrics(out, metrics)
+        checkpoint.remove(out)  # finished: the resume aid goes
         log(f"best {main_key} {result.best_metric:.4f} (epoch {result.best_epoch}); student saved to {out}")
         return metrics
 

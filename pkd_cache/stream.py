@@ -50,15 +50,19 @@ def epoch_groups(num_examples: int, chunk_size: int, shuffle: bool, seed: int, e
 
 def iter_batches(store, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                  layers: Optional[Sequence[int]] = None, fields: Sequence[str] = (), shuffle_chunks: int = 8,
-                 prefetch: int = 2, workers: Optional[int] = None,
-                 pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of torch tensors following `epoch_groups`; a thread loads the next group(s) meanwhile."""
+                 prefetch: int = 2, workers: Optional[int] = None, pin_memory: bool = False,
+                 start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of torch tensors following `epoch_groups`; a thread loads the next group(s) meanwhile.
+
+    Batches are consecutive slices of the groups' rows, so `start_batch` (a resumed run) skips exactly
+    `start_batch * batch_size` rows: whole groups unread, then part of the next.
+    """
     n = store.num_examples(split)
     readers = {k: store.chunk_reader(split, k) for k in _stored_arrays(store, split, fields)}
     chunk = readers[next(iter(readers))].chunks[0]
     if any(r.chunks[0] != chunk for r in readers.values()):
         raise PkdCacheError(f"store {store.path}: the arrays of split {split!r} are chunked differently along N")
-    groups = epoch_groups(n, chunk, shuffle, seed, epoch, shuffle_chunks)
+    groups = _skip_rows(epoch_groups(n, chunk, shuffle, seed, epoch, shuffle_chunks), start_batch * batch_size)
     buffers = BufferPool()
     pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1), thread_name_prefix="pkd-cache-decode")
     try:
@@ -74,6 +78,15 @@ def iter_batches(store, split: str, batch_size: int, shuffle: bool = True, seed:
             carry = {k: v[full:] for k, v in buf.items()} if full < m else None
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _skip_rows(groups: list[Group], skip: int) -> list[Group]:
+    while groups and skip >= len(groups[0].rows):
+        skip -= len(groups[0].rows)
+        groups = groups[1:]
+    if groups and skip:  # the group's chunks are still read; only its first `skip` rows are dropped
+        groups = [Group(groups[0].chunks, groups[0].rows[skip:])] + groups[1:]
+    return groups
 
 
 def _stored_arrays(store, split: str, fields: Sequence[str]) -> list[str]:

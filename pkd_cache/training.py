@@ -65,8 +65,9 @@ class Member:
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, total_steps: int,
                  loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], evaluate: Callable[[], dict], main_metric: str,
                  save_best: Callable[[], None], extra_params: Optional[list[tuple[str, torch.nn.Parameter]]] = None,
-                 name: str = ""):
+                 name: str = "", output_dir: Optional[Path] = None):
         self.model, self.cfg, self.total_steps, self.name = model, cfg, total_steps, name
+        self.output_dir, self.extra = output_dir, list(extra_params or [])
         self.loss_fn, self.evaluate, self.main_metric, self.save_best = loss_fn, evaluate, main_metric, save_best
         self.params = list(model.named_parameters()) + list(extra_params or [])
         self.opt, self.sched = build_optimizer(self.params, cfg, total_steps)
@@ -96,6 +97,41 @@ class Member:
                 f"lr {self.sched.get_last_lr()[0]:.2e}")
             self.running = {}
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything needed to continue bit for bit: weights, optimiser, schedule, RNG, results so far."""
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update({f"extra.{k}": p for k, p in self.extra})
+        opt = self.opt.state_dict()
+        for i, st in opt["state"].items():
+            tensors.update({f"opt.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in st.items()})
+        cpu, cuda = self.rng
+        tensors["rng.cpu"] = cpu
+        for i, t in enumerate(cuda or []):
+            tensors[f"rng.cuda.{i}"] = t
+        sched = {k: v for k, v in self.sched.state_dict().items() if k != "lr_lambdas"}
+        meta = {"param_groups": opt["param_groups"], "scheduler": sched, "step_count": self.step_count,
+                "best_metric": self.result.best_metric, "best_epoch": self.result.best_epoch,
+                "history": self.result.history, "cuda_rng": len(cuda or [])}
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        with torch.no_grad():
+            for k, p in self.extra:
+                p.copy_(tensors[f"extra.{k}"])
+        state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+        self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(self.opt.param_groups)})
+        cuda = [tensors[f"rng.cuda.{i}"] for i in range(meta.get("cuda_rng", 0))] or None
+        self.rng = (tensors["rng.cpu"], cuda)
+        self.step_count = meta["step_count"]
+        self.result.best_metric, self.result.best_epoch = meta["best_metric"], meta["best_epoch"]
+        self.result.history = meta["history"]
+
     def end_epoch(self, epoch: int) -> None:
         """Evaluate; keep the best checkpoint on the main dev metric."""
         metrics = self.evaluate()
@@ -110,31 +146,75 @@ class Member:
         self.model.train()
 
 
-def train_many(members: list[Member], steps_per_epoch: int, epoch_batches: Callable[[int], Iterable[dict]],
-               description: str = "train") -> list[TrainResult]:
-    """Train every member on the same batches (they share epochs and max steps), evaluating after each epoch."""
+def train_many(members: list[Member], steps_per_epoch: int, epoch_batches: Callable[..., Iterable[dict]],
+               description: str = "train", save_steps: int = 0, resume: bool = False) -> list[TrainResult]:
+    """Train every member on the same batches (they share epochs and max steps), evaluating after each epoch.
+
+    With an `output_dir` per member, a checkpoint is written every `save_steps` steps and after each epoch, and
+    `resume` continues from it: `epoch_batches(epoch, start_batch)` must then skip the batches already seen.
+    """
+    from . import checkpoint
+
     total_steps = members[0].total_steps
     if any(m.total_steps != total_steps for m in members):
         raise ValueError("members of one pass must train for the same number of steps")
-    step, t0 = 0, time.perf_counter()
+    step, start_epoch, start_batch = 0, 0, 0
+    if resume:
+        step, start_epoch, start_batch = _resume(members)
+    t0 = time.perf_counter()
     n_epochs = math.ceil(total_steps / steps_per_epoch)
-    for epoch in range(n_epochs):
+
+    def save(epoch: int, batch: int) -> None:
+        for m in members:
+            if m.output_dir is not None:
+                tensors, meta = m.state()
+                checkpoint.save(m.output_dir, tensors, {**meta, "position": {"epoch": epoch, "batch": batch,
+                                                                              "step": step}})
+
+    for epoch in range(start_epoch, n_epochs):
         for m in members:
             m.model.train()
-        steps_this_epoch = min(steps_per_epoch, total_steps - step)
+        first = start_batch if epoch == start_epoch else 0
+        steps_this_epoch = min(steps_per_epoch, total_steps - (step - first))
         with progress_bar(steps_this_epoch, f"{description} epoch {epoch + 1}/{n_epochs}", unit="step") as bar:
-            for batch in epoch_batches(epoch):
+            if first:
+                bar.advance(first)  # seen before the interruption
+            for batch in epoch_batches(epoch, first) if first else epoch_batches(epoch):
                 if step >= total_steps or bar.done >= steps_this_epoch:  # stop: max steps or a fractional epoch
                     break
                 for m in members:
                     m.step(batch)
                 step += 1
                 bar.advance(1)
+                if save_steps > 0 and step % save_steps == 0 and bar.done < steps_this_epoch:
+                    save(epoch, bar.done)
         for m in members:
             m.end_epoch(epoch)
+        save(epoch + 1, 0)
     for m in members:
         m.result.steps, m.result.train_seconds = step, time.perf_counter() - t0
     return [m.result for m in members]
+
+
+def _resume(members: list[Member]) -> tuple[int, int, int]:
+    """Load every member's checkpoint; (step, epoch, batch in epoch) where they stopped, which must agree."""
+    from . import checkpoint
+    from .errors import PkdCacheError
+
+    positions = set()
+    for m in members:
+        loaded = checkpoint.load(m.output_dir) if m.output_dir is not None else None
+        if loaded is None:
+            raise PkdCacheError(f"--resume: no checkpoint in {m.output_dir}")
+        tensors, meta = loaded
+        m.load_state(tensors, meta)
+        pos = meta["position"]
+        positions.add((pos["step"], pos["epoch"], pos["batch"]))
+    if len(positions) != 1:
+        raise PkdCacheError("--resume: the students of this pass stopped at different steps; resume them one by one")
+    step, epoch, batch = positions.pop()
+    log(f"resuming at step {step} (epoch {epoch + 1}, batch {batch})")
+    return step, epoch, batch
 
 
 def train(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int,

@@ -144,3 +144,41 @@ def test_resume_with_other_settings_refuses(tmp_path, teacher_dir, big_data):
     p = cli_in_process(*dump_args(teacher_dir, big_data, out, "--resume", "--dtype", "int8"))
     assert p.returncode == 2 and "cannot resume" in p.stderr and "dtype 'float16' -> 'int8'" in p.stderr, show(p)
     assert pkd_cache.open_store(str(out), require_complete=False).complete is False
+
+
+def _student_files(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in folder.iterdir() if f.suffix == ".safetensors"}
+
+
+def test_a_killed_distill_resumes_to_the_same_student_bit_for_bit(tmp_path, reference, backbone_dir):
+    base = ["distill", "--store", str(reference), "--student-init", str(backbone_dir), "--student-layers", "3",
+            "--epochs", "3", "--batch-size", "8", "--learning-rate", "1e-3", "--seed", "5", "--logging-steps", "0"]
+    p = cli_in_process(*base, "--output-dir", tmp_path / "whole")
+    assert p.returncode == 0, show(p)
+    assert not (tmp_path / "whole" / "checkpoint").exists()  # removed once finished
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pkd_cache", *base, "--output-dir", str(out), "--save-steps", "7"],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while True:  # kill it mid-epoch 2, after a mid-epoch checkpoint
+        state = out / "checkpoint" / "state.json"
+        if state.is_file():
+            try:
+                pos = json.loads(state.read_text())["position"]
+            except (ValueError, KeyError):
+                pos = {"epoch": 0, "batch": 0}
+            if pos["epoch"] == 1 and pos["batch"] > 0:
+                break
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (out / "metrics.json").exists()
+    p = cli_in_process(*base, "--output-dir", out, "--resume")
+    assert p.returncode == 0 and "resuming at step" in p.stderr, show(p)
+    assert _student_files(out) == _student_files(tmp_path / "whole")
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "whole"))
+    assert a["history"] == b["history"] and a["best_epoch"] == b["best_epoch"]
+    p = cli_in_process(*base, "--output-dir", out, "--resume")  # finished: nothing to resume
+    assert p.returncode == 2 and "no checkpoint" in p.stderr, show(p)

@@ -144,14 +144,15 @@ class Store:
 
     def batches(self, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                 layers: Optional[Sequence[int]] = None, shuffle_chunks: int = 8,
-                fields: Sequence[str] = ARRAYS, prefetch: int = 2,
-                pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+                fields: Sequence[str] = ARRAYS, prefetch: int = 2, pin_memory: bool = False,
+                start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Dicts of torch tensors (`input_ids`, `attention_mask`, `token_type_ids`, `labels`, `logits`, `cls`).
 
         Token columns are cut to the batch's longest sequence. With `shuffle`, chunks are visited in a random
         order and examples are shuffled within groups of `shuffle_chunks` chunks; the order is a pure
         function of (seed, epoch) (see `pkd_cache.stream.epoch_groups`). `layers` selects CLS rows
         (0 = embeddings, i = layer i); `fields` the arrays. A thread reads `prefetch` groups ahead.
+        `start_batch` skips the epoch's first batches (a resumed run continues where it stopped).
         """
         from ..stream import iter_batches
 
@@ -159,7 +160,7 @@ class Store:
             raise PkdCacheError(f"batch size must be > 0, got {batch_size}")
         self._split_meta(split)
         return iter_batches(self, split, batch_size, shuffle, seed, epoch, layers, fields, shuffle_chunks,
-                            prefetch=prefetch, pin_memory=pin_memory)
+                            prefetch=prefetch, pin_memory=pin_memory, start_batch=start_batch)
 
 
 SAFE_CODECS = ("bytes", "blosc", "zstd", "gzip", "crc32c", "transpose")

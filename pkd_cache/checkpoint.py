@@ -1,0 +1,53 @@
+"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+    <output_dir>/checkpoint/state.safetensors   model.*, extra.* (e.g. the CLS projection), opt.<i>.<key>, rng.*
+    <output_dir>/checkpoint/state.json          position {epoch, batch, step}, optimiser param groups, scheduler,
+                                                best metric and history
+
+A new checkpoint is written beside the old one and swapped in by renames, so a crash never leaves a half-written
+one in its place. `distill --resume` continues from it; a finished run removes it (it is a resume aid, three
+times the student's size with the optimiser's moments, not a result).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+NAME = "checkpoint"
+
+
+def save(output_dir: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    final, tmp, old = output_dir / NAME, output_dir / f".{NAME}.tmp", output_dir / f".{NAME}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load(output_dir: Path) -> Optional[tuple[dict[str, torch.Tensor], dict]]:
+    from safetensors.torch import load_file
+
+    final = output_dir / NAME
+    if not (final / "state.json").is_file():
+        old = output_dir / f".{NAME}.old"  # a crash between the two renames of `save`
+        final = old if (old / "state.json").is_file() else final
+    if not (final / "state.json").is_file():
+        return None
+    return load_file(str(final / "state.safetensors")), json.loads((final / "state.json").read_text())
+
+
+def remove(output_dir: Path) -> None:
+    for name in (NAME, f".{NAME}.tmp", f".{NAME}.old"):
+        shutil.rmtree(output_dir / name, ignore_errors=True)
