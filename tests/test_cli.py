@@ -1,10 +1,11 @@
 """The `pkd-cache` command line, run as a real subprocess (`python -m pkd_cache ...`).
 
 A subprocess pays ~2 s (more on a busy machine) for importing torch before it does anything, so one module
-fixture runs them all together: the end-to-end chain (finetune -> dump -> info -> distill -> eval), `--debug`
-and one bad input per command as subprocesses in a small thread pool, while the other bad inputs run the same
-`app` in this process (typer's CliRunner, the traceback a crash would print added to stderr).
-PKD_CACHE_TEST_SUBPROCESS=1 runs every bad input as a subprocess too. Subprocesses get OMP_NUM_THREADS=1: on a
+fixture runs them all together in a small thread pool: the end-to-end chain (finetune -> dump -> info ->
+distill -> eval), `--debug` and every bad input of docs/ERRORS.md, whose messages are checked against that
+document. PKD_CACHE_TEST_IN_PROCESS=1 runs the bad inputs in this process instead (faster while developing:
+typer's CliRunner, the traceback a crash would print added to stderr); PKD_CACHE_WRITE_ERRORS_DOC=1 rewrites
+docs/ERRORS.md from what the commands print. Subprocesses get OMP_NUM_THREADS=1: on a
 busy machine torch's spinning worker threads make even tiny models very slow.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 ENV.pop("PKD_CACHE_DEBUG", None)
 WORKERS = 2
 SEQ = "24"
-ALL_IN_SUBPROCESS = os.environ.get("PKD_CACHE_TEST_SUBPROCESS", "") not in ("", "0")
+ALL_IN_SUBPROCESS = os.environ.get("PKD_CACHE_TEST_IN_PROCESS", "") in ("", "0")  # docs/ERRORS.md: subprocesses
 
 
 def cli(*args, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -108,6 +109,7 @@ class Case:
     expect: tuple[str, ...]  # fragments of the error message
     check: Optional[Callable[[Ctx], None]] = None  # afterwards: nothing written, nothing touched
     subprocess: bool = False  # run as a real process (one case per command is), else in this process
+    doc_until: Optional[str] = None  # docs/ERRORS.md shows the message up to here (the rest is a library's words)
 
 
 def sst2_files(folder: Path, header: str, rows: list[str]) -> Path:
@@ -248,7 +250,78 @@ CASES: dict[str, Case] = {
         ("--max-seq-length 128", "position embeddings")),
     "eval-unknown-model": Case(lambda c: ["eval", "--model", c.tmp / "no-such-model", "--task", "sst2", "--data-dir",
                                           c.data], ("no-such-model", "does not exist")),
+    "distill-unknown-student-init": Case(lambda c: distill_args(c, "--student-init", c.tmp / "no-such-model"),
+                                         ("no-such-model", "does not exist"), no_student),
+    "ragged-row": Case(lambda c: dump_args(c, data=sst2_files(c.tmp / "d", "sentence\tlabel",
+                                                              ["good film\t1", "bad film\t0\tsurplus"])),
+                       ("line 3: 3 fields where the header has 2",), no_store),
+    "quoted-tab": Case(lambda c: dump_args(c, data=sst2_files(c.tmp / "d", "sentence\tlabel", ['"good\tfilm"\t1'])),
+                       ("line 2: 3 fields where the header has 2",), no_store),
+    "empty-data-file": Case(lambda c: dump_args(c, data=empty_files(c)), ("the file is empty",), no_store),
+    "text-labels": Case(lambda c: dump_args(c, data=sst2_files(c.tmp / "d", "sentence\tlabel", ["good film\tgood"])),
+                        ("label 'good' is not in the task's label set",), no_store),
+    "not-a-classifier": Case(lambda c: dump_args(c, teacher=not_a_model(c)),
+                             ("is not a sequence-classification encoder",), no_store,
+                             doc_until="transformers can load:"),
+    "dump-max-seq-length-beyond-positions": Case(lambda c: dump_args(c, "--max-seq-length", "100"),
+                                                 ("--max-seq-length 100", "position embeddings"), no_store),
+    "student-deeper-than-teacher": Case(lambda c: distill_args(c, "--student-layers", "5"),
+                                        ("5-layer student is deeper than the store's 4-layer teacher",), no_student),
+    "store-newer-format": Case(lambda c: distill_args(c, store=newer_format_store(c)),
+                               ("format version 99", "upgrade pkd-cache"), no_student),
+    "store-not-a-store": Case(lambda c: distill_args(c, store=c.data), ("is not a pkd-cache store",), no_student),
+    "store-corrupt-chunk": Case(lambda c: distill_args(c, store=corrupt_store(c)),
+                                ("chunk train/cls/c/0/", "is corrupt", "pkd-cache verify"), no_student),
+    "distill-output-exists": Case(lambda c: ["distill", "--store", c.store, "--output-dir", existing_dir(c, "student"),
+                                             "--student-layers", "2", "--student-init", c.backbone],
+                                  ("already exists and is not empty", "--overwrite"), untouched),
+    "remote-unreachable": Case(lambda c: distill_args(c, store="http://127.0.0.1:9/sst2.zarr"),
+                               ("cannot reach http://127.0.0.1:9/sst2.zarr",), no_student),
+    "remote-unknown-scheme": Case(lambda c: distill_args(c, store="nosuch://bucket/sst2.zarr"),
+                                  ("cannot open nosuch://bucket/sst2.zarr", "no filesystem for nosuch://"),
+                                  no_student),
+    "sweep-bad-grid": Case(lambda c: ["sweep", "--store", c.store, "--output-dir", c.tmp / "runs", "--student-init",
+                                      c.backbone, "--grid", "alpha 0.5"], ("expected NAME=V1,V2",)),
+    "dump-resume-other-settings": Case(lambda c: dump_args(c, "--resume", "--dtype", "int8",
+                                                           out=copy_store(c, complete=False)),
+                                       ("cannot resume", "differs in", "dtype"), untouched),
 }
+
+
+def empty_files(c: Ctx) -> Path:
+    folder = c.tmp / "d"
+    folder.mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        (folder / name).write_text("")
+    return folder
+
+
+def not_a_model(c: Ctx) -> Path:
+    """A T5 (encoder-decoder) checkpoint folder: not a BERT-style sequence-classification encoder."""
+    folder = c.tmp / "t5"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"],
+                                                    "d_model": 8, "num_layers": 1, "num_heads": 1, "d_ff": 8,
+                                                    "d_kv": 8, "vocab_size": 32}))
+    return folder
+
+
+def newer_format_store(c: Ctx) -> Path:
+    dst = copy_store(c, complete=True)
+    meta = json.loads((dst / "zarr.json").read_text())
+    meta["attributes"]["format_version"] = 99
+    (dst / "zarr.json").write_text(json.dumps(meta))
+    return dst
+
+
+def corrupt_store(c: Ctx) -> Path:
+    dst = copy_store(c, complete=True)
+    for chunk in (dst / "train" / "cls" / "c" / "0").rglob("0"):
+        if chunk.is_file():
+            data = bytearray(chunk.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            chunk.write_bytes(bytes(data))
+    return dst
 @pytest.fixture(scope="module")
 def runs(request, tmp_path_factory, data_dir, backbone_dir):
     """Every CLI run of this module: {"pipeline": ..., "debug": process, "cases": {name: (ctx, process)}}."""
@@ -334,7 +407,7 @@ def assert_user_error(p: subprocess.CompletedProcess, expect: tuple[str, ...]) -
     assert "internal error" not in out, show(p)
     lines = [line for line in out.splitlines() if line.strip()]
     assert 1 <= len(lines) <= 3, show(p)
-    assert lines[0].startswith("error: "), show(p)
+    assert lines[-1].startswith("error: ") and sum(x.startswith("error: ") for x in lines) == 1, show(p)
     for fragment in expect:
         assert fragment in out, f"{fragment!r} not in the message\n{show(p)}"
 
@@ -362,3 +435,35 @@ def test_debug_is_per_invocation(tmp_path):
     second = cli_in_process("info", tmp_path / "nothing.zarr")
     assert second.returncode == 2 and "Traceback" not in second.stderr, show(second)
     assert second.stderr.startswith("error: store ") and "does not exist" in second.stderr
+
+
+ERRORS_DOC = Path(__file__).resolve().parents[1] / "docs" / "ERRORS.md"
+DOC_ROW = re.compile(r"^\| `(?P<id>[a-z0-9-]+)` \| (?P<what>.*?) \| `` (?P<message>.*) `` \|$")
+
+
+def documented_message(c: Ctx, p: subprocess.CompletedProcess, case: Case) -> str:
+    """The error line with this run's folders replaced by placeholders (as docs/ERRORS.md shows it)."""
+    line = next((x for x in p.stderr.splitlines() if x.startswith("error: ")), "")[len("error: "):]
+    for path, name in ((c.tmp, "<case>"), (c.teacher3, "<teacher3>"), (c.store, "<store>"), (c.teacher, "<teacher>"),
+                       (c.backbone, "<backbone>"), (c.data, "<data>")):
+        line = line.replace(str(path), name)
+    if case.doc_until and case.doc_until in line:
+        line = line[:line.index(case.doc_until) + len(case.doc_until)] + " …"
+    return line
+
+
+def test_errors_doc_lists_every_bad_input_with_its_exact_message(runs):
+    """docs/ERRORS.md and the CLI agree: every case is documented with the message the command really prints."""
+    actual = {n: documented_message(c, p, CASES[n]) for n, (c, p) in runs["cases"].items()}
+    rows = {m["id"]: m for m in map(DOC_ROW.match, ERRORS_DOC.read_text().splitlines()) if m}
+    if os.environ.get("PKD_CACHE_WRITE_ERRORS_DOC"):
+        head = ERRORS_DOC.read_text().split("\n| id |")[0]
+        table = ["| id | bad input | message (after `error: `) |", "|---|---|---|"]
+        table += [f"| `{n}` | {rows[n]['what'] if n in rows else 'TODO'} | `` {actual[n]} `` |" for n in CASES]
+        ERRORS_DOC.write_text(head.rstrip() + "\n\n" + "\n".join(table) + "\n")
+        rows = {m["id"]: m for m in map(DOC_ROW.match, ERRORS_DOC.read_text().splitlines()) if m}
+    assert sorted(rows) == sorted(CASES), "docs/ERRORS.md and CASES list different bad inputs"
+    assert len(rows) >= 20
+    for n, row in rows.items():
+        assert row["what"] and row["what"] != "TODO", f"{n}: describe the bad input in docs/ERRORS.md"
+        assert row["message"] == actual[n], f"{n}: docs/ERRORS.md says\n  {row['message']}\nthe CLI says\n  {actual[n]}"

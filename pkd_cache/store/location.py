@@ -7,6 +7,7 @@ taken from the environment variable `PKD_CACHE_TOKEN`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -54,24 +55,37 @@ class Location:
         if not self.url:
             with open(self.local / key, "rb") as f:
                 return f.read()
-        try:
+        with self._remote_errors(key):
             return self.fs.cat_file(self._full(key))
-        except FileNotFoundError:
-            raise
-        except Exception as e:
-            if _is_not_found(e):
-                raise FileNotFoundError(f"{self.path}/{key}") from e
-            raise
 
     def exists(self, key: str = "") -> bool:
         if not self.url:
             return (self.local / key).exists()
         try:
-            return bool(self.fs.exists(self._full(key)))
+            with self._remote_errors(key):
+                if self.read_only:  # http(s): a GET says why when the server cannot be reached; HEAD hides it
+                    self.fs.cat_file(self._full(key), start=0, end=1)
+                else:
+                    self.fs.info(self._full(key))
+            return True
+        except FileNotFoundError:
+            return False
+
+    @contextlib.contextmanager
+    def _remote_errors(self, key: str):
+        """A missing key is FileNotFoundError; anything else the remote side says becomes one clear line."""
+        try:
+            yield
+        except (FileNotFoundError, PkdCacheError):
+            raise
         except Exception as e:
             if _is_not_found(e):
-                return False
-            raise
+                raise FileNotFoundError(f"{self.path}/{key}") from e
+            status = getattr(e, "status", None)
+            if status in (401, 403) or isinstance(e, PermissionError):
+                hint = " (set PKD_CACHE_TOKEN)" if self.read_only else " (check the credentials)"
+                raise PkdCacheError(f"{self.path}: access denied{hint}") from e
+            raise PkdCacheError(f"cannot reach {self.path} ({type(e).__name__}; --debug shows the details)") from e
 
     def list(self, key: str) -> list[str]:
         """Names of the entries directly under `key` (empty if it does not exist)."""
@@ -79,7 +93,8 @@ class Location:
             folder = self.local / key
             return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         try:
-            return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(self._full(key), detail=False))
+            with self._remote_errors(key):
+                return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(self._full(key), detail=False))
         except FileNotFoundError:
             return []
 
@@ -115,7 +130,8 @@ class Location:
                 f.write(data)
             os.replace(tmp, target)
             return
-        self.fs.pipe_file(self._full(key), data)
+        with self._remote_errors(key):
+            self.fs.pipe_file(self._full(key), data)
 
     def remove_all(self) -> None:
         """Delete the whole store (used by --overwrite after the caller checked it is a store)."""
@@ -154,15 +170,15 @@ def _default_options(url: str) -> dict:
 
 def _filesystem(url: str, options: dict):
     try:
-        import fsspec
         from fsspec.core import url_to_fs
 
         return url_to_fs(url, **options)
     except ImportError as e:  # s3fs, gcsfs, aiohttp: the protocol's own package
         raise PkdCacheError(f"cannot open {url}: {e} (pip install 'pkd-cache[remote]')") from e
     except ValueError as e:
-        known = ", ".join(sorted(p for p in fsspec.available_protocols() if len(p) > 1)[:12])
-        raise PkdCacheError(f"cannot open {url}: {e} (known protocols include {known})") from e
+        scheme = url.split("://", 1)[0]
+        raise PkdCacheError(f"cannot open {url}: no filesystem for {scheme}:// (use a local path or s3://, gs://, "
+                            f"http(s)://, memory://, or another fsspec protocol)") from e
 
 
 def _is_not_found(e: Exception) -> bool:
