@@ -182,3 +182,44 @@ def test_a_killed_distill_resumes_to_the_same_student_bit_for_bit(tmp_path, refe
     assert a["history"] == b["history"] and a["best_epoch"] == b["best_epoch"]
     p = cli_in_process(*base, "--output-dir", out, "--resume")  # finished: nothing to resume
     assert p.returncode == 2 and "no checkpoint" in p.stderr, show(p)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_real_full_disk_in_a_subprocess(tmp_path, teacher_dir, big_data, reference):
+    """A 256 KiB tmpfs fills up mid-dump: one line, exit 2, the store unfinished; resumed elsewhere it completes."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("tmpfs cannot be mounted here")
+    try:
+        out = mount / "full.zarr"
+        p = subprocess.run([sys.executable, "-m", "pkd_cache", *dump_args(teacher_dir, big_data, out)], env=ENV,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2, show(p)
+        assert p.stderr.strip().splitlines()[-1].startswith("error: No space left on device"), show(p)
+        assert "Traceback" not in p.stderr
+        assert not json.loads((out / "zarr.json").read_text())["attributes"]["complete"]
+        moved = tmp_path / "moved.zarr"
+        subprocess.run(["cp", "-a", str(out), str(moved)], check=True)  # room found elsewhere: carry on there
+    finally:
+        subprocess.run(["umount", str(mount)])
+    p = cli_in_process(*dump_args(teacher_dir, big_data, moved, "--resume"))
+    assert p.returncode == 0, show(p)
+    assert_identical(moved, reference)
+
+
+def test_many_readers_at_once_and_reading_never_writes(tmp_path, reference, backbone_dir):
+    """8 processes distil from one store at the same time; the store's files are untouched afterwards."""
+    before = {str(f.relative_to(reference)): (f.stat().st_mtime_ns, f.read_bytes()) for f in reference.rglob("*")
+              if f.is_file()}
+    procs = [subprocess.Popen([sys.executable, "-m", "pkd_cache", "distill", "--store", str(reference),
+                               "--student-init", str(backbone_dir), "--student-layers", "2", "--max-steps", "3",
+                               "--batch-size", "16", "--output-dir", str(tmp_path / f"s{i}")], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(8)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    assert all((tmp_path / f"s{i}" / "model.safetensors").is_file() for i in range(8))
+    after = {str(f.relative_to(reference)): (f.stat().st_mtime_ns, f.read_bytes()) for f in reference.rglob("*")
+             if f.is_file()}
+    assert after == before
