@@ -63,19 +63,27 @@ def main() -> None:
         for i in range(a.runs):
             out = tmp / f"run{i}.zarr"
             proc = dump(args(out))
-            target = rng.randint(1, chunks - 2)
+            target = rng.randint(1, chunks // 2)
             progress = out / ".pkd_cache" / "progress"
             while proc.poll() is None and sum(1 for _ in progress.rglob("*.json")) < target:
                 time.sleep(0.005)
             time.sleep(rng.uniform(0, 0.2))
+            if proc.poll() is not None:  # it finished before the kill: not a kill-and-resume run
+                print(f"run {i + 1}: the dump finished before the kill; skipped", flush=True)
+                continue
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             durable = sum(1 for _ in progress.rglob("*.json"))
             resumed = dump(args(out), "--resume")
             _, err = resumed.communicate()
             meta = json.loads((out / "zarr.json").read_text())["attributes"]
-            last = meta["resumptions"][-1]
-            same = resumed.returncode == 0 and meta["complete"] and files(out) == reference
+            last = (meta.get("resumptions") or [{"kept_examples": 0, "computed_examples": 0}])[-1]
+            got = files(out)
+            same = resumed.returncode == 0 and meta["complete"] and got == reference
+            if not same:
+                diff = sorted(set(got) ^ set(reference)) + [k for k in got if k in reference and got[k] != reference[k]]
+                print(f"run {i + 1}: MISMATCH exit {resumed.returncode}; differing files {diff[:5]}; "
+                      f"{err.strip().splitlines()[-1:] if err.strip() else ''}", flush=True)
             identical += same
             durable_at_kill.append(durable)
             computed.append(last["computed_examples"])

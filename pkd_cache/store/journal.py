@@ -111,3 +111,14 @@ class WriterLock:
         except PermissionError:
             return False
         return pid == os.getpid()
+
+
+def remove_partial_files(location: Location) -> int:
+    """Delete what a killed writer left half-written: `.<name>.<random>.tmp` files (local stores; object stores
+    write whole objects). Returns how many were removed."""
+    if location.url or not location.local.is_dir():
+        return 0
+    stray = [p for p in location.local.rglob(".*.tmp") if p.is_file()]
+    for p in stray:
+        p.unlink(missing_ok=True)
+    return len(stray)

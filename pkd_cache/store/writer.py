@@ -12,7 +12,7 @@ from .. import __version__
 from ..errors import PkdCacheError
 from .chunks import blosc_params, chunk_key, crc32c, encode_chunk, write_manifest
 from .format import FORMAT_NAME, FORMAT_VERSION, compressor
-from .journal import FOLDER as JOURNAL, WriterLock, durable_chunks, record_chunk
+from .journal import FOLDER as JOURNAL, WriterLock, durable_chunks, record_chunk, remove_partial_files
 from .location import Location
 
 
@@ -87,6 +87,8 @@ class ChunkedWriter:
         self.checksums: dict[str, list[int]] = {}
         self.durable: dict[str, set[int]] = {}
         self.resumed = resume
+        if resume:
+            remove_partial_files(location)  # files a killed writer did not finish renaming into place
 
     def _resumed_metadata(self, old: dict, new: dict) -> dict:
         """The first dump's metadata, with this resumption recorded."""
@@ -142,18 +144,15 @@ class StoreWriter(ChunkedWriter):
     def create_split(self, split: str, shapes: dict[str, tuple], split_meta: dict) -> None:
         """`shapes`: {array: (shape, dtype)} (format.split_arrays); chunked by the metadata's chunk_size."""
         n = next(iter(shapes.values()))[0][0]
-        if self.resumed and split in self.root:
-            g = self.root[split]
-            for name, (shape, dtype) in shapes.items():
+        g = self.root[split] if self.resumed and split in self.root else self.root.create_group(split)
+        for name, (shape, dtype) in shapes.items():
+            if self.resumed and name in g:  # created by the interrupted dump (a kill may have stopped it half way)
                 array = g[name]
                 if tuple(array.shape) != tuple(shape) or np.dtype(array.dtype) != np.dtype(dtype):
                     raise PkdCacheError(f"cannot resume {self.location}: {split}/{name} is {array.shape} "
                                         f"{array.dtype}, this dump needs {shape} {dtype}")
                 self._arrays[split, name] = (array, blosc_params(array))
-            self.metadata["splits"][split] = {"num_examples": n, **split_meta}
-            return
-        g = self.root.create_group(split)
-        for name, (shape, dtype) in shapes.items():
+                continue
             chunks = (min(self.metadata["chunk_size"], n),) + shape[1:]
             if name == "cls":  # one chunk per layer: a student reads only its mapped layers (docs/FORMAT.md)
                 chunks = (chunks[0], 1, shape[2])
