@@ -187,7 +187,9 @@ def _existing_store(config: DumpConfig):
 
 def _key_parts(config: DumpConfig, loaded: LoadedModel, examples: dict, splits: list[str]) -> dict:
     """The cache key's parts (store/cache_key.py); the teacher as given, plus how dump would fine-tune it."""
-    teacher = {"weights": weights_fingerprint(loaded.model)}
+    # a head that loading just initialised at random is not part of the teacher's identity: only its base is
+    base = loaded.model.base_model_prefix + "." if loaded.head_is_new else ""
+    teacher = {"weights": weights_fingerprint(loaded.model, base)}
     if loaded.head_is_new and config.finetune:
         teacher["finetune"] = {k: v for k, v in to_dict(config.finetune_train).items()}
     vocab = vocab_fingerprint(loaded.tokenizer)

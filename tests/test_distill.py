@@ -111,6 +111,8 @@ def test_dump_fine_tunes_a_headless_teacher_and_distill_defaults_to_its_base(tmp
                                                   train=pkd_cache.TrainConfig(epochs=1, logging_steps=0)))
     assert m["student_init"] == str(backbone_dir)
 
+    # the same dump again is a cache hit: the head loading initialises at random is not part of the key
+    assert pkd_cache.dump(cfg).info()["completed_at"] == s.info()["completed_at"]
     # dumping again (--overwrite of the store) reuses the finished fine-tune with the same settings
     weights = (tmp_path / "auto.teacher" / "model.safetensors").read_bytes()
     cfg.overwrite = True

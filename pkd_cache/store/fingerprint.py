@@ -7,10 +7,13 @@ import json
 import torch
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over (name, dtype, shape, bytes) of every tensor of the state dict, in name order."""
+def weights_fingerprint(model: torch.nn.Module, prefix: str = "") -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor of the state dict, in name order (only the names
+    that start with `prefix`: the base model without a freshly initialised head, say)."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
+        if not name.startswith(prefix):
+            continue
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
