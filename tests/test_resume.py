@@ -77,6 +77,7 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(tmp_path, teach
         proc.wait(timeout=30)
         assert not json.loads((out / "zarr.json").read_text())["attributes"]["complete"]
         (out / "train" / "cls" / "c" / f".{i}.deadbeef.tmp").write_bytes(b"half a chunk")  # as a kill mid-write leaves
+        (out / "train" / f"zarr.{i}deadbeef.partial").write_bytes(b"{half")  # zarr's own half-written metadata
         p = cli_in_process(*dump_args(teacher_dir, big_data, out, "--resume"))
         assert p.returncode == 0, show(p)
         assert "resumed" in p.stderr and "the teacher ran on" in p.stderr, show(p)

@@ -114,11 +114,11 @@ class WriterLock:
 
 
 def remove_partial_files(location: Location) -> int:
-    """Delete what a killed writer left half-written: `.<name>.<random>.tmp` files (local stores; object stores
-    write whole objects). Returns how many were removed."""
+    """Delete what a killed writer left half-written in a local store (object stores write whole objects): our
+    chunk files' `.<name>.<random>.tmp` and zarr's metadata files' `zarr.<random>.partial`. Returns the count."""
     if location.url or not location.local.is_dir():
         return 0
-    stray = [p for p in location.local.rglob(".*.tmp") if p.is_file()]
+    stray = [p for pattern in (".*.tmp", "zarr.*.partial") for p in location.local.rglob(pattern) if p.is_file()]
     for p in stray:
         p.unlink(missing_ok=True)
     return len(stray)
