@@ -21,6 +21,7 @@ from typing import Optional
 
 from .errors import PkdCacheError
 from .progress import log
+from .store.describe import summary_from_meta
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -32,15 +33,6 @@ def store_summary(path: Path) -> Optional[dict]:
         return None
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return summary_from_meta(path.name, meta, size)
-
-
-def summary_from_meta(name: str, meta: dict, size: Optional[int]) -> dict:
-    teacher = meta.get("teacher", {})
-    return {"name": name, "task": meta.get("task", {}).get("name"), "teacher": teacher.get("name_or_path"),
-            "layers": teacher.get("num_layers"), "hidden": teacher.get("hidden_size"),
-            "splits": {s: v.get("num_examples") for s, v in meta.get("splits", {}).items()},
-            "cls_dtype": meta.get("cls_dtype"), "bytes": size, "complete": bool(meta.get("complete")),
-            "created_at": meta.get("created_at"), "cache_key": meta.get("cache_key")}
 
 
 class StoreServer(ThreadingHTTPServer):

@@ -1,5 +1,7 @@
-"""`pkd-cache info`: a store described as a table."""
+"""Describing stores: the `pkd-cache info` table and the one-row summary that `ls` and `serve` list."""
 from __future__ import annotations
+
+from typing import Optional
 
 from rich.console import Console
 from rich.table import Table
@@ -43,3 +45,12 @@ def print_info(store: Store) -> None:
     for name, s in m.get("splits", {}).items():
         splits.add_row(name, f"{s.get('num_examples'):,}", str(s.get("source")), str(s.get("data_fingerprint"))[:16])
     console.print(splits)
+
+
+def summary_from_meta(name: str, meta: dict, size: Optional[int]) -> dict:
+    teacher = meta.get("teacher", {})
+    return {"name": name, "task": meta.get("task", {}).get("name"), "teacher": teacher.get("name_or_path"),
+            "layers": teacher.get("num_layers"), "hidden": teacher.get("hidden_size"),
+            "splits": {s: v.get("num_examples") for s, v in meta.get("splits", {}).items()},
+            "cls_dtype": meta.get("cls_dtype"), "bytes": size, "complete": bool(meta.get("complete")),
+            "created_at": meta.get("created_at"), "cache_key": meta.get("cache_key")}

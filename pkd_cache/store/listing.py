@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import PkdCacheError
-from ..serve import summary_from_meta
+from .describe import _human, summary_from_meta
 from .location import Location, is_url
 
 
@@ -62,8 +62,6 @@ def _served(location: Location) -> list[dict]:
 
 
 def print_stores(url: str, stores: list[dict]) -> None:
-    from .describe import _human
-
     from rich.table import Column
 
     table = Table(Column("store", no_wrap=True), "task", "teacher", "layers x hidden", "splits", "cls", "size",
