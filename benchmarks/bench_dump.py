@@ -21,6 +21,7 @@ import pkd_cache
 from pkd_cache.data.loading import load_examples
 from pkd_cache.data.tasks import get_task
 from pkd_cache.data.tokenize import tokenize
+from pkd_cache.dump import sort_windows
 from pkd_cache.teacher.run import run_chunk
 
 
@@ -32,17 +33,18 @@ def dump_seconds(teacher: Path, out: Path, n: int, **kw) -> float:
     return store.info()["dump_seconds"]
 
 
-def bare_forward_seconds(teacher: Path, n: int, batch: int, chunk: int, device, precision: str) -> float:
+def bare_forward_seconds(teacher: Path, n: int, batch: int, device, precision: str) -> float:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(teacher).to(device).eval()
     tok = AutoTokenizer.from_pretrained(teacher)
     ex = load_examples(get_task("sst2"), "train", str(GLUE / "SST-2"), n)
-    chunks = [tokenize(tok, ex, s, min(s + chunk, n), 64) for s in range(0, n, chunk)]
+    defaults = pkd_cache.DumpConfig(teacher="", task="sst2", out="")
+    windows = [tokenize(tok, ex, s, e, 64) for s, e in sort_windows(n, defaults.chunk_size, defaults.sort_window)]
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for tokens in chunks:  # the same bucketed batches as dump, outputs brought to the host as dump needs them
+    for tokens in windows:  # the same bucketed batches as dump, outputs brought to the host as dump needs them
         run_chunk(model, tokens, batch, bucketed=True, cls_dtype=np.float16, device=device, precision=precision)
     return time.perf_counter() - t0
 
@@ -62,7 +64,7 @@ def main() -> None:
         teacher = minilm_teacher(tmp / "teacher")
         kw = dict(batch_size=a.batch_size, device=a.device, precision=a.precision)
         dump_seconds(teacher, tmp / "warm.zarr", 512, **kw)  # warm-up: caches, allocator
-        bare = bare_forward_seconds(teacher, a.examples, a.batch_size, 1024, device, a.precision)
+        bare = bare_forward_seconds(teacher, a.examples, a.batch_size, device, a.precision)
         whole = dump_seconds(teacher, tmp / "b1.zarr", a.examples, **kw)
         rows = [("B1 dump / bare forward", a.examples, a.examples / bare, a.examples / whole, bare / whole, ">= 0.97")]
         if a.b2_examples > 0:

@@ -125,6 +125,8 @@ def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher:
          batch_size: int = typer.Option(64, "--batch-size"),
          dtype: str = typer.Option("float16", "--dtype", help="Storage dtype of the CLS vectors."),
          chunk_size: int = typer.Option(1024, "--chunk-size", help="Examples per chunk."),
+         sort_window: int = typer.Option(8192, "--sort-window", help="Examples sorted by length together (whole "
+                                                                      "chunks) so batches carry little padding."),
          overwrite: bool = typer.Option(False, "--overwrite"),
          finetune: bool = typer.Option(True, "--finetune/--no-finetune",
                                        help="Fine-tune a teacher whose head is untrained (else refuse)."),
@@ -146,8 +148,9 @@ def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher:
 
     run(DumpConfig(teacher=teacher, task=task, out=out, data_dir=data_dir, splits=split or None,
                    max_seq_length=max_seq_length, batch_size=batch_size, dtype=dtype, chunk_size=chunk_size,
-                   overwrite=overwrite, finetune=finetune, device=device, max_examples=max_examples,
-                   precision=precision, pad_to_max_length=pad_to_max_length, format=store_format, resume=resume,
+                   sort_window=sort_window, overwrite=overwrite, finetune=finetune, device=device,
+                   max_examples=max_examples, precision=precision, pad_to_max_length=pad_to_max_length,
+                   format=store_format, resume=resume,
                    finetune_train=TrainConfig(epochs=finetune_epochs, learning_rate=finetune_learning_rate,
                                               seed=seed)))
 

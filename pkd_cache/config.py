@@ -73,6 +73,7 @@ class DumpConfig:
     batch_size: int = 64
     dtype: str = "float16"  # storage dtype of the CLS vectors; int8 adds a per-vector scale
     chunk_size: int = 1024  # examples per chunk along N
+    sort_window: int = 8192  # examples sorted by length together (whole chunks); no batch crosses a window
     overwrite: bool = False
     finetune: bool = True  # fine-tune a teacher whose head is untrained; False refuses instead
     finetune_train: TrainConfig = field(default_factory=TrainConfig)
@@ -89,6 +90,8 @@ class DumpConfig:
             raise PkdCacheError(f"--batch-size must be > 0, got {self.batch_size}")
         if self.chunk_size <= 0:
             raise PkdCacheError(f"--chunk-size must be > 0, got {self.chunk_size}")
+        if self.sort_window <= 0:
+            raise PkdCacheError(f"--sort-window must be > 0, got {self.sort_window}")
         if self.dtype not in ("float16", "float32", "int8"):
             raise PkdCacheError(f"--dtype must be float16, float32 or int8, got {self.dtype!r}")
         check_positive_or_none(self.max_examples, "--max-examples")

@@ -1,7 +1,8 @@
 """Stage 1: run the teacher once over a task and write everything students need into a store.
 
-Memory stays flat: examples are tokenised, run and written one chunk at a time, so nothing but the current
-chunk's outputs is ever held. The complete flag is written last, after every split is on disk.
+Memory stays flat: examples are tokenised, run and written one sort window (a few chunks) at a time, so nothing but
+the current window's outputs is ever held. Within a window, examples are sorted by length so that each batch is
+padded only to its own longest sequence (teacher/run.py); the window is then cut back into chunks in example order. The complete flag is written last, after every split is on disk.
 """
 from __future__ import annotations
 
@@ -105,21 +106,22 @@ def dump(config: DumpConfig):
                                                         "data_fingerprint": key_parts["data"][split]})
                     durable = set(writer.load_durable(split))
                     with progress_bar(len(ex), f"dump {split}") as bar:
-                        for start in range(0, len(ex), config.chunk_size):
-                            stop = min(start + config.chunk_size, len(ex))
-                            if start // config.chunk_size in durable:  # written by the interrupted dump
-                                kept += stop - start
-                                bar.advance(stop - start)
-                                continue
-                            tokens = tokenize(tokenizer, ex, start, stop, config.max_seq_length)
-                            logits, cls = run_chunk(model, tokens, config.batch_size,
-                                                    bucketed=not config.pad_to_max_length, cls_dtype=cls_dtype,
-                                                    device=device, precision=config.precision)
-                            arrays = {**tokens, "labels": ex.labels[start:stop], "logits": logits, "cls": cls}
-                            if int8:
-                                arrays["cls"], arrays["cls_scale"] = quantize_int8(cls)
-                            background.put(split, start, arrays)
-                            computed += stop - start
+                        for start, stop in sort_windows(len(ex), config.chunk_size, config.sort_window):
+                            todo = [c for c in chunk_ranges(start, stop, config.chunk_size)
+                                    if c[0] // config.chunk_size not in durable]
+                            kept += stop - start - sum(b - a for a, b in todo)  # written by the interrupted dump
+                            if todo:
+                                tokens = tokenize(tokenizer, ex, start, stop, config.max_seq_length)
+                                logits, cls = run_chunk(model, tokens, config.batch_size,
+                                                        bucketed=not config.pad_to_max_length, cls_dtype=cls_dtype,
+                                                        device=device, precision=config.precision)
+                                arrays = {**tokens, "labels": ex.labels[start:stop], "logits": logits, "cls": cls}
+                                for a, b in todo:
+                                    chunk = {k: v[a - start:b - start] for k, v in arrays.items()}
+                                    if int8:
+                                        chunk["cls"], chunk["cls_scale"] = quantize_int8(chunk["cls"])
+                                    background.put(split, a, chunk)
+                                    computed += b - a
                             bar.advance(stop - start)
             finally:
                 background.close()  # drains the queue (what is queued becomes durable); re-raises a write error
@@ -143,6 +145,16 @@ def dump(config: DumpConfig):
     from .store.reader import open_store
 
     return open_store(config.out)
+
+
+def sort_windows(n: int, chunk_size: int, sort_window: int) -> list[tuple[int, int]]:
+    """[start, stop) of the windows whose examples are sorted by length together: whole chunks, >= one chunk."""
+    step = max(1, sort_window // chunk_size) * chunk_size
+    return [(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def chunk_ranges(start: int, stop: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(a, min(a + chunk_size, stop)) for a in range(start, stop, chunk_size)]
 
 
 @contextlib.contextmanager

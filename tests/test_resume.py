@@ -26,7 +26,8 @@ def big_data(tmp_path_factory):
 
 def dump_args(teacher, data, out, *extra):
     return ["dump", "--teacher", str(teacher), "--task", "sst2", "--data-dir", str(data), "--out", str(out),
-            "--max-seq-length", "24", "--batch-size", "16", "--chunk-size", CHUNK, *extra]
+            "--max-seq-length", "24", "--batch-size", "16", "--chunk-size", CHUNK, "--sort-window", "256", *extra]
+    # windows of 4 chunks: kills land inside a window whose chunks are partly durable
 
 
 @pytest.fixture(scope="module")

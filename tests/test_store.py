@@ -181,6 +181,30 @@ def test_chunk_batches_bucket_by_length_and_cover_the_chunk():
     assert [b.tolist() for b in chunk_batches(lengths, 3, bucketed=False)] == [[0, 1, 2], [3, 4, 5], [6]]
 
 
+def test_sort_windows_are_whole_chunks_that_cover_the_split():
+    from pkd_cache.dump import sort_windows
+
+    assert sort_windows(1000, 64, 200) == [(0, 192), (192, 384), (384, 576), (576, 768), (768, 960), (960, 1000)]
+    assert sort_windows(100, 64, 10) == [(0, 64), (64, 100)]  # at least one chunk
+    assert sort_windows(100, 64, 8192) == [(0, 100)]
+
+
+def test_sort_window_changes_only_the_batches_never_the_rows(tmp_path, teacher_dir, data_dir, store_path):
+    """One chunk per window against the fixture's one window for the whole split: the same rows, in order."""
+    small = pkd_cache.dump(pkd_cache.DumpConfig(teacher=str(teacher_dir), task="sst2", data_dir=str(data_dir),
+                                                out=str(tmp_path / "w.zarr"), max_seq_length=24, batch_size=16,
+                                                chunk_size=64, sort_window=64))
+    whole = pkd_cache.open_store(str(store_path))
+    assert small.info()["settings"]["sort_window"] == 64 and whole.info()["settings"]["sort_window"] == 8192
+    assert small.meta["cache_key"] != whole.meta["cache_key"]
+    assert small.num_examples("train") > 64  # several chunks, so the windows differ
+    for split in ("train", "validation"):
+        np.testing.assert_array_equal(small.array(split, "input_ids")[:], whole.array(split, "input_ids")[:])
+        np.testing.assert_allclose(small.array(split, "logits")[:], whole.array(split, "logits")[:], atol=1e-5)
+        np.testing.assert_allclose(small.array(split, "cls")[:].astype(np.float32),
+                                   whole.array(split, "cls")[:].astype(np.float32), atol=2e-3, rtol=2e-3)
+
+
 def test_a_write_error_in_the_background_writer_reaches_the_caller(tmp_path, teacher_dir, data_dir, monkeypatch):
     from pkd_cache.store import writer as writer_module
 

@@ -15,7 +15,8 @@ import hashlib
 import json
 from typing import Optional
 
-CACHE_SETTINGS = ("max_seq_length", "dtype", "splits", "precision", "pad_to_max_length", "chunk_size", "format")
+CACHE_SETTINGS = ("max_seq_length", "dtype", "splits", "precision", "pad_to_max_length", "chunk_size", "format",
+                  "sort_window")
 
 
 def tokenizer_fingerprint(tokenizer, vocab_fp: str) -> str:

@@ -1,8 +1,9 @@
-"""Running the teacher over one chunk of examples: the logits and the [CLS] vector of every layer.
+"""Running the teacher over one sort window of examples: the logits and the [CLS] vector of every layer.
 
-Length bucketing: within a chunk, examples are sorted by length and each batch is padded only to its own longest
-sequence; the outputs are scattered back to the original order. The batches are a pure function of the chunk
-(never of what came before), so a chunk recomputed later is computed exactly as it was the first time.
+Length bucketing: within a window (dump's `sort_window`, a few chunks), examples are sorted by length and each batch
+is padded only to its own longest sequence; the outputs are scattered back to the original order. The batches are a
+pure function of the window (never of what came before), so a window recomputed by `--resume` is computed exactly as
+it was the first time.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def teacher_outputs(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tenso
 
 
 def chunk_batches(lengths: np.ndarray, batch_size: int, bucketed: bool) -> list[np.ndarray]:
-    """Index arrays of the batches of one chunk: by length (longest first) when bucketed, else in order."""
+    """Index arrays of the batches of one window: by length (longest first) when bucketed, else in order."""
     order = np.argsort(-lengths, kind="stable") if bucketed else np.arange(len(lengths))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
@@ -37,7 +38,7 @@ def autocast(device: torch.device, precision: str):
 
 def run_chunk(model, tokens: dict[str, np.ndarray], batch_size: int, *, bucketed: bool, cls_dtype: np.dtype,
               device: torch.device, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
-    """(logits N x C float32, cls N x (L+1) x H in `cls_dtype`) for a chunk of tokenised examples, in its order.
+    """(logits N x C float32, cls N x (L+1) x H in `cls_dtype`) for a window of tokenised examples, in its order.
 
     `bucketed=False` pads every batch to the full width (the original PKD code's `--pad-to-max-length`).
     """
