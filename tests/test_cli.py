@@ -238,6 +238,8 @@ CASES: dict[str, Case] = {
                                             "--batch-size", "0"], ("--batch-size must be > 0",)),
     "dump-finetune-epochs-zero": Case(lambda c: dump_args(c, "--finetune-epochs", "0", teacher=c.backbone),
                                       ("--finetune-epochs must be > 0",), no_store),
+    "dump-sort-window-zero": Case(lambda c: dump_args(c, "--sort-window", "0"), ("--sort-window must be > 0",),
+                                  no_store),
     "finetune-overwrite-keeps-output-on-failure": Case(
         lambda c: finetune_args(c, "--overwrite", model=c.tmp / "no-such-model", output_dir=existing_dir(c, "teacher")),
         ("does not exist",), untouched),
