@@ -97,7 +97,8 @@ def dump(config: DumpConfig):
     t0, computed, kept = time.perf_counter(), 0, 0
     try:
         with stop_on_sigterm():
-            background = BackgroundWriter(writer)
+            # room for a whole window's chunks: the teacher runs the next window while this one is written
+            background = BackgroundWriter(writer, depth=max(2, config.sort_window // config.chunk_size))
             try:
                 for split, ex in examples.items():
                     shapes = split_arrays(len(ex), config.max_seq_length, task.num_labels, num_layers, hidden,
