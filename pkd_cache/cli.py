@@ -209,14 +209,19 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
 
 @app.command()
 @user_errors
-def sweep(store: str = StoreOpt,
-          output_dir: str = typer.Option(..., "--output-dir", help="Folder of the runs, results.csv and sweep.png."),
+def sweep(store: Optional[str] = typer.Option(None, "--store", help="Path or URL of a store."),
+          output_dir: Optional[str] = typer.Option(None, "--output-dir",
+                                                   help="Folder of the runs, results.csv and sweep.png."),
           grid: List[str] = typer.Option([], "--grid", help="NAME=V1,V2,... (repeatable): alpha, beta, paper_beta, "
                                                             "temperature, learning_rate, student_layers, strategy, "
                                                             "epochs, batch_size, seed, weight_decay, warmup_ratio."),
           students_per_pass: int = typer.Option(1, "--students-per-pass", help="Students trained together on each "
                                                                                "batch read from the store."),
           top: int = typer.Option(10, "--top", help="Rows of the table of best runs."),
+          shard: str = typer.Option("0/1", "--shard", help="I/N: train only the I-th of N disjoint parts of the "
+                                                           "grid (0-based; e.g. $SLURM_ARRAY_TASK_ID/8)."),
+          collect: Optional[str] = typer.Option(None, "--collect", help="DIR: merge the results of every shard of "
+                                                                        "the sweep in DIR; trains nothing."),
           task: Optional[str] = TaskCheck, student_layers: int = StudentLayers, strategy: str = Strategy,
           alpha: float = Alpha, beta: Optional[float] = Beta, temperature: float = Temperature,
           student_init: Optional[str] = StudentInit, batch_size: int = BatchSize,
@@ -226,17 +231,25 @@ def sweep(store: str = StoreOpt,
     """Train every combination of a grid of student settings from one store (resumable); report the best.
 
     Settings not in a grid take the value of their option. `paper_beta` is beta in the PKD paper's units (mean over
-    the hidden dimension): the paper's grid is `--grid paper_beta=10,100,500,1000`.
+    the hidden dimension): the paper's grid is `--grid paper_beta=10,100,500,1000`. On a cluster, N jobs with
+    `--shard 0/N` ... `--shard N-1/N` split the grid over one shared runs folder; `--collect DIR` merges them.
     """
-    from .sweep import SweepConfig, parse_grid
+    from .sweep import SweepConfig, parse_grid, parse_shard
+    from .sweep import collect as collect_runs
     from .sweep import sweep as run
 
+    if collect is not None:
+        collect_runs(collect, top)
+        return
+    if store is None or output_dir is None:
+        raise PkdCacheError("sweep needs --store and --output-dir (or --collect DIR to merge a sweep's results)")
     base = DistillConfig(store=store, output_dir=output_dir, task=task, student_layers=student_layers,
                          strategy=strategy, alpha=alpha, beta=beta, temperature=temperature,
                          student_init=student_init, device=device,
                          train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed,
                                              max_steps, logging_steps))
-    run(SweepConfig(base=base, grid=parse_grid(grid), students_per_pass=students_per_pass, top=top))
+    run(SweepConfig(base=base, grid=parse_grid(grid), students_per_pass=students_per_pass, top=top,
+                    shard=parse_shard(shard)))
 
 
 @app.command("bench-student")

@@ -8,17 +8,23 @@ holds a `metrics.json` with the same settings is skipped, so an interrupted swee
 that share the batches (store, batch size, seed, epochs) are trained `students_per_pass` at a time in one pass over
 the store (`distill_many`). After each pass, `results.csv`, the table of the best runs and `sweep.png` are
 rewritten from the runs' metrics (sweep_report.py).
+
+On a cluster: `--shard I/N` trains only the runs whose index in the grid is I modulo N (0 <= I < N), so N jobs of
+a SLURM array (or N machines) split one sweep over one shared store and one shared runs folder; every shard
+writes the same `sweep.json`, and `pkd-cache sweep --collect DIR` re-plans the grid from it, then rewrites the
+results table and plot from every finished run and names the runs still missing.
 """
 from __future__ import annotations
 
 import copy
 import itertools
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DistillConfig, to_dict
+from .config import DistillConfig, TrainConfig, to_dict
 from .errors import PkdCacheError
 from .progress import log
 
@@ -39,8 +45,12 @@ class SweepConfig:
     grid: dict[str, list] = field(default_factory=dict)
     students_per_pass: int = 1
     top: int = 10
+    shard: tuple[int, int] = (0, 1)  # (I, N): train the runs whose grid index is I modulo N
 
     def check(self) -> None:
+        i, n = self.shard
+        if n < 1 or not 0 <= i < n:
+            raise PkdCacheError(f"--shard {i}/{n}: expected I/N with 0 <= I < N")
         if self.students_per_pass < 1:
             raise PkdCacheError(f"--students-per-pass must be >= 1, got {self.students_per_pass}")
         if "beta" in self.grid and "paper_beta" in self.grid:
@@ -128,8 +138,25 @@ def _comparable(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in ("overwrite", "output_dir")}
 
 
+def parse_shard(spec: str) -> tuple[int, int]:
+    """'2/8' -> (2, 8): the third of 8 shards (0-based, as SLURM_ARRAY_TASK_ID with --array=0-7)."""
+    i, sep, n = spec.partition("/")
+    try:
+        shard = int(i), int(n)
+    except ValueError:
+        shard = None
+    if not sep or shard is None or shard[1] < 1 or not 0 <= shard[0] < shard[1]:
+        raise PkdCacheError(f"--shard {spec!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return shard
+
+
+def shard_of(index: int, shards: int) -> int:
+    return index % shards
+
+
 def sweep(config: SweepConfig) -> list[dict]:
-    """Run (or resume) the grid; returns one result row per run (see sweep_report.result_rows)."""
+    """Run (or resume) the grid, or this shard's part of it; returns one result row per finished run of the whole
+    grid (see sweep_report.result_rows)."""
     from .distill import _pass_settings, distill_many
     from .store.reader import open_store
     from .sweep_report import write_report
@@ -140,18 +167,73 @@ def sweep(config: SweepConfig) -> list[dict]:
     runs = plan_runs(config, store.hidden_size)
     out = Path(config.base.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({"grid": config.grid, "base": to_dict(config.base),
-                                                "students_per_pass": config.students_per_pass}, indent=2) + "\n")
-    pending = [r for r in runs if not is_done(r)]
-    log(f"sweep: {len(runs)} runs, {len(runs) - len(pending)} already done, {len(pending)} to train "
+    write_plan(out, config, store.hidden_size)
+    i, n = config.shard
+    mine = [r for k, r in enumerate(runs) if shard_of(k, n) == i]
+    pending = [r for r in mine if not is_done(r)]
+    part = f" (shard {i}/{n}: {len(mine)} of them)" if n > 1 else ""
+    log(f"sweep: {len(runs)} runs{part}, {len(mine) - len(pending)} already done, {len(pending)} to train "
         f"({config.students_per_pass} per pass over the store)")
     groups: dict[str, list[Run]] = {}
     for r in pending:
         groups.setdefault(json.dumps(_pass_settings(r.config), sort_keys=True, default=str), []).append(r)
-    passes = [g[i:i + config.students_per_pass] for g in groups.values()
-              for i in range(0, len(g), config.students_per_pass)]
-    for i, group in enumerate(passes):
-        log(f"sweep pass {i + 1}/{len(passes)}: {', '.join(r.name for r in group)}")
-        distill_many([r.config for r in group], description=f"sweep {i + 1}/{len(passes)}")
+    passes = [g[k:k + config.students_per_pass] for g in groups.values()
+              for k in range(0, len(g), config.students_per_pass)]
+    for k, group in enumerate(passes):
+        log(f"sweep pass {k + 1}/{len(passes)}: {', '.join(r.name for r in group)}")
+        distill_many([r.config for r in group], description=f"sweep {k + 1}/{len(passes)}")
         write_report(out, runs, config.top, quiet=True)
     return write_report(out, runs, config.top)
+
+
+PLAN_FILE = "sweep.json"
+
+
+def write_plan(out: Path, config: SweepConfig, hidden_size: int) -> None:
+    """sweep.json: what `--collect` needs to re-plan the grid. Every shard writes the same one; a shard finding
+    another sweep's plan in the folder refuses, so two different sweeps never mix their runs."""
+    plan = {"grid": config.grid, "base": to_dict(config.base), "students_per_pass": config.students_per_pass,
+            "hidden_size": hidden_size, "shards": config.shard[1]}
+    path = out / PLAN_FILE
+    if config.shard[1] > 1 and path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = None  # a torn file from an older version; rewritten below
+        if old is not None and {k: old.get(k) for k in ("grid", "base")} != json.loads(json.dumps(
+                {k: plan[k] for k in ("grid", "base")})):
+            raise PkdCacheError(f"{out} holds another sweep (a different grid or settings in {PLAN_FILE}); give "
+                                f"every shard the same options, or another --output-dir")
+    tmp = out / f".{PLAN_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(plan, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def collect(folder: str, top: int = 10) -> list[dict]:
+    """`sweep --collect DIR`: results.csv, the table and the plot over every finished run of the sweep in DIR
+    (written by any number of shards); logs the runs not finished yet."""
+    from .sweep_report import write_report
+
+    out = Path(folder).expanduser()
+    path = out / PLAN_FILE
+    if not path.is_file():
+        raise PkdCacheError(f"--collect {folder}: no {PLAN_FILE} there (is it a sweep's --output-dir?)")
+    try:
+        plan = json.loads(path.read_text())
+        base = dict(plan["base"])
+        base["train"] = TrainConfig(**base["train"])
+        base["output_dir"] = str(out)  # the folder may be mounted elsewhere than where the shards ran
+        config = SweepConfig(base=DistillConfig(**base), grid=plan["grid"], top=top)
+        runs = plan_runs(config, int(plan["hidden_size"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise PkdCacheError(f"--collect {folder}: {PLAN_FILE} is not a sweep plan this version reads ({e})") from None
+    shards = int(plan.get("shards", 1))
+    missing = [(k, r) for k, r in enumerate(runs) if not is_done(r)]
+    rows = write_report(out, runs, top)
+    if missing:
+        names = ", ".join(f"{r.name} (shard {shard_of(k, shards)}/{shards})" for k, r in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        log(f"collect: {len(runs) - len(missing)} of {len(runs)} runs finished; not finished: {names}{more}")
+    else:
+        log(f"collect: all {len(runs)} runs finished")
+    return rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -37,7 +38,7 @@ def write_report(out: Path, runs, top: int, quiet: bool = False) -> list[dict]:
     rows = result_rows(runs)
     if rows:
         fields = list(dict.fromkeys(k for r in rows for k in r))
-        tmp = out / "results.csv.tmp"
+        tmp = out / f".results.csv.{os.getpid()}.tmp"  # shards of one sweep may write at the same time
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
@@ -87,5 +88,7 @@ def plot(path: Path, rows: list[dict], keys: list[str]) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    tmp.replace(path)

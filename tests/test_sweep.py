@@ -57,3 +57,59 @@ def test_bad_grids_are_one_line_errors(store_path, backbone_dir, tmp_path, grid,
     p = cli_in_process(*sweep_args(store_path, tmp_path / "runs", backbone_dir, grid))
     assert p.returncode == 2 and says in p.stderr and len(p.stderr.strip().splitlines()) == 1, show(p)
     assert not (tmp_path / "runs" / "results.csv").exists()
+
+
+def test_shards_split_the_grid_and_collect_merges_them(store_path, backbone_dir, tmp_path):
+    """Two shards started at once on one runs folder (as a 2-job SLURM array) train disjoint halves; --collect
+    names what is missing until both are done, then writes the table of all four runs."""
+    import subprocess
+    import sys
+
+    from test_cli import ENV
+
+    out = tmp_path / "runs"
+    grid = ("alpha=0,0.5", "paper_beta=0,100")
+    args = sweep_args(store_path, out, backbone_dir, *grid, extra=["--max-steps", "3"])
+    first = cli_in_process(*args, "--shard", "0/2")
+    assert first.returncode == 0 and "4 runs (shard 0/2: 2 of them)" in first.stderr, show(first)
+    trained = {r["run"] for r in read_rows(out)}
+    assert trained == {"alpha=0_paper_beta=0", "alpha=0.5_paper_beta=0"}  # grid indices 0 and 2
+    p = cli_in_process("sweep", "--collect", out)
+    assert p.returncode == 0 and "2 of 4 runs finished" in p.stderr, show(p)
+    assert "alpha=0_paper_beta=100 (shard 1/2)" in p.stderr and "alpha=0.5_paper_beta=100 (shard 1/2)" in p.stderr
+
+    (out / "alpha=0_paper_beta=0" / "metrics.json").unlink()  # shard 0 must redo it, shard 1 must not touch it
+    procs = [subprocess.Popen([sys.executable, "-m", "pkd_cache", *map(str, args), "--shard", s], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in ("0/2", "1/2")]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "1 already done, 1 to train" in outs[0][1] and "0 already done, 2 to train" in outs[1][1]
+    p = cli_in_process("sweep", "--collect", out)
+    assert p.returncode == 0 and "all 4 runs finished" in p.stderr and "best 4 of 4 runs" in p.stdout, show(p)
+    assert {r["run"] for r in read_rows(out)} == {f"alpha={a}_paper_beta={b}" for a in ("0", "0.5")
+                                                  for b in ("0", "100")}
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*.tmp"))  # every shard's writes were atomic renames
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--shard", "2/2"], "--shard '2/2': expected I/N with 0 <= I < N"),
+    (["--shard", "x"], "--shard 'x': expected I/N"),
+    (["--collect", "{tmp}/nowhere"], "no sweep.json there"),
+])
+def test_bad_shards_and_collects_are_one_line_errors(store_path, backbone_dir, tmp_path, extra, says):
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    args = ["sweep", *extra] if extra[0] == "--collect" else sweep_args(store_path, tmp_path / "runs", backbone_dir,
+                                                                         "alpha=0,0.5", extra=extra)
+    p = cli_in_process(*args)
+    assert p.returncode == 2 and says in p.stderr and len(p.stderr.strip().splitlines()) == 1, show(p)
+
+
+def test_a_shard_refuses_a_folder_holding_another_sweep(store_path, backbone_dir, tmp_path):
+    out = tmp_path / "runs"
+    p = cli_in_process(*sweep_args(store_path, out, backbone_dir, "alpha=0,0.5", extra=["--max-steps", "1"]),
+                       "--shard", "1/2")
+    assert p.returncode == 0, show(p)
+    p = cli_in_process(*sweep_args(store_path, out, backbone_dir, "alpha=0.2,0.7", extra=["--max-steps", "1"]),
+                       "--shard", "0/2")
+    assert p.returncode == 2 and "holds another sweep" in p.stderr, show(p)
