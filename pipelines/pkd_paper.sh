@@ -27,8 +27,9 @@ if [ ! -f "$out/teacher/metrics.json" ]; then
     --epochs "$TEACHER_EPOCHS" --learning-rate "$TEACHER_LR" --batch-size "$BATCH" --max-seq-length "$MAX_LEN" \
     --seed "$SEED" --overwrite
 fi
+# --resume: finishes an interrupted dump; a finished one is a cache hit, a missing one starts from scratch
 pkd-cache dump --teacher "$out/teacher" --task "$task" --data-dir "$data" --out "$out/$task.zarr" \
-  --max-seq-length "$MAX_LEN"
+  --max-seq-length "$MAX_LEN" --resume
 
 sweep() {  # sweep METHOD "GRID" FIXED-OPTIONS...
   local method=$1 grid=$2; shift 2

@@ -1,4 +1,5 @@
 """The paper recipe end to end on tiny models: teacher, dump, four sweeps, report (Table 1 and the plot)."""
+import json
 import os
 import subprocess
 import sys
@@ -27,3 +28,13 @@ def test_recipe_runs_and_resumes(tmp_path, backbone_dir, data_dir):
     p = subprocess.run(["bash", str(RECIPE), str(backbone_dir), "sst2", str(data_dir), str(out)], env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and "cache hit" in p.stderr and "0 to train" in p.stderr, p.stderr[-3000:]
+
+    # an interrupted dump (its complete flag never written): the recipe resumes it instead of failing
+    meta_path = out / "sst2.zarr" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["complete"] = False
+    meta_path.write_text(json.dumps(meta))
+    p = subprocess.run(["bash", str(RECIPE), str(backbone_dir), "sst2", str(data_dir), str(out)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "resumed" in p.stderr and "0 to train" in p.stderr, p.stderr[-3000:]
+    assert json.loads(meta_path.read_text())["attributes"]["complete"] is True
