@@ -18,7 +18,9 @@ import numpy as np
 from .config import DumpConfig, FinetuneConfig, to_dict
 from .data.loading import load_examples
 from .data.tasks import get_task
-from .data.tokenize import tokenize
+from .data.tokenize import tokenize, tokenize_lengths
+from .distributed import barrier, broadcast, gather, process_group, rank_device, ranks_from_env
+from .dump_shares import chunk_ranges, share_windows, sort_windows, window_tokens
 from .errors import Interrupted, PkdCacheError
 from .progress import log, progress_bar
 from .store.cache_key import CACHE_SETTINGS, cache_key, describe_difference, tokenizer_fingerprint
@@ -26,7 +28,7 @@ from .store.fingerprint import vocab_fingerprint, weights_fingerprint
 from .store.format import FORMAT_VERSION, split_arrays
 from .store.location import is_url
 from .store.quantize import quantize_int8
-from .store.writer import BackgroundWriter, check_target, open_writer
+from .store.writer import BackgroundWriter, attach_writer, check_target, open_writer
 from .teacher.load import FINETUNE_INFO, LoadedModel, check_max_length, load_for_task
 from .teacher.run import run_chunk
 from .training import resolve_device
@@ -40,8 +42,10 @@ def finetuned_teacher_dir(out: str) -> Path:
 
 
 def dump(config: DumpConfig):
-    """Write the store at `config.out`; returns the opened store."""
+    """Write the store at `config.out`; returns the opened store. Under `torchrun`, every rank runs a share of the
+    windows and writes its chunks into the one store; rank 0 lays the store out and finishes it."""
     config.check()
+    ranks = ranks_from_env()
     task = get_task(config.task)
     existing = _existing_store(config)  # fail before any expensive work
     splits = config.splits or list(task.splits)
@@ -69,10 +73,15 @@ def dump(config: DumpConfig):
                                 f"to replace it")
     finetuned_dir = None
     if loaded.head_is_new:
+        if ranks.many:
+            raise PkdCacheError(f"teacher {loaded.name} has no trained {task.name} head; a multi-rank dump needs a "
+                                f"fine-tuned teacher: run `pkd-cache finetune` first")
         loaded, finetuned_dir = _finetuned_teacher(config, task, loaded)
+    if ranks.many and config.format != "zarr":
+        raise PkdCacheError("a multi-rank dump writes zarr stores only; run --format arrow as one process")
 
     model, tokenizer = loaded.model, loaded.tokenizer
-    device = resolve_device(config.device)
+    device = rank_device(ranks, resolve_device(config.device))
     model.to(device).eval()
     num_layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
     weights_fp = weights_fingerprint(model) if finetuned_dir else key_parts["teacher"]["weights"]
@@ -91,71 +100,126 @@ def dump(config: DumpConfig):
         "max_seq_length": config.max_seq_length, "cls_dtype": config.dtype, "chunk_size": config.chunk_size,
         "settings": to_dict(config), "cache_key": key, "cache_key_parts": key_parts,
     }
-    writer = open_writer(config.out, config.overwrite, metadata, config.format, resume=resuming)
-    int8 = config.dtype == "int8"
-    cls_dtype = np.dtype(np.float32 if int8 else config.dtype)  # int8 is quantised from float32 below
-    t0, computed, kept = time.perf_counter(), 0, 0
-    try:
-        with stop_on_sigterm():
-            # room for a whole window's chunks: the teacher runs the next window while this one is written
-            background = BackgroundWriter(writer, depth=max(2, config.sort_window // config.chunk_size))
-            try:
-                for split, ex in examples.items():
-                    shapes = split_arrays(len(ex), config.max_seq_length, task.num_labels, num_layers, hidden,
-                                          config.dtype, "float32" if task.is_regression else "int64")
-                    writer.create_split(split, shapes, {"source": ex.source,
-                                                        "data_fingerprint": key_parts["data"][split]})
-                    durable = set(writer.load_durable(split))
-                    with progress_bar(len(ex), f"dump {split}") as bar:
-                        for start, stop in sort_windows(len(ex), config.chunk_size, config.sort_window):
-                            todo = [c for c in chunk_ranges(start, stop, config.chunk_size)
-                                    if c[0] // config.chunk_size not in durable]
-                            kept += stop - start - sum(b - a for a, b in todo)  # written by the interrupted dump
-                            if todo:
-                                tokens = tokenize(tokenizer, ex, start, stop, config.max_seq_length)
-                                logits, cls = run_chunk(model, tokens, config.batch_size,
-                                                        bucketed=not config.pad_to_max_length, cls_dtype=cls_dtype,
-                                                        device=device, precision=config.precision)
-                                arrays = {**tokens, "labels": ex.labels[start:stop], "logits": logits, "cls": cls}
-                                for a, b in todo:
-                                    chunk = {k: v[a - start:b - start] for k, v in arrays.items()}
-                                    if int8:
-                                        chunk["cls"], chunk["cls_scale"] = quantize_int8(chunk["cls"])
-                                    background.put(split, a, chunk)
-                                    computed += b - a
-                            bar.advance(stop - start)
-            finally:
-                background.close()  # drains the queue (what is queued becomes durable); re-raises a write error
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted: {writer.durable_examples():,} of {sum(len(e) for e in examples.values()):,} "
-                          f"examples are durable in {config.out}; run the same command with --resume to continue") \
-            from None
-    finally:
-        writer.close()  # the lock; after a failure the store stays unfinished and resumable
-    if resuming:
-        log(f"resumed {config.out}: {kept:,} examples were durable already, the teacher ran on {computed:,}")
-        writer.metadata["resumptions"][-1] = {"at": writer.metadata["resumptions"][-1], "kept_examples": kept,
-                                              "computed_examples": computed}
-    seconds = time.perf_counter() - t0
-    writer.metadata["dump_seconds"] = round(seconds, 3)  # tokenise + forward + write, all splits
-    writer.finish()
-    total = sum(len(e) for e in examples.values())
-    log(f"wrote {total:,} examples ({', '.join(f'{s} {len(e):,}' for s, e in examples.items())}) to {config.out} "
-        f"in {seconds:.1f}s; teacher {num_layers} layers x {hidden}")
-    log(f"next: pkd-cache distill --store {config.out} --student-layers {max(1, num_layers // 2)} --output-dir student/")
+    with process_group(ranks, device):
+        barrier(ranks)  # every rank has looked at --out before rank 0 replaces or resumes it
+        layout = (task, examples, key_parts, num_layers, hidden)
+        writer = None
+        if ranks.main:
+            writer = open_writer(config.out, config.overwrite, metadata, config.format, resume=resuming)
+            _create_splits(config, writer, *layout)
+        barrier(ranks)  # the layout is on disk before the other ranks open it
+        if writer is None:
+            writer = attach_writer(config.out)
+            _create_splits(config, writer, *layout)  # opens the arrays rank 0 created
+        t0 = time.perf_counter()
+        plan = broadcast(ranks, _plan(config, writer, tokenizer, examples, ranks.world) if ranks.main else None)
+        try:
+            computed = _run_share(config, writer, model, tokenizer, examples, plan, ranks, device)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted: {writer.durable_examples():,} of "
+                              f"{sum(len(e) for e in examples.values()):,} examples are durable in {config.out}; "
+                              f"run the same command with --resume to continue") from None
+        finally:
+            writer.close()  # the lock; after a failure the store stays unfinished and resumable
+        reports = gather(ranks, {"checksums": writer.checksums, "computed": computed,
+                                 "durable": {s: sorted(c) for s, c in writer.durable.items()}})
+        if ranks.main:
+            _finish(config, writer, examples, reports, resuming, time.perf_counter() - t0, ranks)
+        barrier(ranks)  # the other ranks return once the store is complete
+    if ranks.main:
+        total = sum(len(e) for e in examples.values())
+        log(f"wrote {total:,} examples ({', '.join(f'{s} {len(e):,}' for s, e in examples.items())}) to "
+            f"{config.out} in {writer.metadata['dump_seconds']:.1f}s; teacher {num_layers} layers x {hidden}"
+            + (f"; {ranks.world} ranks" if ranks.many else ""))
+        log(f"next: pkd-cache distill --store {config.out} --student-layers {max(1, num_layers // 2)} "
+            f"--output-dir student/")
     from .store.reader import open_store
 
     return open_store(config.out)
 
 
-def sort_windows(n: int, chunk_size: int, sort_window: int) -> list[tuple[int, int]]:
-    """[start, stop) of the windows whose examples are sorted by length together: whole chunks, >= one chunk."""
-    step = max(1, sort_window // chunk_size) * chunk_size
-    return [(s, min(s + step, n)) for s in range(0, n, step)]
+def _create_splits(config: DumpConfig, writer, task, examples: dict, key_parts: dict, num_layers: int,
+                   hidden: int) -> None:
+    for split, ex in examples.items():
+        shapes = split_arrays(len(ex), config.max_seq_length, task.num_labels, num_layers, hidden, config.dtype,
+                              "float32" if task.is_regression else "int64")
+        writer.create_split(split, shapes, {"source": ex.source, "data_fingerprint": key_parts["data"][split]})
 
 
-def chunk_ranges(start: int, stop: int, chunk_size: int) -> list[tuple[int, int]]:
-    return [(a, min(a + chunk_size, stop)) for a in range(start, stop, chunk_size)]
+def _plan(config: DumpConfig, writer, tokenizer, examples: dict, world: int) -> dict:
+    """Rank 0's plan: {split: {"durable": chunks already written, "shares": each rank's windows}}. A window with
+    nothing left to write is left out; one with some chunks left is recomputed whole (the same batches)."""
+    plan = {}
+    for split, ex in examples.items():
+        durable = writer.load_durable(split)
+        windows = [w for w in sort_windows(len(ex), config.chunk_size, config.sort_window)
+                   if any(a // config.chunk_size not in durable for a, _ in chunk_ranges(*w, config.chunk_size))]
+        costs = [float(w[1] - w[0]) for w in windows]
+        if world > 1:  # balanced by the teacher's padded tokens, not by examples
+            lengths = tokenize_lengths(tokenizer, ex, config.max_seq_length)
+            costs = [float(window_tokens(lengths[a:b], config.batch_size, config.max_seq_length,
+                                         not config.pad_to_max_length)) for a, b in windows]
+        plan[split] = {"durable": sorted(durable), "shares": share_windows(windows, costs, world)}
+    return plan
+
+
+def _run_share(config: DumpConfig, writer, model, tokenizer, examples: dict, plan: dict, ranks, device) -> int:
+    """Run the teacher over this rank's windows; the background writer writes their chunks not yet durable."""
+    int8 = config.dtype == "int8"
+    cls_dtype = np.dtype(np.float32 if int8 else config.dtype)  # int8 is quantised from float32 below
+    computed = 0
+    with stop_on_sigterm():
+        # room for a whole window's chunks: the teacher runs the next window while this one is written
+        background = BackgroundWriter(writer, depth=max(2, config.sort_window // config.chunk_size))
+        try:
+            for split, ex in examples.items():
+                durable = set(plan[split]["durable"])
+                writer.durable.setdefault(split, set()).update(durable)
+                windows = plan[split]["shares"][ranks.rank]
+                label = f"dump {split}" + (f" ({ranks})" if ranks.many else "")
+                with progress_bar(sum(b - a for a, b in windows), label) as bar:
+                    for start, stop in windows:
+                        todo = [c for c in chunk_ranges(start, stop, config.chunk_size)
+                                if c[0] // config.chunk_size not in durable]
+                        tokens = tokenize(tokenizer, ex, start, stop, config.max_seq_length)
+                        logits, cls = run_chunk(model, tokens, config.batch_size,
+                                                bucketed=not config.pad_to_max_length, cls_dtype=cls_dtype,
+                                                device=device, precision=config.precision)
+                        arrays = {**tokens, "labels": ex.labels[start:stop], "logits": logits, "cls": cls}
+                        for a, b in todo:
+                            chunk = {k: v[a - start:b - start] for k, v in arrays.items()}
+                            if int8:
+                                chunk["cls"], chunk["cls_scale"] = quantize_int8(chunk["cls"])
+                            background.put(split, a, chunk)
+                            computed += b - a
+                        bar.advance(stop - start)
+        finally:
+            background.close()  # drains the queue (what is queued becomes durable); re-raises a write error
+    return computed
+
+
+def _finish(config: DumpConfig, writer, examples: dict, reports: list[dict], resuming: bool, seconds: float,
+            ranks) -> None:
+    """Rank 0: every rank's checksums into the manifest, then (only if every chunk is durable) the complete flag."""
+    for r in reports:
+        writer.checksums.update({k: list(v) for k, v in r["checksums"].items()})
+        for split, chunks in r["durable"].items():
+            writer.durable.setdefault(split, set()).update(chunks)
+    for split, ex in examples.items():
+        missing = sorted(set(range(-(-len(ex) // config.chunk_size))) - writer.durable.get(split, set()))
+        if missing:
+            raise PkdCacheError(f"{config.out}: chunks {missing[:5]} of {split} were not written; run the same "
+                                f"command with --resume to finish the store")
+    computed = sum(r["computed"] for r in reports)
+    if resuming:
+        kept = sum(len(e) for e in examples.values()) - computed
+        log(f"resumed {config.out}: {kept:,} examples were durable already, the teacher ran on {computed:,}")
+        writer.metadata["resumptions"][-1] = {"at": writer.metadata["resumptions"][-1], "kept_examples": kept,
+                                              "computed_examples": computed}
+    writer.metadata["dump_seconds"] = round(seconds, 3)  # tokenise + forward + write, all splits
+    if ranks.many:
+        writer.metadata["dump_ranks"] = ranks.world
+    writer.finish()
 
 
 @contextlib.contextmanager

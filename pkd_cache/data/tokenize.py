@@ -18,6 +18,13 @@ def tokenize(tokenizer, examples: Examples, start: int, stop: int, max_length: i
     return {k: np.asarray(enc[k], dtype=dt) for k, dt in TOKEN_DTYPES.items()}
 
 
+def tokenize_lengths(tokenizer, examples: Examples, max_length: int) -> np.ndarray:
+    """Every example's token count after truncation (what length bucketing sorts by)."""
+    enc = tokenizer(examples.text_a, examples.text_b, truncation=True, max_length=max_length,
+                    return_attention_mask=False, return_token_type_ids=False)
+    return np.array([len(ids) for ids in enc["input_ids"]], dtype=np.int64)
+
+
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Cut the token columns of a batch to its longest sequence (dynamic padding)."""
     width = int(batch["attention_mask"].sum(dim=1).max())

@@ -56,6 +56,11 @@ def _empty_dir(location: Location) -> bool:
     return location.local.is_dir() and not any(location.local.iterdir())
 
 
+def attach_writer(out: str, storage_options: Optional[dict] = None) -> "StoreWriter":
+    """A writer of chunks into the store rank 0 of a multi-rank dump opened (`open_writer`) and will finish."""
+    return StoreWriter(Location(out, storage_options), {}, attach=True)
+
+
 def open_writer(out: str, overwrite: bool, metadata: dict, store_format: str = "zarr",
                 storage_options: Optional[dict] = None, resume: bool = False):
     """A writer for a new store at `out` (an existing store there is replaced only with `overwrite`), or with
@@ -80,14 +85,15 @@ class ChunkedWriter:
     """What both store flavours share: the single-writer lock, each chunk's checksums recorded once its files are
     in place (store/journal.py), the chunks a resumed dump finds durable, and the manifest at the end."""
 
-    def _start(self, location: Location, resume: bool) -> None:
+    def _start(self, location: Location, resume: bool, attach: bool = False) -> None:
         self.location = location
         self.lock = WriterLock(location)
-        self.lock.acquire()
+        if not attach:  # an attached writer (another rank of one dump) works under rank 0's lock
+            self.lock.acquire()
         self.checksums: dict[str, list[int]] = {}
         self.durable: dict[str, set[int]] = {}
-        self.resumed = resume
-        if resume:
+        self.resumed = resume or attach
+        if resume and not attach:
             remove_partial_files(location)  # files a killed writer did not finish renaming into place
 
     def _resumed_metadata(self, old: dict, new: dict) -> dict:
@@ -130,15 +136,21 @@ class StoreWriter(ChunkedWriter):
     CRC-32C recorded in the manifest that `finish` writes before the complete flag.
     """
 
-    def __init__(self, location: Location, metadata: dict, resume: bool = False):
-        self._start(location, resume)
-        if resume:
+    def __init__(self, location: Location, metadata: dict, resume: bool = False, attach: bool = False):
+        """`attach`: write chunks into a store another process (rank 0 of a multi-rank dump) created and will
+        finish; its metadata is left alone."""
+        self._start(location, resume, attach)
+        if attach:
+            self.root = zarr.open_group(store=self.location.zarr_store(read_only=False), mode="r+")
+            self.metadata = dict(self.root.attrs)
+        elif resume:
             self.root = zarr.open_group(store=self.location.zarr_store(read_only=False), mode="r+")
             self.metadata = self._resumed_metadata(dict(self.root.attrs), metadata)
         else:
             self.metadata = metadata  # mode "a": the folder already holds our lock, and nothing else (checked)
             self.root = zarr.open_group(store=self.location.zarr_store(read_only=False), mode="a")
-        self.root.attrs.update(self.metadata)
+        if not attach:
+            self.root.attrs.update(self.metadata)
         self._arrays: dict[tuple[str, str], tuple] = {}
 
     def create_split(self, split: str, shapes: dict[str, tuple], split_meta: dict) -> None:
