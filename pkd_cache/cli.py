@@ -190,7 +190,10 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
             max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Online KD: first N examples."),
             save_steps: int = typer.Option(0, "--save-steps", help="Also checkpoint every N steps (always after "
                                                                    "each epoch)."),
-            resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --output-dir.")):
+            resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --output-dir."),
+            per_device_batch_size: Optional[int] = typer.Option(
+                None, "--per-device-batch-size", help="Rows per forward on each device; a rank's share of a "
+                                                      "--batch-size batch is accumulated in steps of it.")):
     """Train a k-layer student from a store (no teacher in memory); keep the best dev checkpoint.
 
     With --teacher instead of --store: online KD, the same losses with the teacher run on every step (to compare
@@ -202,7 +205,7 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
                       layer_map=_int_list(layer_map, "--layer-map"), alpha=alpha, beta=beta,
                       temperature=temperature, student_init=student_init, overwrite=overwrite, device=device,
                       teacher=teacher, data_dir=data_dir, max_seq_length=max_seq_length, chunk_size=chunk_size,
-                      max_examples=max_examples, resume=resume,
+                      max_examples=max_examples, resume=resume, per_device_batch_size=per_device_batch_size,
                       train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed,
                                           max_steps, logging_steps, save_steps)))
 

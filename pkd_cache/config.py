@@ -129,6 +129,8 @@ class DistillConfig:
     device: Optional[str] = None
     train: TrainConfig = field(default_factory=TrainConfig)
     resume: bool = False  # continue from the checkpoint in output_dir (written every save_steps / epoch)
+    # under torchrun: rows per forward on each rank; each rank's share of a batch is accumulated in steps of it
+    per_device_batch_size: Optional[int] = None
     # online KD, for comparison: no store, the teacher runs on every step over the task's data
     teacher: Optional[str] = None
     data_dir: Optional[str] = None
@@ -149,6 +151,7 @@ class DistillConfig:
                 raise PkdCacheError(f"--chunk-size must be > 0, got {self.chunk_size}")
         if self.student_layers <= 0:
             raise PkdCacheError(f"--student-layers must be > 0, got {self.student_layers}")
+        check_positive_or_none(self.per_device_batch_size, "--per-device-batch-size")
         if self.strategy not in ("skip", "last"):
             raise PkdCacheError(f"--strategy must be 'skip' or 'last', got {self.strategy!r}")
         if not 0 <= self.alpha <= 1:

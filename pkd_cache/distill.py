@@ -1,22 +1,31 @@
-"""Stage 2: train a k-layer student from a store alone. The teacher is never constructed or loaded."""
+"""Stage 2: train a k-layer student from a store alone. The teacher is never constructed or loaded.
+
+Under `torchrun`, DistributedDataParallel: every rank reads only its part of each batch from the store
+(`stream.iter_batches(shard=...)`), accumulates it in steps of `--per-device-batch-size` rows, and the all-reduced
+gradient is the mean over the whole batch, so the global batch is the `--batch-size` asked for. Rank 0 evaluates,
+logs and saves.
+"""
 from __future__ import annotations
 
-import math
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from . import checkpoint
 from .config import DistillConfig, to_dict
 from .data.tasks import get_task
-from .data.tokenize import TOKEN_DTYPES, to_model_inputs
+from .data.tokenize import TOKEN_DTYPES, to_model_inputs, trim_padding
+from .distributed import Ranks, barrier, process_group, rank_device, ranks_from_env
 from .errors import PkdCacheError
 from .evaluate import main_metric_key, score
 from .paths import check_output_dir, prepare_output_dir
 from .progress import log
 from .store.reader import open_store
+from .stream import shard_sizes
 from .student.init import build_student, student_cls
 from .student.layer_map import layer_map
 from .student.losses import LossWeights, pkd_loss
@@ -40,7 +49,7 @@ def _store_task(meta: dict, config: DistillConfig):
 
 # What fixes the batches: members of one pass (`distill_many`) must agree on these.
 PASS_KEYS = ("store", "teacher", "data_dir", "max_seq_length", "chunk_size", "max_examples", "train_split",
-             "batch_size", "seed", "epochs", "max_steps", "device")
+             "batch_size", "seed", "epochs", "max_steps", "device", "per_device_batch_size")
 
 
 @dataclass
@@ -108,27 +117,66 @@ def distill_many(configs: list[DistillConfig], description: str = "distill") -> 
         raise PkdCacheError("students trained in one pass need distinct output directories")
     for c in configs:
         c.check()
-    device = resolve_device(configs[0].device)
-    store = _source(configs[0], device)
-    plans = [_plan(c, store) for c in configs]  # every check before any model is built or folder written
-    layers = sorted({layer for p in plans if p.need_cls for layer in p.lmap})
-    members, finishers = zip(*(_member(p, store, device, layers, len(plans) > 1) for p in plans))
-    train_cfg = configs[0].train
-    fields = ("input_ids", "attention_mask", "token_type_ids", "labels", "logits") + (("cls",) if layers else ())
-
-    def epoch_batches(epoch: int, start_batch: int = 0):
-        return store.batches(configs[0].train_split, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed,
-                             epoch=epoch, layers=layers or None, fields=fields, pin_memory=device.type == "cuda",
-                             start_batch=start_batch)
-
-    steps_per_epoch = math.ceil(store.num_examples(configs[0].train_split) / train_cfg.batch_size)
-    t0 = time.perf_counter()
     resume = {c.resume for c in configs}
     if len(resume) != 1:
         raise PkdCacheError("the students of one pass must all resume or all start")
-    results = train_many(list(members), steps_per_epoch, epoch_batches, description=description,
-                         save_steps=train_cfg.save_steps, resume=resume.pop())
-    return [finish(result, time.perf_counter() - t0) for finish, result in zip(finishers, results)]
+    ranks = ranks_from_env()
+    device = rank_device(ranks, resolve_device(configs[0].device))
+    with process_group(ranks, device), _quiet(not ranks.main):
+        store = _source(configs[0], device)
+        plans = [_plan(c, store) for c in configs]  # every check before any model is built or folder written
+        barrier(ranks)  # every rank has checked the output folders before rank 0 prepares them
+        layers = sorted({layer for p in plans if p.need_cls for layer in p.lmap})
+        members, finishers = zip(*(_member(p, store, device, layers, len(plans) > 1, ranks) for p in plans))
+        train_cfg = configs[0].train
+        fields = ("input_ids", "attention_mask", "token_type_ids", "labels", "logits") + (("cls",) if layers else ())
+        n, size = store.num_examples(configs[0].train_split), train_cfg.batch_size
+        sizes = shard_sizes([min(size, n - i) for i in range(0, n, size)], ranks.world)  # rows of each batch
+
+        def epoch_batches(epoch: int, start_batch: int = 0):
+            batches = store.batches(configs[0].train_split, size, shuffle=True, seed=train_cfg.seed, epoch=epoch,
+                                    layers=layers or None, fields=fields, pin_memory=device.type == "cuda",
+                                    start_batch=start_batch, shard=(ranks.rank, ranks.world))
+            if not (ranks.many or configs[0].per_device_batch_size):
+                return batches
+            return ({**b, GLOBAL_ROWS: sizes[start_batch + i]} for i, b in enumerate(batches))
+
+        t0 = time.perf_counter()
+        results = train_many(list(members), len(sizes), epoch_batches, description=description,
+                             save_steps=train_cfg.save_steps, resume=resume.pop())
+        metrics = [finish(result, time.perf_counter() - t0) for finish, result in zip(finishers, results)]
+        barrier(ranks)  # every rank returns once rank 0 has written the students
+    return metrics
+
+
+GLOBAL_ROWS = "_global_rows"  # under torchrun: the rows of the whole batch this rank's part belongs to
+
+
+@contextlib.contextmanager
+def _quiet(quiet: bool):
+    """Log lines and progress bars from rank 0 only."""
+    from .progress import console
+
+    before, console.quiet = console.quiet, quiet or console.quiet
+    try:
+        yield
+    finally:
+        console.quiet = before
+
+
+class _Trainable(torch.nn.Module):
+    """The student and its (optional) CLS projection as one module, so that DDP all-reduces both."""
+
+    def __init__(self, model: torch.nn.Module, projection: Optional[torch.nn.Module], k: int, need_cls: bool):
+        super().__init__()
+        self.model, self.projection, self.k, self.need_cls = model, projection, k, need_cls
+
+    def forward(self, **inputs):
+        outputs = self.model(**inputs, output_hidden_states=self.need_cls)
+        s_cls = student_cls(outputs.hidden_states, self.k) if self.need_cls else None
+        if s_cls is not None and self.projection is not None:
+            s_cls = self.projection(s_cls)
+        return outputs.logits, s_cls
 
 
 def _source(config: DistillConfig, device):
@@ -141,7 +189,7 @@ def _source(config: DistillConfig, device):
                         device, config.max_examples)
 
 
-def _member(plan: _Plan, store, device, layers: list[int], named: bool):
+def _member(plan: _Plan, store, device, layers: list[int], named: bool, ranks=Ranks()):
     """The student of `plan` as a training `Member`, and a function that writes its metrics when training ends."""
     config, task, k = plan.config, plan.task, plan.k
     meta = store.info()
@@ -152,7 +200,7 @@ def _member(plan: _Plan, store, device, layers: list[int], named: bool):
     projection = None
     if plan.need_cls and hidden != teacher_hidden:  # a narrower (or wider) student: learn a map to the teacher's width
         projection = torch.nn.Linear(hidden, teacher_hidden, bias=False)
-    out = Path(config.output_dir).expanduser() if config.resume else \
+    out = Path(config.output_dir).expanduser() if config.resume or not ranks.main else \
         prepare_output_dir(config.output_dir, config.overwrite)  # everything has loaded
     model.to(device)
     if projection is not None:
@@ -163,17 +211,24 @@ def _member(plan: _Plan, store, device, layers: list[int], named: bool):
         f"{store.teacher_layers} teacher layers, alpha {config.alpha:g}, beta {plan.beta:g}, T {config.temperature:g}"
         + (f", CLS projected {hidden} -> {teacher_hidden}" if projection is not None else ""))
 
+    trainable = _Trainable(model, projection, k, plan.need_cls)
+    forward, no_sync, micro_batches = trainable, None, None
+    if ranks.many or config.per_device_batch_size:
+        micro_batches = _micro_batches(config.per_device_batch_size, ranks.world)
+    if ranks.many:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(trainable, device_ids=[device] if device.type == "cuda" else None)
+        no_sync = forward.no_sync
+        torch.manual_seed(config.train.seed + ranks.rank)  # dropout differs across ranks; rank 0's is a 1-rank run's
+
     def loss_fn(batch):
-        outputs = model(**to_model_inputs(batch, device), output_hidden_states=plan.need_cls)
+        logits, s_cls = forward(**to_model_inputs(batch, device))
         on_device = {key: batch[key].to(device, non_blocking=True) for key in ("labels", "logits")}
-        s_cls = None
         if plan.need_cls:
             cls = batch["cls"] if positions == list(range(len(layers))) else batch["cls"][:, positions]
             on_device["cls"] = cls.to(device, non_blocking=True)
-            s_cls = student_cls(outputs.hidden_states, k)
-            if projection is not None:
-                s_cls = projection(s_cls)
-        return pkd_loss(outputs.logits, s_cls, on_device, weights, task.is_regression)
+        return pkd_loss(logits, s_cls, on_device, weights, task.is_regression)
 
     def evaluate():
         return score(model, {s: store.batches(s, 128, shuffle=False, fields=EVAL_FIELDS) for s in plan.eval_splits},
@@ -185,11 +240,13 @@ def _member(plan: _Plan, store, device, layers: list[int], named: bool):
         model.save_pretrained(out)
         student.tokenizer.save_pretrained(out)
 
-    steps_per_epoch = math.ceil(store.num_examples(config.train_split) / config.train.batch_size)
+    n, size = store.num_examples(config.train_split), config.train.batch_size
+    steps_per_epoch = len(shard_sizes([min(size, n - i) for i in range(0, n, size)], ranks.world))
     main_key = main_metric_key(task, plan.eval_splits)
     extra = list(projection.named_parameters(prefix="cls_projection")) if projection is not None else None
     member = Member(model, config.train, total_steps_of(config.train, steps_per_epoch), loss_fn, evaluate, main_key,
-                    save_best, extra, name=Path(config.output_dir).name if named else "", output_dir=out)
+                    save_best, extra, name=Path(config.output_dir).name if named else "", output_dir=out,
+                    micro_batches=micro_batches, no_sync=no_sync, main=ranks.main)
 
     def finish(result, seconds: float) -> dict:
         metrics = {"task": task.name, "store": config.store, "online_teacher": config.teacher,
@@ -198,10 +255,28 @@ def _member(plan: _Plan, store, device, layers: list[int], named: bool):
                    "temperature": config.temperature, "cls_projection": [hidden, teacher_hidden] if projection else None,
                    "best_epoch": result.best_epoch, "best_" + main_key: result.best_metric, "history": result.history,
                    "steps": result.steps, "wall_seconds": seconds,
-                   "teacher_weights_fingerprint": meta["teacher"].get("weights_fingerprint"), "config": to_dict(config)}
+                   "teacher_weights_fingerprint": meta["teacher"].get("weights_fingerprint"), "config": to_dict(config),
+                   "ranks": ranks.world}
+        if not ranks.main:
+            return metrics
         write_metrics(out, metrics)
         checkpoint.remove(out)  # finished: the resume aid goes
         log(f"best {main_key} {result.best_metric:.4f} (epoch {result.best_epoch}); student saved to {out}")
         return metrics
 
     return member, finish
+
+
+def _micro_batches(per_device: Optional[int], world: int):
+    """This rank's part of a batch as (micro-batch, loss weight): weights W * rows / global rows, so that DDP's
+    all-reduced mean over ranks is the gradient of the mean loss over the whole batch."""
+
+    def split(batch: dict) -> list[tuple[dict, float]]:
+        total = batch[GLOBAL_ROWS]
+        tensors = {k: v for k, v in batch.items() if k != GLOBAL_ROWS}
+        rows = len(tensors["labels"])
+        step = per_device or rows
+        return [(trim_padding({k: v[a:a + step] for k, v in tensors.items()}), world * min(step, rows - a) / total)
+                for a in range(0, rows, step)]
+
+    return split

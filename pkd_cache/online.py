@@ -96,13 +96,14 @@ class OnlineSource:
 
     def batches(self, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                 layers: Optional[Sequence[int]] = None, fields: Sequence[str] = (), prefetch: int = 2,
-                pin_memory: bool = False, start_batch: int = 0, **_) -> Iterator[dict[str, torch.Tensor]]:
+                pin_memory: bool = False, start_batch: int = 0, shard: tuple[int, int] = (0, 1),
+                **_) -> Iterator[dict[str, torch.Tensor]]:
         """The store's batches for the same examples; `logits` and `cls` come from a teacher forward on each."""
         from .stream import iter_batches
 
         stored = [f for f in fields if f in (*TOKEN_DTYPES, "labels")]
         for batch in iter_batches(self, split, batch_size, shuffle, seed, epoch, None, stored,
-                                  prefetch=prefetch, pin_memory=pin_memory, start_batch=start_batch):
+                                  prefetch=prefetch, pin_memory=pin_memory, start_batch=start_batch, shard=shard):
             if "logits" in fields or "cls" in fields:
                 logits, cls = teacher_outputs(self.model, to_model_inputs(batch, self.device))
                 batch["logits"] = logits

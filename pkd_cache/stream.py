@@ -51,11 +51,15 @@ def epoch_groups(num_examples: int, chunk_size: int, shuffle: bool, seed: int, e
 def iter_batches(store, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                  layers: Optional[Sequence[int]] = None, fields: Sequence[str] = (), shuffle_chunks: int = 8,
                  prefetch: int = 2, workers: Optional[int] = None, pin_memory: bool = False,
-                 start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+                 start_batch: int = 0, shard: tuple[int, int] = (0, 1)) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of torch tensors following `epoch_groups`; a thread loads the next group(s) meanwhile.
 
     Batches are consecutive slices of the groups' rows, so `start_batch` (a resumed run) skips exactly
     `start_batch * batch_size` rows: whole groups unread, then part of the next.
+
+    `shard=(r, W)` (rank r of W): each batch is the r-th of W near-equal parts (`np.array_split`) of the batch one
+    process would get, so the W ranks' batches together are exactly the one-process batch. A rank reads only the
+    chunks holding its rows and gathers only those. A last batch smaller than W is left out on every rank.
     """
     n = store.num_examples(split)
     readers = {k: store.chunk_reader(split, k) for k in _stored_arrays(store, split, fields)}
@@ -63,21 +67,53 @@ def iter_batches(store, split: str, batch_size: int, shuffle: bool = True, seed:
     if any(r.chunks[0] != chunk for r in readers.values()):
         raise PkdCacheError(f"store {store.path}: the arrays of split {split!r} are chunked differently along N")
     groups = _skip_rows(epoch_groups(n, chunk, shuffle, seed, epoch, shuffle_chunks), start_batch * batch_size)
+    left = max(0, n - start_batch * batch_size)
+    sizes = [min(batch_size, left - i) for i in range(0, left, batch_size)]
+    if shard[1] > 1:
+        groups, sizes = shard_rows(groups, sizes, *shard, chunk)
     buffers = BufferPool()
     pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1), thread_name_prefix="pkd-cache-decode")
     try:
         loaded = _prefetch((_load_group(readers, g, chunk, layers, pool, buffers) for g in groups), prefetch)
+        todo = iter(sizes)
+        need = next(todo, None)
         carry: Optional[dict[str, np.ndarray]] = None
-        for i, buf in enumerate(loaded):
+        for buf in loaded:
             if carry is not None:
                 buf = {k: np.concatenate([carry[k], v]) for k, v in buf.items()}
-            m = len(next(iter(buf.values())))
-            full = m if i == len(groups) - 1 else (m // batch_size) * batch_size
-            for b in range(0, full, batch_size):
-                yield to_batch({k: v[b:b + batch_size] for k, v in buf.items()}, pin_memory)
-            carry = {k: v[full:] for k, v in buf.items()} if full < m else None
+            m, at = len(next(iter(buf.values()))), 0
+            while need is not None and m - at >= need:
+                yield to_batch({k: v[at:at + need] for k, v in buf.items()}, pin_memory)
+                at += need
+                need = next(todo, None)
+            carry = {k: v[at:] for k, v in buf.items()} if at < m else None
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def shard_sizes(sizes: list[int], world: int) -> list[int]:
+    """The one-process batch sizes that W ranks keep (a last batch smaller than W is left out)."""
+    return [s for s in sizes if s >= world]
+
+
+def shard_rows(groups: list[Group], sizes: list[int], rank: int, world: int,
+               chunk: int) -> tuple[list[Group], list[int]]:
+    """This rank's part of every batch: its groups (only the chunks it reads, only its rows) and batch sizes."""
+    keep = np.zeros(sum(sizes), dtype=bool)
+    local, at = [], 0
+    for size in shard_sizes(sizes, world):
+        part = np.array_split(np.arange(at, at + size), world)[rank]
+        keep[part] = True
+        local.append(len(part))
+        at += size
+    out, at = [], 0
+    for g in groups:
+        rows = g.rows[keep[at:at + len(g.rows)]]
+        at += len(g.rows)
+        if len(rows):
+            used = set((rows // chunk).tolist())
+            out.append(Group(tuple(c for c in g.chunks if c in used), rows))
+    return out, local
 
 
 def _skip_rows(groups: list[Group], skip: int) -> list[Group]:

@@ -6,6 +6,7 @@ keeping the best dev checkpoint and writing metrics.json.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -65,7 +66,13 @@ class Member:
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, total_steps: int,
                  loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], evaluate: Callable[[], dict], main_metric: str,
                  save_best: Callable[[], None], extra_params: Optional[list[tuple[str, torch.nn.Parameter]]] = None,
-                 name: str = "", output_dir: Optional[Path] = None):
+                 name: str = "", output_dir: Optional[Path] = None,
+                 micro_batches: Optional[Callable[[dict], list[tuple[dict, float]]]] = None,
+                 no_sync: Optional[Callable] = None, main: bool = True):
+        """Under torchrun: `micro_batches` cuts this rank's part of a batch into (micro-batch, loss weight) for
+        gradient accumulation, `no_sync` is the DDP wrapper's (no all-reduce before the last micro-batch), and only
+        the `main` rank evaluates, saves and writes checkpoints."""
+        self.micro_batches, self.no_sync, self.main = micro_batches, no_sync, main
         self.model, self.cfg, self.total_steps, self.name = model, cfg, total_steps, name
         self.output_dir, self.extra = output_dir, list(extra_params or [])
         self.loss_fn, self.evaluate, self.main_metric, self.save_best = loss_fn, evaluate, main_metric, save_best
@@ -78,9 +85,17 @@ class Member:
 
     def step(self, batch: dict) -> None:
         _set_rng_state(self.rng)
-        loss, parts = self.loss_fn(batch)  # forward + loss (the caller's single loss seam)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.micro_batches is None:
+            loss, parts = self.loss_fn(batch)  # forward + loss (the caller's single loss seam)
+            loss.backward()
+        else:
+            micros = self.micro_batches(batch)
+            for i, (micro, weight) in enumerate(micros):
+                last = i == len(micros) - 1
+                with contextlib.nullcontext() if last or self.no_sync is None else self.no_sync():
+                    loss, parts = self.loss_fn(micro)
+                    (loss * weight).backward()  # the weights make the all-reduced gradient the batch's mean
         if self.cfg.max_grad_norm > 0:  # clip
             torch.nn.utils.clip_grad_norm_([p for _, p in self.params], self.cfg.max_grad_norm)
         self.opt.step()
@@ -133,7 +148,9 @@ class Member:
         self.result.history = meta["history"]
 
     def end_epoch(self, epoch: int) -> None:
-        """Evaluate; keep the best checkpoint on the main dev metric."""
+        """Evaluate; keep the best checkpoint on the main dev metric (the main rank only)."""
+        if not self.main:
+            return
         metrics = self.evaluate()
         self.result.history.append({"epoch": epoch + 1, "step": self.step_count, **metrics})
         score = metrics[self.main_metric]
@@ -166,7 +183,7 @@ def train_many(members: list[Member], steps_per_epoch: int, epoch_batches: Calla
 
     def save(epoch: int, batch: int) -> None:
         for m in members:
-            if m.output_dir is not None:
+            if m.output_dir is not None and m.main:
                 tensors, meta = m.state()
                 checkpoint.save(m.output_dir, tensors, {**meta, "position": {"epoch": epoch, "batch": batch,
                                                                               "step": step}})

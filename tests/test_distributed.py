@@ -101,3 +101,42 @@ def test_shares_balance_tokens_not_examples():
     lengths = np.array([5, 3, 9, 1])
     assert window_tokens(lengths, 2, 16, bucketed=True) == 9 * 2 + 3 * 2  # sorted: [9, 5] [3, 1]
     assert window_tokens(lengths, 2, 16, bucketed=False) == 4 * 16
+
+
+def distill_cmd(store, init, out, ranks: int, *extra) -> list[str]:
+    args = ["distill", "--store", str(store), "--student-layers", "2", "--student-init", str(init), "--batch-size",
+            "15", "--max-steps", "6", "--learning-rate", "1e-3", "--seed", "0", "--output-dir", str(out), *extra]
+    if ranks == 1:
+        return [sys.executable, "-m", "pkd_cache", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+            "-m", "pkd_cache", *args]
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_two_ranks_train_the_student_one_rank_trains(tmp_path, store_path, backbone_dir):
+    """Dropout is off in these models: 2 ranks with 8 and 7 rows of each 15-row batch, in micro-batches of 4 (so
+    of unequal sizes, weighted by their rows), train the 1-rank student step for step
+    (the checkpoint kept is the one after the last step: one epoch, evaluated once)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    p = run(distill_cmd(store_path, backbone_dir, one, 1))
+    assert p.returncode == 0, show(p)
+    p = run(distill_cmd(store_path, backbone_dir, two, 2, "--per-device-batch-size", "4"))
+    assert p.returncode == 0, show(p)
+    assert p.stderr.count("best validation_accuracy") == 1  # rank 0 alone evaluates, saves and reports
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert (m1["ranks"], m2["ranks"], m1["steps"], m2["steps"]) == (1, 2, 6, 6)
+    w1, w2 = weights(one), weights(two)
+    start = {k: v for k, v in weights_of_init(backbone_dir).items()}
+    diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    moved = max(float((w1[k] - start[k]).abs().max()) for k in w1 if k in start)
+    assert diff < 1e-5 and moved > 1e-3, (diff, moved)  # the same student, and it did train
+
+
+def weights_of_init(backbone: Path) -> dict:
+    """The backbone's weights under the student's names (bert.*), for the layers both have."""
+    return {f"bert.{k}": v for k, v in weights(backbone).items()}

@@ -128,3 +128,24 @@ def test_stores_with_all_layers_in_one_chunk_read_the_same(store_path, tmp_path)
         b = list(pkd_cache.open_store(str(copy)).batches("train", 24, seed=2, layers=layers, shuffle_chunks=2))
         for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(x["cls"], y["cls"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("world, start", [(2, 0), (3, 0), (2, 3)])
+def test_ranks_batches_together_are_the_one_process_batches(store_path, world, start):
+    import torch
+
+    store = pkd_cache.open_store(str(store_path))
+    kw = dict(shuffle=True, seed=3, epoch=1, fields=("input_ids", "attention_mask", "labels", "logits"), start_batch=start)
+    one = list(store.batches("train", 24, **kw))
+    ranks = [list(store.batches("train", 24, shard=(r, world), **kw)) for r in range(world)]
+    assert all(len(r) == len(one) for r in ranks)  # 160 rows: the last batch (16) is >= world, so it is kept
+    for i, batch in enumerate(one):
+        parts = [r[i] for r in ranks]
+        assert [len(p["labels"]) for p in parts] == [len(x) for x in np.array_split(np.arange(len(batch["labels"])),
+                                                                                      world)]
+        torch.testing.assert_close(torch.cat([p["labels"] for p in parts]), batch["labels"])
+        torch.testing.assert_close(torch.cat([p["logits"] for p in parts]), batch["logits"])
+        for p, rows in zip(parts, np.array_split(np.arange(len(batch["labels"])), world)):
+            width = p["input_ids"].shape[1]  # each part is cut to its own longest sequence
+            torch.testing.assert_close(p["input_ids"], batch["input_ids"][rows, :width])
+            assert not batch["input_ids"][rows, width:].any()

@@ -145,14 +145,15 @@ class Store:
     def batches(self, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                 layers: Optional[Sequence[int]] = None, shuffle_chunks: int = 8,
                 fields: Sequence[str] = ARRAYS, prefetch: int = 2, pin_memory: bool = False,
-                start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+                start_batch: int = 0, shard: tuple[int, int] = (0, 1)) -> Iterator[dict[str, torch.Tensor]]:
         """Dicts of torch tensors (`input_ids`, `attention_mask`, `token_type_ids`, `labels`, `logits`, `cls`).
 
         Token columns are cut to the batch's longest sequence. With `shuffle`, chunks are visited in a random
         order and examples are shuffled within groups of `shuffle_chunks` chunks; the order is a pure
         function of (seed, epoch) (see `pkd_cache.stream.epoch_groups`). `layers` selects CLS rows
         (0 = embeddings, i = layer i); `fields` the arrays. A thread reads `prefetch` groups ahead.
-        `start_batch` skips the epoch's first batches (a resumed run continues where it stopped).
+        `start_batch` skips the epoch's first batches (a resumed run continues where it stopped). `shard=(r, W)`
+        gives rank r its part of every batch (`pkd_cache.stream.iter_batches`).
         """
         from ..stream import iter_batches
 
@@ -160,7 +161,7 @@ class Store:
             raise PkdCacheError(f"batch size must be > 0, got {batch_size}")
         self._split_meta(split)
         return iter_batches(self, split, batch_size, shuffle, seed, epoch, layers, fields, shuffle_chunks,
-                            prefetch=prefetch, pin_memory=pin_memory, start_batch=start_batch)
+                            prefetch=prefetch, pin_memory=pin_memory, start_batch=start_batch, shard=shard)
 
 
 SAFE_CODECS = ("bytes", "blosc", "zstd", "gzip", "crc32c", "transpose")
