@@ -5,13 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import write_sst2
 from test_cli import ENV, show
-from test_resume import files
+from test_resume import files, wait_for_progress
 
 from pkd_cache.distributed import balanced_shares
 from pkd_cache.dump_shares import window_tokens
@@ -71,12 +70,7 @@ def test_two_ranks_write_the_same_store_as_one(tmp_path, teacher_dir, data, refe
 def kill_after_progress(cmd, out: Path, records: int) -> None:
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    progress = out / ".pkd_cache" / "progress" / "train"
-    deadline = time.monotonic() + 300
-    while not (progress.is_dir() and len(list(progress.iterdir())) >= records):
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, "the dump never made progress"
-        time.sleep(0.01)
+    wait_for_progress(out, proc, records)
     os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher at once, as a lost node would
     proc.wait(timeout=60)
     assert not attributes(out)["complete"]
