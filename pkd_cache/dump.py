@@ -181,7 +181,11 @@ def _run_share(config: DumpConfig, writer, model, tokenizer, examples: dict, pla
                     for start, stop in windows:
                         todo = [c for c in chunk_ranges(start, stop, config.chunk_size)
                                 if c[0] // config.chunk_size not in durable]
-                        tokens = tokenize(tokenizer, ex, start, stop, config.max_seq_length)
+                        # tokenised a chunk at a time: the tokenizer's per-example objects for a whole window would
+                        # raise the dump's memory plateau for nothing (same arrays either way)
+                        parts = [tokenize(tokenizer, ex, a, b, config.max_seq_length)
+                                 for a, b in chunk_ranges(start, stop, config.chunk_size)]
+                        tokens = {k: np.concatenate([t[k] for t in parts]) for k in parts[0]}
                         logits, cls = run_chunk(model, tokens, config.batch_size,
                                                 bucketed=not config.pad_to_max_length, cls_dtype=cls_dtype,
                                                 device=device, precision=config.precision)

@@ -18,11 +18,16 @@ def tokenize(tokenizer, examples: Examples, start: int, stop: int, max_length: i
     return {k: np.asarray(enc[k], dtype=dt) for k, dt in TOKEN_DTYPES.items()}
 
 
-def tokenize_lengths(tokenizer, examples: Examples, max_length: int) -> np.ndarray:
-    """Every example's token count after truncation (what length bucketing sorts by)."""
-    enc = tokenizer(examples.text_a, examples.text_b, truncation=True, max_length=max_length,
-                    return_attention_mask=False, return_token_type_ids=False)
-    return np.array([len(ids) for ids in enc["input_ids"]], dtype=np.int64)
+def tokenize_lengths(tokenizer, examples: Examples, max_length: int, block: int = 4096) -> np.ndarray:
+    """Every example's token count after truncation (what length bucketing sorts by), `block` examples at a time
+    so that the tokenizer's per-example objects never exist for a whole split at once."""
+    lengths = []
+    for a in range(0, len(examples), block):
+        b = None if examples.text_b is None else examples.text_b[a:a + block]
+        enc = tokenizer(examples.text_a[a:a + block], b, truncation=True, max_length=max_length,
+                        return_attention_mask=False, return_token_type_ids=False)
+        lengths += [len(ids) for ids in enc["input_ids"]]
+    return np.array(lengths, dtype=np.int64)
 
 
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
