@@ -7,6 +7,7 @@ padded only to its own longest sequence (teacher/run.py); the window is then cut
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import signal
 import threading
@@ -197,9 +198,26 @@ def _run_share(config: DumpConfig, writer, model, tokenizer, examples: dict, pla
                             background.put(split, a, chunk)
                             computed += b - a
                         bar.advance(stop - start)
+                        release_free_memory()
         finally:
             background.close()  # drains the queue (what is queued becomes durable); re-raises a write error
     return computed
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim) after each window. Windows of varying batch
+    widths leave free holes all over the heap; without this the dump's RSS creeps up over a long run."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _finish(config: DumpConfig, writer, examples: dict, reports: list[dict], resuming: bool, seconds: float,
