@@ -134,3 +134,12 @@ def test_two_ranks_train_the_student_one_rank_trains(tmp_path, store_path, backb
 def weights_of_init(backbone: Path) -> dict:
     """The backbone's weights under the student's names (bert.*), for the layers both have."""
     return {f"bert.{k}": v for k, v in weights(backbone).items()}
+
+
+def test_a_multi_rank_dump_refuses_arrow_with_one_line(tmp_path, teacher_dir, data):
+    p = run(dump_cmd(teacher_dir, data, tmp_path / "s.arrow", 2, "--format", "arrow"))
+    assert p.returncode != 0
+    said = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert said == ["error: a multi-rank dump writes zarr stores only; run --format arrow as one process"] * 2, \
+        show(p)
+    assert not (tmp_path / "s.arrow").exists()
