@@ -182,8 +182,8 @@ def _run_share(config: DumpConfig, writer, model, tokenizer, examples: dict, pla
                     for start, stop in windows:
                         todo = [c for c in chunk_ranges(start, stop, config.chunk_size)
                                 if c[0] // config.chunk_size not in durable]
-                        # tokenised a chunk at a time: the tokenizer's per-example objects for a whole window would
-                        # raise the dump's memory plateau for nothing (same arrays either way)
+                        # tokenised a chunk at a time: the tokenizer's per-example objects never exist for a whole
+                        # window (same arrays either way; benchmarks/RESULTS.md, B6)
                         parts = [tokenize(tokenizer, ex, a, b, config.max_seq_length)
                                  for a, b in chunk_ranges(start, stop, config.chunk_size)]
                         tokens = {k: np.concatenate([t[k] for t in parts]) for k in parts[0]}
