@@ -1,6 +1,7 @@
 """B1 and B2: dump throughput against a bare teacher forward, and length bucketing against fixed padding.
 
-    python benchmarks/bench_dump.py [--examples 8192] [--b2-examples 67349] [--device cpu|cuda] [--precision bf16]
+    python benchmarks/bench_dump.py [--examples 8192] [--b2-examples 67349] [--repeats 3] [--device cpu|cuda]
+        [--precision bf16]
 
 B1: dump's loop (tokenise, forward, compress, write; model loading excluded) vs a bare forward over the same
     bucketed batches of the same examples, tokenised beforehand; goal >= 0.97.
@@ -9,6 +10,7 @@ B2: `--pad-to-max-length` dump time / bucketed dump time on SST-2 train with the
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -56,6 +58,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="B1: alternating bare/dump pairs; medians")
     a = p.parse_args()
     device = torch.device(a.device)
     print(header())
@@ -64,8 +67,11 @@ def main() -> None:
         teacher = minilm_teacher(tmp / "teacher")
         kw = dict(batch_size=a.batch_size, device=a.device, precision=a.precision)
         dump_seconds(teacher, tmp / "warm.zarr", 512, **kw)  # warm-up: caches, allocator
-        bare = bare_forward_seconds(teacher, a.examples, a.batch_size, device, a.precision)
-        whole = dump_seconds(teacher, tmp / "b1.zarr", a.examples, **kw)
+        bares, wholes = [], []
+        for _ in range(a.repeats):  # alternating: this VM's speed drifts by 20% within minutes
+            bares.append(bare_forward_seconds(teacher, a.examples, a.batch_size, device, a.precision))
+            wholes.append(dump_seconds(teacher, tmp / "b1.zarr", a.examples, **kw))
+        bare, whole = statistics.median(bares), statistics.median(wholes)
         rows = [("B1 dump / bare forward", a.examples, a.examples / bare, a.examples / whole, bare / whole, ">= 0.97")]
         if a.b2_examples > 0:
             bucketed = dump_seconds(teacher, tmp / "b2b.zarr", a.b2_examples, **kw)
