@@ -25,7 +25,7 @@ from .evaluate import main_metric_key, score
 from .paths import check_output_dir, prepare_output_dir
 from .progress import log
 from .store.reader import open_store
-from .stream import shard_sizes
+from .stream import batch_sizes
 from .student.init import build_student, student_cls
 from .student.layer_map import layer_map
 from .student.losses import LossWeights, pkd_loss
@@ -131,7 +131,7 @@ def distill_many(configs: list[DistillConfig], description: str = "distill") -> 
         train_cfg = configs[0].train
         fields = ("input_ids", "attention_mask", "token_type_ids", "labels", "logits") + (("cls",) if layers else ())
         n, size = store.num_examples(configs[0].train_split), train_cfg.batch_size
-        sizes = shard_sizes([min(size, n - i) for i in range(0, n, size)], ranks.world)  # rows of each batch
+        sizes = batch_sizes(n, size, ranks.world)  # rows of each batch
 
         def epoch_batches(epoch: int, start_batch: int = 0):
             batches = store.batches(configs[0].train_split, size, shuffle=True, seed=train_cfg.seed, epoch=epoch,
@@ -241,7 +241,7 @@ def _member(plan: _Plan, store, device, layers: list[int], named: bool, ranks=Ra
         student.tokenizer.save_pretrained(out)
 
     n, size = store.num_examples(config.train_split), config.train.batch_size
-    steps_per_epoch = len(shard_sizes([min(size, n - i) for i in range(0, n, size)], ranks.world))
+    steps_per_epoch = len(batch_sizes(n, size, ranks.world))
     main_key = main_metric_key(task, plan.eval_splits)
     extra = list(projection.named_parameters(prefix="cls_projection")) if projection is not None else None
     member = Member(model, config.train, total_steps_of(config.train, steps_per_epoch), loss_fn, evaluate, main_key,

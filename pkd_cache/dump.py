@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import signal
 import threading
@@ -207,17 +208,17 @@ def _run_share(config: DumpConfig, writer, model, tokenizer, examples: dict, pla
 def release_free_memory() -> None:
     """Hand the heap's free pages back to the OS (glibc's malloc_trim) after each window. Windows of varying batch
     widths leave free holes all over the heap; without this the dump's RSS creeps up over a long run."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_malloc_trim = None
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
 
 
 def _finish(config: DumpConfig, writer, examples: dict, reports: list[dict], resuming: bool, seconds: float,

@@ -67,8 +67,7 @@ def iter_batches(store, split: str, batch_size: int, shuffle: bool = True, seed:
     if any(r.chunks[0] != chunk for r in readers.values()):
         raise PkdCacheError(f"store {store.path}: the arrays of split {split!r} are chunked differently along N")
     groups = _skip_rows(epoch_groups(n, chunk, shuffle, seed, epoch, shuffle_chunks), start_batch * batch_size)
-    left = max(0, n - start_batch * batch_size)
-    sizes = [min(batch_size, left - i) for i in range(0, left, batch_size)]
+    sizes = batch_sizes(max(0, n - start_batch * batch_size), batch_size)
     if shard[1] > 1:
         groups, sizes = shard_rows(groups, sizes, *shard, chunk)
     buffers = BufferPool()
@@ -89,6 +88,11 @@ def iter_batches(store, split: str, batch_size: int, shuffle: bool = True, seed:
             carry = {k: v[at:] for k, v in buf.items()} if at < m else None
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def batch_sizes(num_examples: int, batch_size: int, world: int = 1) -> list[int]:
+    """Rows of each batch of an epoch, as W ranks together take them (a last batch smaller than W is left out)."""
+    return shard_sizes([min(batch_size, num_examples - i) for i in range(0, num_examples, batch_size)], world)
 
 
 def shard_sizes(sizes: list[int], world: int) -> list[int]:
