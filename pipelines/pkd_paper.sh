@@ -11,12 +11,13 @@
 #   FT_GRID='learning_rate=2e-5,5e-5'
 #   KD_GRID='alpha=0.5,0.7 temperature=5,10 learning_rate=5e-5'
 #   PKD_GRID='alpha=0.5,0.7 temperature=5,10 paper_beta=100,500 learning_rate=5e-5'
+#   SEEDS='' (e.g. '0,1,2': every setting is trained once per seed and the report compares means over seeds)
 #   EXTRA_DISTILL='' (more options for every student, e.g. '--max-steps 5' for a smoke run)
 # Writes OUT_DIR/{teacher,TASK.zarr,sweeps/<method>/...,results.md,table1.png}.
 set -euo pipefail
 init=$1 task=$2 data=$3 out=$4
 : "${STUDENT_LAYERS:=3}" "${EPOCHS:=3}" "${BATCH:=32}" "${MAX_LEN:=128}" "${SEED:=0}" "${PER_PASS:=4}"
-: "${TEACHER_EPOCHS:=3}" "${TEACHER_LR:=2e-5}" "${EXTRA_DISTILL:=}"
+: "${TEACHER_EPOCHS:=3}" "${TEACHER_LR:=2e-5}" "${EXTRA_DISTILL:=}" "${SEEDS:=}"
 : "${FT_GRID:=learning_rate=2e-5,5e-5}"
 : "${KD_GRID:=alpha=0.5,0.7 temperature=5,10 learning_rate=5e-5}"
 : "${PKD_GRID:=alpha=0.5,0.7 temperature=5,10 paper_beta=100,500 learning_rate=5e-5}"
@@ -35,6 +36,7 @@ sweep() {  # sweep METHOD "GRID" FIXED-OPTIONS...
   local method=$1 grid=$2; shift 2
   local args=()
   for g in $grid; do args+=(--grid "$g"); done
+  if [ -n "$SEEDS" ]; then args+=(--grid "seed=$SEEDS"); fi
   # shellcheck disable=SC2086  # EXTRA_DISTILL is a list of options
   pkd-cache sweep --store "$out/$task.zarr" --student-init "$init" --student-layers "$STUDENT_LAYERS" \
     --epochs "$EPOCHS" --batch-size "$BATCH" --seed "$SEED" --students-per-pass "$PER_PASS" \
