@@ -29,12 +29,9 @@ class TrainConfig:
 
     def check(self, flag: str = "--") -> None:
         """`flag` prefixes the option names in messages (dump's fine-tuning options are --finetune-...)."""
-        if self.epochs <= 0:
-            raise PkdCacheError(f"{flag}epochs must be > 0, got {self.epochs}")
-        if self.learning_rate <= 0:
-            raise PkdCacheError(f"{flag}learning-rate must be > 0, got {self.learning_rate}")
-        if self.batch_size <= 0:
-            raise PkdCacheError(f"{flag}batch-size must be > 0, got {self.batch_size}")
+        check_positive(self.epochs, f"{flag}epochs")
+        check_positive(self.learning_rate, f"{flag}learning-rate")
+        check_positive(self.batch_size, f"{flag}batch-size")
         if not 0 <= self.warmup_ratio < 1:
             raise PkdCacheError(f"{flag}warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
 
@@ -55,7 +52,7 @@ class FinetuneConfig:
 
     def check(self) -> None:
         self.train.check()
-        check_max_seq_length(self.max_seq_length)
+        check_positive(self.max_seq_length, "--max-seq-length")
         check_positive_or_none(self.max_train_samples, "--max-train-samples")
         check_positive_or_none(self.max_eval_samples, "--max-eval-samples")
 
@@ -85,13 +82,10 @@ class DumpConfig:
     resume: bool = False  # continue an interrupted dump into `out`: its durable chunks are kept
 
     def check(self) -> None:
-        check_max_seq_length(self.max_seq_length)
-        if self.batch_size <= 0:
-            raise PkdCacheError(f"--batch-size must be > 0, got {self.batch_size}")
-        if self.chunk_size <= 0:
-            raise PkdCacheError(f"--chunk-size must be > 0, got {self.chunk_size}")
-        if self.sort_window <= 0:
-            raise PkdCacheError(f"--sort-window must be > 0, got {self.sort_window}")
+        check_positive(self.max_seq_length, "--max-seq-length")
+        check_positive(self.batch_size, "--batch-size")
+        check_positive(self.chunk_size, "--chunk-size")
+        check_positive(self.sort_window, "--sort-window")
         if self.dtype not in ("float16", "float32", "int8"):
             raise PkdCacheError(f"--dtype must be float16, float32 or int8, got {self.dtype!r}")
         check_positive_or_none(self.max_examples, "--max-examples")
@@ -145,12 +139,10 @@ class DistillConfig:
         if not self.output_dir:
             raise PkdCacheError("--output-dir is required")
         if self.teacher is not None:
-            check_max_seq_length(self.max_seq_length)
+            check_positive(self.max_seq_length, "--max-seq-length")
             check_positive_or_none(self.max_examples, "--max-examples")
-            if self.chunk_size <= 0:
-                raise PkdCacheError(f"--chunk-size must be > 0, got {self.chunk_size}")
-        if self.student_layers <= 0:
-            raise PkdCacheError(f"--student-layers must be > 0, got {self.student_layers}")
+            check_positive(self.chunk_size, "--chunk-size")
+        check_positive(self.student_layers, "--student-layers")
         check_positive_or_none(self.per_device_batch_size, "--per-device-batch-size")
         if self.strategy not in ("skip", "last"):
             raise PkdCacheError(f"--strategy must be 'skip' or 'last', got {self.strategy!r}")
@@ -158,8 +150,7 @@ class DistillConfig:
             raise PkdCacheError(f"--alpha must be in [0, 1], got {self.alpha}")
         if self.beta is not None and self.beta < 0:
             raise PkdCacheError(f"--beta must be >= 0, got {self.beta}")
-        if self.temperature <= 0:
-            raise PkdCacheError(f"--temperature must be > 0, got {self.temperature}")
+        check_positive(self.temperature, "--temperature")
 
 
 @dataclass
@@ -176,20 +167,19 @@ class EvalConfig:
 
     def check(self) -> None:
         if self.max_seq_length is not None:
-            check_max_seq_length(self.max_seq_length)
-        if self.batch_size <= 0:
-            raise PkdCacheError(f"--batch-size must be > 0, got {self.batch_size}")
+            check_positive(self.max_seq_length, "--max-seq-length")
+        check_positive(self.batch_size, "--batch-size")
         check_positive_or_none(self.max_examples, "--max-examples")
 
 
-def check_max_seq_length(n: int) -> None:
+def check_positive(n: float, flag: str) -> None:
     if n <= 0:
-        raise PkdCacheError(f"--max-seq-length must be > 0, got {n}")
+        raise PkdCacheError(f"{flag} must be > 0, got {n}")
 
 
 def check_positive_or_none(n: Optional[int], flag: str) -> None:
-    if n is not None and n <= 0:
-        raise PkdCacheError(f"{flag} must be > 0, got {n}")
+    if n is not None:
+        check_positive(n, flag)
 
 
 def to_dict(config) -> dict:

@@ -240,6 +240,8 @@ CASES: dict[str, Case] = {
                                       ("--finetune-epochs must be > 0",), no_store),
     "dump-sort-window-zero": Case(lambda c: dump_args(c, "--sort-window", "0"), ("--sort-window must be > 0",),
                                   no_store),
+    "distill-per-device-batch-size-zero": Case(lambda c: distill_args(c, "--per-device-batch-size", "0"),
+                                               ("--per-device-batch-size must be > 0",), no_student),
     "finetune-overwrite-keeps-output-on-failure": Case(
         lambda c: finetune_args(c, "--overwrite", model=c.tmp / "no-such-model", output_dir=existing_dir(c, "teacher")),
         ("does not exist",), untouched),
