@@ -1,6 +1,7 @@
 """Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
 
     <output_dir>/checkpoint/state.safetensors   model.*, extra.* (e.g. the CLS projection), opt.<i>.<key>, rng.*
+                                                (rank 0's; under torchrun rng.rank<r>.* holds rank r's)
     <output_dir>/checkpoint/state.json          position {epoch, batch, step}, optimiser param groups, scheduler,
                                                 best metric and history
 

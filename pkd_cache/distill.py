@@ -8,6 +8,7 @@ logs and saves.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from . import checkpoint
 from .config import DistillConfig, to_dict
 from .data.tasks import get_task
 from .data.tokenize import TOKEN_DTYPES, to_model_inputs, trim_padding
-from .distributed import Ranks, barrier, process_group, rank_device, ranks_from_env
+from .distributed import Ranks, barrier, gather, process_group, rank_device, ranks_from_env
 from .errors import PkdCacheError
 from .evaluate import main_metric_key, score
 from .paths import check_output_dir, prepare_output_dir
@@ -246,7 +247,8 @@ def _member(plan: _Plan, store, device, layers: list[int], named: bool, ranks=Ra
     extra = list(projection.named_parameters(prefix="cls_projection")) if projection is not None else None
     member = Member(model, config.train, total_steps_of(config.train, steps_per_epoch), loss_fn, evaluate, main_key,
                     save_best, extra, name=Path(config.output_dir).name if named else "", output_dir=out,
-                    micro_batches=micro_batches, no_sync=no_sync, main=ranks.main)
+                    micro_batches=micro_batches, no_sync=no_sync, rank=ranks.rank,
+                    gather=functools.partial(gather, ranks) if ranks.many else None)
 
     def finish(result, seconds: float) -> dict:
         metrics = {"task": task.name, "store": config.store, "online_teacher": config.teacher,

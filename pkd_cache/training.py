@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -68,11 +68,14 @@ class Member:
                  save_best: Callable[[], None], extra_params: Optional[list[tuple[str, torch.nn.Parameter]]] = None,
                  name: str = "", output_dir: Optional[Path] = None,
                  micro_batches: Optional[Callable[[dict], list[tuple[dict, float]]]] = None,
-                 no_sync: Optional[Callable] = None, main: bool = True):
+                 no_sync: Optional[Callable] = None, rank: int = 0,
+                 gather: Optional[Callable[[Any], list]] = None):
         """Under torchrun: `micro_batches` cuts this rank's part of a batch into (micro-batch, loss weight) for
-        gradient accumulation, `no_sync` is the DDP wrapper's (no all-reduce before the last micro-batch), and only
-        the `main` rank evaluates, saves and writes checkpoints."""
-        self.micro_batches, self.no_sync, self.main = micro_batches, no_sync, main
+        gradient accumulation, `no_sync` is the DDP wrapper's (no all-reduce before the last micro-batch), only
+        rank 0 evaluates, saves and writes checkpoints, and `gather` (every rank's value, on every rank) brings the
+        other ranks' RNG states into rank 0's checkpoint, so a resumed run keeps each rank's dropout stream."""
+        self.micro_batches, self.no_sync, self.rank, self.gather = micro_batches, no_sync, rank, gather
+        self.main = rank == 0
         self.model, self.cfg, self.total_steps, self.name = model, cfg, total_steps, name
         self.output_dir, self.extra = output_dir, list(extra_params or [])
         self.loss_fn, self.evaluate, self.main_metric, self.save_best = loss_fn, evaluate, main_metric, save_best
@@ -123,10 +126,15 @@ class Member:
         tensors["rng.cpu"] = cpu
         for i, t in enumerate(cuda or []):
             tensors[f"rng.cuda.{i}"] = t
+        ranks = self.gather(_rng_to_json(self.rng)) if self.gather is not None else [None]
+        for r, rng in enumerate(ranks[1:], start=1):  # collective: every rank calls state() at the same step
+            cpu_r, cuda_r = _rng_from_json(rng)
+            tensors[f"rng.rank{r}.cpu"] = cpu_r
+            tensors.update({f"rng.rank{r}.cuda.{i}": t for i, t in enumerate(cuda_r or [])})
         sched = {k: v for k, v in self.sched.state_dict().items() if k != "lr_lambdas"}
         meta = {"param_groups": opt["param_groups"], "scheduler": sched, "step_count": self.step_count,
                 "best_metric": self.result.best_metric, "best_epoch": self.result.best_epoch,
-                "history": self.result.history, "cuda_rng": len(cuda or [])}
+                "history": self.result.history, "cuda_rng": len(cuda or []), "rng_ranks": len(ranks)}
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -141,11 +149,20 @@ class Member:
                 state.setdefault(int(i), {})[name] = v
         self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(self.opt.param_groups)})
-        cuda = [tensors[f"rng.cuda.{i}"] for i in range(meta.get("cuda_rng", 0))] or None
-        self.rng = (tensors["rng.cpu"], cuda)
+        self.rng = self._saved_rng(tensors, meta)
         self.step_count = meta["step_count"]
         self.result.best_metric, self.result.best_epoch = meta["best_metric"], meta["best_epoch"]
         self.result.history = meta["history"]
+
+    def _saved_rng(self, tensors: dict[str, torch.Tensor], meta: dict) -> tuple:
+        """This rank's RNG state in a checkpoint. A rank the checkpoint has no state for (it was written with fewer
+        ranks) gets a fresh stream of its own, seeded from (seed, rank, step), rather than a copy of rank 0's."""
+        prefix = "rng." if self.rank == 0 else f"rng.rank{self.rank}."
+        if self.rank < meta.get("rng_ranks", 1):
+            cuda = [tensors[f"{prefix}cuda.{i}"] for i in range(meta.get("cuda_rng", 0))] or None
+            return tensors[f"{prefix}cpu"], cuda
+        torch.manual_seed(((self.cfg.seed * 1_000_003 + self.rank) * 1_000_003 + meta["step_count"]) % 2**63)
+        return _rng_state()
 
     def end_epoch(self, epoch: int) -> None:
         """Evaluate; keep the best checkpoint on the main dev metric (the main rank only)."""
@@ -183,10 +200,11 @@ def train_many(members: list[Member], steps_per_epoch: int, epoch_batches: Calla
 
     def save(epoch: int, batch: int) -> None:
         for m in members:
-            if m.output_dir is not None and m.main:
-                tensors, meta = m.state()
-                checkpoint.save(m.output_dir, tensors, {**meta, "position": {"epoch": epoch, "batch": batch,
-                                                                              "step": step}})
+            if m.output_dir is not None:
+                tensors, meta = m.state()  # on every rank: it gathers their RNG states
+                if m.main:
+                    checkpoint.save(m.output_dir, tensors, {**meta, "position": {"epoch": epoch, "batch": batch,
+                                                                                  "step": step}})
 
     for epoch in range(start_epoch, n_epochs):
         for m in members:
@@ -248,6 +266,16 @@ def train(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int,
 def _rng_state() -> tuple:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return torch.get_rng_state(), cuda
+
+
+def _rng_to_json(state: tuple) -> dict:
+    cpu, cuda = state
+    return {"cpu": cpu.tolist(), "cuda": [t.tolist() for t in cuda] if cuda is not None else None}
+
+
+def _rng_from_json(value: dict) -> tuple:
+    as_bytes = lambda v: torch.tensor(v, dtype=torch.uint8)  # noqa: E731
+    return as_bytes(value["cpu"]), [as_bytes(v) for v in value["cuda"]] if value["cuda"] is not None else None
 
 
 def _set_rng_state(state: tuple) -> None:

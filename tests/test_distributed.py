@@ -2,9 +2,11 @@
 with one rank count is finished with another."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,12 +69,33 @@ def test_two_ranks_write_the_same_store_as_one(tmp_path, teacher_dir, data, refe
     assert p.returncode == 0 and "cache hit" in p.stderr, show(p)
 
 
+def kill_every_rank(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every rank at once, as a lost node would. torchrun starts each rank in a session of
+    its own, so killing the launcher's process group alone leaves the ranks running."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            pass
+    pids, i = [proc.pid], 0
+    while i < len(pids):
+        pids += [pid for pid, parent in parents.items() if parent == pids[i]]
+        i += 1
+    for sig in (signal.SIGSTOP, signal.SIGKILL):  # frozen first, so no rank moves on while the others die
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+    proc.wait(timeout=60)
+
+
 def kill_after_progress(cmd, out: Path, records: int) -> None:
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     wait_for_progress(out, proc, records)
-    os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher at once, as a lost node would
-    proc.wait(timeout=60)
+    kill_every_rank(proc)
     assert not attributes(out)["complete"]
 
 
@@ -97,9 +120,10 @@ def test_shares_balance_tokens_not_examples():
     assert window_tokens(lengths, 2, 16, bucketed=False) == 4 * 16
 
 
-def distill_cmd(store, init, out, ranks: int, *extra) -> list[str]:
+def distill_cmd(store, init, out, ranks: int, *extra, max_steps: int = 6) -> list[str]:
     args = ["distill", "--store", str(store), "--student-layers", "2", "--student-init", str(init), "--batch-size",
-            "15", "--max-steps", "6", "--learning-rate", "1e-3", "--seed", "0", "--output-dir", str(out), *extra]
+            "15", "--max-steps", str(max_steps), "--learning-rate", "1e-3", "--seed", "0", "--output-dir", str(out),
+            *extra]
     if ranks == 1:
         return [sys.executable, "-m", "pkd_cache", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
@@ -129,6 +153,40 @@ def test_two_ranks_train_the_student_one_rank_trains(tmp_path, store_path, backb
     diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     moved = max(float((w1[k] - start[k]).abs().max()) for k in w1 if k in start)
     assert diff < 1e-5 and moved > 1e-3, (diff, moved)  # the same student, and it did train
+
+
+def test_a_killed_two_rank_distill_resumes_with_each_ranks_dropout(tmp_path, store_path, backbone_dir):
+    """Dropout on: a 2-rank distill killed mid-run and resumed with 2 ranks trains the uninterrupted 2-rank
+    student. The checkpoint holds every rank's RNG state; with rank 0's alone, rank 1's dropout would change."""
+    init = tmp_path / "init"
+    shutil.copytree(backbone_dir, init)
+    config = json.loads((init / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
+    (init / "config.json").write_text(json.dumps(config))
+    options = ("--epochs", "4", "--save-steps", "3", "--logging-steps", "0")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    p = run(distill_cmd(store_path, init, whole, 2, *options, max_steps=-1))
+    assert p.returncode == 0, show(p)
+    steps = json.loads((whole / "metrics.json").read_text())["steps"]
+
+    proc = subprocess.Popen(distill_cmd(store_path, init, killed, 2, *options, max_steps=-1), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = killed / "checkpoint" / "state.json"
+    while True:  # stop every rank at once after the second mid-run checkpoint, far from the end
+        try:
+            if json.loads(state.read_text())["position"]["step"] >= 6:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.005)
+    kill_every_rank(proc)
+    stopped = json.loads(state.read_text())["position"]["step"]
+    assert stopped < steps and not (killed / "metrics.json").exists()
+    p = run(distill_cmd(store_path, init, killed, 2, *options, "--resume", max_steps=-1))
+    assert p.returncode == 0 and f"resuming at step {stopped}" in p.stderr, show(p)
+    a, b = weights(whole), weights(killed)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
 
 def weights_of_init(backbone: Path) -> dict:
