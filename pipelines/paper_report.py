@@ -62,6 +62,14 @@ def best_of(path: Path) -> Optional[MethodResult]:
     return MethodResult(sorted(best, key=lambda r: int(r["seed"])), len(rows))
 
 
+def number(text: str) -> str:
+    """A CSV value as written for people: 0.2604166666666667 -> 0.260417; text that is not a number unchanged."""
+    try:
+        return f"{float(text):g}"
+    except ValueError:
+        return text
+
+
 def value_text(res: MethodResult) -> str:
     if len(res.runs) == 1:
         return f"{100 * res.mean:.2f}"
@@ -85,7 +93,7 @@ def report(out: Path) -> str:
             continue
         best[label] = res
         row = res.runs[0]
-        settings = [f"{k.removeprefix('grid_')} {row[k]}" for k in SHOWN if row.get(k) not in (None, "")]
+        settings = [f"{k.removeprefix('grid_')} {number(row[k])}" for k in SHOWN if row.get(k) not in (None, "")]
         settings.append("best_epoch " + "/".join(r["best_epoch"] for r in res.runs))
         seeds = ", ".join(f"{r['seed']}: {100 * float(r['best']):.2f}" for r in res.runs)
         lines.append(f"| student: {label} | {row['student_layers']} | {row['metric']} | {value_text(res)} | "
