@@ -115,8 +115,13 @@ class Member:
                 f"lr {self.sched.get_last_lr()[0]:.2e}")
             self.running = {}
 
-    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Everything needed to continue bit for bit: weights, optimiser, schedule, RNG, results so far."""
+    def other_ranks_rng(self) -> list[dict]:
+        """Ranks 1..W-1's RNG states (JSON), gathered: a collective, so every rank calls it at the same step."""
+        return self.gather(_rng_to_json(self.rng))[1:] if self.gather is not None else []
+
+    def state(self, other_ranks_rng: list[dict] = ()) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything needed to continue bit for bit: weights, optimiser, schedule, RNG (this rank's and, under
+        torchrun, `other_ranks_rng`), results so far."""
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors.update({f"extra.{k}": p for k, p in self.extra})
         opt = self.opt.state_dict()
@@ -126,15 +131,14 @@ class Member:
         tensors["rng.cpu"] = cpu
         for i, t in enumerate(cuda or []):
             tensors[f"rng.cuda.{i}"] = t
-        ranks = self.gather(_rng_to_json(self.rng)) if self.gather is not None else [None]
-        for r, rng in enumerate(ranks[1:], start=1):  # collective: every rank calls state() at the same step
+        for r, rng in enumerate(other_ranks_rng, start=1):
             cpu_r, cuda_r = _rng_from_json(rng)
             tensors[f"rng.rank{r}.cpu"] = cpu_r
             tensors.update({f"rng.rank{r}.cuda.{i}": t for i, t in enumerate(cuda_r or [])})
         sched = {k: v for k, v in self.sched.state_dict().items() if k != "lr_lambdas"}
         meta = {"param_groups": opt["param_groups"], "scheduler": sched, "step_count": self.step_count,
                 "best_metric": self.result.best_metric, "best_epoch": self.result.best_epoch,
-                "history": self.result.history, "cuda_rng": len(cuda or []), "rng_ranks": len(ranks)}
+                "history": self.result.history, "cuda_rng": len(cuda or []), "rng_ranks": 1 + len(other_ranks_rng)}
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -201,8 +205,9 @@ def train_many(members: list[Member], steps_per_epoch: int, epoch_batches: Calla
     def save(epoch: int, batch: int) -> None:
         for m in members:
             if m.output_dir is not None:
-                tensors, meta = m.state()  # on every rank: it gathers their RNG states
+                others = m.other_ranks_rng()  # on every rank; only rank 0 builds and writes the checkpoint
                 if m.main:
+                    tensors, meta = m.state(others)
                     checkpoint.save(m.output_dir, tensors, {**meta, "position": {"epoch": epoch, "batch": batch,
                                                                                   "step": step}})
 
