@@ -24,18 +24,37 @@ def big_data(tmp_path_factory):
     return write_sst2(tmp_path_factory.mktemp("big") / "SST-2", n_train=3000, n_dev=200)
 
 
+@pytest.fixture(scope="module")
+def long_data(tmp_path_factory):
+    """For the tests that kill a dump from outside: 188 chunks of train, about 4 s of teacher on one slow core.
+
+    Every kill lands by the 30th chunk plus 0.3 s, so the dump still has seconds of work left when the signal
+    arrives, even on a machine several times faster (3,000 examples left 0.3 s, and a fast CI run finished first).
+    """
+    return write_sst2(tmp_path_factory.mktemp("long") / "SST-2", n_train=12000, n_dev=200)
+
+
 def dump_args(teacher, data, out, *extra):
     return ["dump", "--teacher", str(teacher), "--task", "sst2", "--data-dir", str(data), "--out", str(out),
             "--max-seq-length", "24", "--batch-size", "16", "--chunk-size", CHUNK, "--sort-window", "256", *extra]
     # windows of 4 chunks: kills land inside a window whose chunks are partly durable
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, teacher_dir, big_data):
-    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
-    p = cli_in_process(*dump_args(teacher_dir, big_data, out))
+def dump_reference(folder: Path, teacher: Path, data: Path) -> Path:
+    out = folder / "ref.zarr"
+    p = cli_in_process(*dump_args(teacher, data, out))
     assert p.returncode == 0, show(p)
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, teacher_dir, big_data):
+    return dump_reference(tmp_path_factory.mktemp("ref"), teacher_dir, big_data)
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory, teacher_dir, long_data):
+    return dump_reference(tmp_path_factory.mktemp("long_ref"), teacher_dir, long_data)
 
 
 def files(store: Path) -> dict[str, bytes]:
@@ -67,54 +86,59 @@ def wait_for_progress(out: Path, proc, records: int = 1) -> None:
         time.sleep(0.01)
 
 
-def test_sigkill_at_random_moments_then_resume_is_byte_identical(tmp_path, teacher_dir, big_data, reference):
+def kill(proc, sig=signal.SIGKILL) -> None:
+    assert proc.poll() is None, "the dump finished before the signal: give it more data"
+    proc.send_signal(sig)
+
+
+def test_sigkill_at_random_moments_then_resume_is_byte_identical(tmp_path, teacher_dir, long_data, long_reference):
     rng = random.Random(0)
     for i in range(5):
         out = tmp_path / f"killed{i}.zarr"
-        proc = start_dump(teacher_dir, big_data, out)
+        proc = start_dump(teacher_dir, long_data, out)
         wait_for_progress(out, proc, records=rng.randint(1, 30))
         time.sleep(rng.uniform(0, 0.3))
-        proc.send_signal(signal.SIGKILL)
+        kill(proc)
         proc.wait(timeout=30)
         assert not json.loads((out / "zarr.json").read_text())["attributes"]["complete"]
         (out / "train" / "cls" / "c" / f".{i}.deadbeef.tmp").write_bytes(b"half a chunk")  # as a kill mid-write leaves
         (out / "train" / f"zarr.{i}deadbeef.partial").write_bytes(b"{half")  # zarr's own half-written metadata
-        p = cli_in_process(*dump_args(teacher_dir, big_data, out, "--resume"))
+        p = cli_in_process(*dump_args(teacher_dir, long_data, out, "--resume"))
         assert p.returncode == 0, show(p)
         assert "resumed" in p.stderr and "the teacher ran on" in p.stderr, show(p)
-        assert_identical(out, reference)
+        assert_identical(out, long_reference)
         assert not (out / ".pkd_cache").exists()
 
 
-def test_sigterm_stops_cleanly_and_says_how_to_resume(tmp_path, teacher_dir, big_data, reference):
+def test_sigterm_stops_cleanly_and_says_how_to_resume(tmp_path, teacher_dir, long_data, long_reference):
     out = tmp_path / "term.zarr"
-    proc = start_dump(teacher_dir, big_data, out)
+    proc = start_dump(teacher_dir, long_data, out)
     wait_for_progress(out, proc, records=3)
-    proc.send_signal(signal.SIGTERM)
+    kill(proc, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "examples are durable" in err and "--resume" in err and "Traceback" not in err, err
     assert not (out / ".pkd_cache" / "lock.json").exists()  # released on the way out
-    p = cli_in_process(*dump_args(teacher_dir, big_data, out))  # a plain re-run does not resume: it says how
+    p = cli_in_process(*dump_args(teacher_dir, long_data, out))  # a plain re-run does not resume: it says how
     assert p.returncode == 2 and "--resume" in p.stderr, show(p)
-    p = cli_in_process(*dump_args(teacher_dir, big_data, out, "--resume"))
+    p = cli_in_process(*dump_args(teacher_dir, long_data, out, "--resume"))
     assert p.returncode == 0, show(p)
-    assert_identical(out, reference)
+    assert_identical(out, long_reference)
 
 
-def test_one_writer_at_a_time_and_stale_locks(tmp_path, teacher_dir, big_data, reference):
+def test_one_writer_at_a_time_and_stale_locks(tmp_path, teacher_dir, long_data, long_reference):
     out = tmp_path / "locked.zarr"
-    proc = start_dump(teacher_dir, big_data, out)
+    proc = start_dump(teacher_dir, long_data, out)
     wait_for_progress(out, proc)
-    p = cli_in_process(*dump_args(teacher_dir, big_data, out, "--resume"))
+    p = cli_in_process(*dump_args(teacher_dir, long_data, out, "--resume"))
     holder = json.loads((out / ".pkd_cache" / "lock.json").read_text())
     assert p.returncode == 2 and f"pid {proc.pid}" in p.stderr and holder["pid"] == proc.pid, show(p)
-    proc.send_signal(signal.SIGKILL)
+    kill(proc)
     proc.wait(timeout=30)
     assert (out / ".pkd_cache" / "lock.json").exists()  # left behind by the killed process: stale
-    p = cli_in_process(*dump_args(teacher_dir, big_data, out, "--resume"))
+    p = cli_in_process(*dump_args(teacher_dir, long_data, out, "--resume"))
     assert p.returncode == 0, show(p)
-    assert_identical(out, reference)
+    assert_identical(out, long_reference)
 
 
 def test_a_full_disk_is_one_line_and_leaves_the_store_resumable(tmp_path, teacher_dir, big_data, reference,
@@ -138,13 +162,13 @@ def test_a_full_disk_is_one_line_and_leaves_the_store_resumable(tmp_path, teache
     assert_identical(out, reference)
 
 
-def test_resume_with_other_settings_refuses(tmp_path, teacher_dir, big_data):
+def test_resume_with_other_settings_refuses(tmp_path, teacher_dir, long_data):
     out = tmp_path / "other.zarr"
-    proc = start_dump(teacher_dir, big_data, out)
+    proc = start_dump(teacher_dir, long_data, out)
     wait_for_progress(out, proc, records=2)
-    proc.send_signal(signal.SIGKILL)
+    kill(proc)
     proc.wait(timeout=30)
-    p = cli_in_process(*dump_args(teacher_dir, big_data, out, "--resume", "--dtype", "int8"))
+    p = cli_in_process(*dump_args(teacher_dir, long_data, out, "--resume", "--dtype", "int8"))
     assert p.returncode == 2 and "cannot resume" in p.stderr and "dtype 'float16' -> 'int8'" in p.stderr, show(p)
     assert pkd_cache.open_store(str(out), require_complete=False).complete is False
 
