@@ -198,6 +198,8 @@ def test_a_multi_rank_dump_refuses_arrow_with_one_line(tmp_path, teacher_dir, da
     p = run(dump_cmd(teacher_dir, data, tmp_path / "s.arrow", 2, "--format", "arrow"))
     assert p.returncode != 0
     said = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert said == ["error: a multi-rank dump writes zarr stores only; run --format arrow as one process"] * 2, \
-        show(p)
+    # each rank finds the error and says it; torchrun may stop the slower rank before it does (a CI run saw one)
+    assert said and set(said) == {"error: a multi-rank dump writes zarr stores only; run --format arrow as one "
+                                  "process"}, show(p)
+    assert "/pkd_cache/" not in p.stderr, show(p)  # no frame of ours (torchrun prints a traceback of its own)
     assert not (tmp_path / "s.arrow").exists()
