@@ -121,7 +121,9 @@ def test_shares_balance_tokens_not_examples():
 
 
 def distill_cmd(store, init, out, ranks: int, *extra, max_steps: int = 6) -> list[str]:
-    args = ["distill", "--store", str(store), "--student-layers", "2", "--student-init", str(init), "--batch-size",
+    """`store` is a store's path, or the arguments that stand for one (online KD: --teacher ...)."""
+    source = store if isinstance(store, list) else ["--store", str(store)]
+    args = ["distill", *source, "--student-layers", "2", "--student-init", str(init), "--batch-size",
             "15", "--max-steps", str(max_steps), "--learning-rate", "1e-3", "--seed", "0", "--output-dir", str(out),
             *extra]
     if ranks == 1:
@@ -153,6 +155,48 @@ def test_two_ranks_train_the_student_one_rank_trains(tmp_path, store_path, backb
     diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     moved = max(float((w1[k] - start[k]).abs().max()) for k in w1 if k in start)
     assert diff < 1e-5 and moved > 1e-3, (diff, moved)  # the same student, and it did train
+
+
+def test_online_kd_under_two_ranks_trains_the_one_rank_student(tmp_path, teacher_dir, data_dir, backbone_dir):
+    """distill --teacher (no store) under torchrun: each rank runs the teacher on its own part of every batch, and
+    the student is the 1-rank online student."""
+    online = ["--teacher", str(teacher_dir), "--task", "sst2", "--data-dir", str(data_dir), "--max-seq-length", "24",
+              "--chunk-size", "64"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    p = run(distill_cmd(online, backbone_dir, one, 1))
+    assert p.returncode == 0, show(p)
+    p = run(distill_cmd(online, backbone_dir, two, 2, "--per-device-batch-size", "4"))
+    assert p.returncode == 0, show(p)
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert (m1["ranks"], m2["ranks"], m1["steps"], m2["steps"]) == (1, 2, 6, 6)
+    assert m1["online_teacher"] == m2["online_teacher"] == str(teacher_dir)
+    w1, w2, start = weights(one), weights(two), weights_of_init(backbone_dir)
+    diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    moved = max(float((w1[k] - start[k]).abs().max()) for k in w1 if k in start)
+    assert diff < 1e-5 and moved > 1e-3, (diff, moved)
+
+
+def test_online_kd_runs_the_teacher_on_each_ranks_own_rows(teacher_dir, data_dir):
+    """The 2-rank test above cannot see a rank that trains on the whole batch (AdamW does not feel the doubled
+    gradient), so this checks the parts directly: rank r's batch is its rows of the 1-rank batch, with the logits and
+    CLS the teacher gives those rows in the whole batch."""
+    import torch
+
+    from pkd_cache.online import OnlineSource
+    from pkd_cache.store import ARRAYS
+
+    source = OnlineSource(str(teacher_dir), "sst2", str(data_dir), 24, 64, torch.device("cpu"))
+
+    def batches(shard):
+        return list(source.batches("train", 15, seed=0, epoch=1, layers=[1, 3], fields=ARRAYS, shard=shard))
+
+    whole, parts = batches((0, 1)), [batches((r, 2)) for r in range(2)]
+    assert len(whole) == len(parts[0]) == len(parts[1]) == 11
+    for i, batch in enumerate(whole):
+        for k, atol in (("labels", 0), ("logits", 1e-5), ("cls", 1e-5)):
+            torch.testing.assert_close(torch.cat([p[i][k] for p in parts]), batch[k], rtol=0, atol=atol)
+        sizes = [len(p[i]["labels"]) for p in parts]
+        assert min(sizes) > 0 and max(sizes) - min(sizes) <= 1  # halves, not the whole batch twice
 
 
 def test_a_killed_two_rank_distill_resumes_with_each_ranks_dropout(tmp_path, store_path, backbone_dir):
