@@ -168,7 +168,7 @@ def _axis1_chunks(reader: ChunkReader, picks) -> list[tuple[int, Optional[list[t
     if len(reader.shape) < 2:
         return [(0, None)]
     if any(k != s for k, s in zip(reader.chunks[2:], reader.shape[2:])):
-        raise PkdCacheError(f"array {reader.array.path} is chunked along an axis other than N and layers")
+        raise PkdCacheError("an array is chunked along an axis other than N and layers")
     width = reader.chunks[1]
     if picks is None and width >= reader.shape[1]:
         return [(0, None)]

@@ -61,26 +61,19 @@ def test_a_damaged_chunk_is_a_clear_error(store_path, tmp_path):
     shutil.copytree(store_path, copy)
     chunk = sorted((copy / "train" / "cls" / "c").rglob("*"))[-1]
     chunk.write_bytes(chunk.read_bytes()[:40])
-    with pytest.raises(pkd_cache.PkdCacheError, match=r"chunk train/cls/c/\d+/\d+/0 is corrupt"):
-        list(pkd_cache.open_store(str(copy)).batches("train", 16))
+    with pytest.raises(pkd_cache.PkdCacheError, match=r"train/cls/c/\d+/\d+/0 has 40 bytes, the manifest records"):
+        pkd_cache.open_store(str(copy))  # a stat per chunk at open: found before any training starts
 
 
 @pytest.mark.parametrize("layers", [None, [3, 1]])
-def test_direct_chunk_reads_match_zarr(store_path, monkeypatch, layers):
-    """The fast path (chunk files decoded in place) and zarr's own reads give the same batches."""
-    from pkd_cache.store import chunks
+def test_direct_chunk_reads_match_zarr(store_path, layers):
+    """pkd-cache's own chunk reads (chunk files decoded in place) give what zarr-python reads from the store."""
+    import zarr
 
     store = pkd_cache.open_store(str(store_path))
-    assert store.chunk_reader("train", "cls").direct
     fast = list(store.batches("train", 24, seed=1, layers=layers, shuffle_chunks=2))
-    monkeypatch.setattr(chunks, "blosc_params", lambda array: None)
-    slow = list(store.batches("train", 24, seed=1, layers=layers, shuffle_chunks=2))
-    assert len(fast) == len(slow)
-    for a, b in zip(fast, slow):
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    cls = store.array("train", "cls")[:]
+    cls = zarr.open_group(str(store_path), mode="r")["train"]["cls"][:]
+    np.testing.assert_array_equal(store.array("train", "cls")[:], cls)
     rows = np.concatenate([g.rows for g in epoch_groups(160, 64, True, 1, 0, 2)])
     want = cls[rows] if layers is None else cls[rows][:, layers]
     np.testing.assert_array_equal(np.concatenate([b["cls"].numpy() for b in fast]), want)

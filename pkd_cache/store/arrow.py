@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import PkdCacheError
-from .chunks import ArrayChunks, ChunkError, crc32c, write_manifest
+from .chunks import ArrayChunks, ChunkError, check_recorded, crc32c, write_manifest
 from .location import Location
 from .writer import ChunkedWriter
 
@@ -45,6 +45,16 @@ def to_column(values: np.ndarray):
     for size in reversed(values.shape[1:]):
         flat = pa.FixedSizeListArray.from_arrays(flat, size)
     return flat
+
+
+def arrow_type(shape: tuple[int, ...], dtype):
+    """The Arrow type a column of `shape`-sized rows of `dtype` has in a shard (nested fixed-size lists)."""
+    import pyarrow as pa
+
+    t = pa.from_numpy_dtype(np.dtype(dtype))
+    for size in reversed(shape):
+        t = pa.list_(t, size)
+    return t
 
 
 def from_column(column, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -115,18 +125,6 @@ class ArrowArray:
         self.chunks = (min(rows, shape[0]), 1, shape[2]) if name == "cls" else (min(rows, shape[0]),) + self.shape[1:]
         self.path = f"{split}/{name}"
 
-    def __getitem__(self, key) -> np.ndarray:
-        rows = key[0] if isinstance(key, tuple) else key
-        start, stop, _ = rows.indices(self.shape[0]) if isinstance(rows, slice) else (rows, rows + 1, 1)
-        reader = ArrowChunkReader(self)
-        parts = []
-        for c in range(start // self.chunks[0], -(-stop // self.chunks[0])):
-            full = np.stack([reader.read_into((c, j, 0), reader.buffer())[:, 0] for j in range(self.shape[1])], 1) \
-                if self.name == "cls" else reader.read_into((c,) + (0,) * (len(self.shape) - 1), reader.buffer())
-            parts.append(full[max(0, start - c * self.chunks[0]):stop - c * self.chunks[0]])
-        out = np.concatenate(parts) if parts else np.empty((0,) + self.shape[1:], self.dtype)
-        return out[(slice(None),) + key[1:]] if isinstance(key, tuple) else out
-
 
 class ArrowChunkReader(ArrayChunks):
     """The `ChunkReader` interface over shards: chunk (c, j, 0) of `cls` is column `cls_j` of shard c."""
@@ -143,6 +141,12 @@ class ArrowChunkReader(ArrayChunks):
         column = f"cls_{coords[1]}" if a.name == "cls" else a.name
         table = a.shards.column(a.split, coords[0], column)
         shape = (a.shape[2],) if a.name == "cls" else a.shape[1:]
+        rows = min(a.chunks[0], a.shape[0] - coords[0] * a.chunks[0])
+        want = arrow_type(shape, a.dtype)
+        if table.num_rows != rows or table.column(0).type != want:
+            raise ChunkError(a.shards.location, self.file_key(coords), f"column {column} holds {table.num_rows} rows "
+                                                                       f"of {table.column(0).type}, the metadata "
+                                                                       f"says {rows} of {want}")
         values = from_column(table.column(0), shape, a.dtype)
         view = out.reshape((out.shape[0],) + shape)
         view[:len(values)] = values
@@ -183,13 +187,7 @@ class ShardCache:
             data = self.location.read(key)
         except FileNotFoundError:
             raise ChunkError(self.location, key, "is missing") from None
-        if self.checksums is not None:
-            recorded = self.checksums.get(key)
-            if recorded is None:
-                raise ChunkError(self.location, key, "is not in the store's checksum manifest")
-            if len(data) != recorded[0] or crc32c(data) != recorded[1]:
-                raise ChunkError(self.location, key, "is corrupt (its checksum does not match the one recorded at "
-                                                     "dump time)")
+        check_recorded(self.location, key, data, self.checksums)
         buf = pa.py_buffer(data)
         with self.lock:
             self.buffers[key] = buf

@@ -6,7 +6,8 @@ into the output; benchmarks/RESULTS.md, B3). The arrays pkd-cache writes have on
 regular chunk grid, the default `c/<i>/<j>/...` chunk keys, and the codecs `bytes` (little endian) then `blosc`,
 so a chunk is one Blosc frame: `ChunkReader` fetches it (a local file read or one fsspec request), checks its
 CRC-32C against the store's manifest and decompresses it straight into the destination buffer in one call that
-releases the GIL. An array with any other codecs goes through zarr, so results never depend on the path.
+releases the GIL. An array in any other layout is refused when the store is opened (store/trust.py): another
+codec chain could make the checksummed bytes mean other values.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import PkdCacheError
+
 
 class ChunkError(PkdCacheError):
     """A chunk that is missing, corrupt or undecodable: names the store and the chunk; `reason` says what."""
@@ -99,62 +101,68 @@ class ArrayChunks:
 
 
 class ChunkReader:
-    """Chunks of one array of a store, each decoded into a C-contiguous buffer of the chunk's full shape."""
+    """Chunks of one Zarr array of a store, each fetched as one file, checked and decoded into a C-contiguous buffer
+    of the chunk's full shape. No zarr here: `Store` has checked the array's `zarr.json` against the metadata
+    (store/trust.py), so the layout is pkd-cache's own (default chunk keys, `bytes` little endian then `blosc`)."""
 
-    def __init__(self, array, location, key: str, checksums: Optional[dict] = None):
-        self.array, self.location, self.key = array, location, key
-        self.chunks: tuple[int, ...] = tuple(array.chunks)
-        self.shape: tuple[int, ...] = tuple(array.shape)
-        self.dtype = np.dtype(array.dtype)
-        self.fill_value = array.fill_value
-        self.checksums = checksums  # None: a store without a manifest (written before checksums existed)
-        self.params = blosc_params(array)
+    direct = True
 
-    @property
-    def direct(self) -> bool:
-        return self.params is not None
+    def __init__(self, location, key: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype,
+                 checksums: Optional[dict] = None):
+        self.location, self.key = location, key
+        self.shape, self.chunks, self.dtype = tuple(shape), tuple(chunks), np.dtype(dtype)
+        self.fill_value = 0
+        self.checksums = checksums  # None: a store without a manifest, opened with --allow-no-checksums
 
     def buffer(self) -> np.ndarray:
         return np.empty(self.chunks, self.dtype)
 
     def chunk_name(self, coords: tuple[int, ...]) -> str:
         """How messages name a chunk: its key inside the array (`c/3/5/0`)."""
-        return chunk_key(self.array, coords)
+        return "c/" + "/".join(map(str, coords))
 
     def file_key(self, coords: tuple[int, ...]) -> str:
         """The chunk's path in the store and in the checksum manifest (`train/cls/c/3/5/0`)."""
-        return f"{self.key}/{chunk_key(self.array, coords)}"
+        return f"{self.key}/{self.chunk_name(coords)}"
 
     def read_into(self, coords: tuple[int, ...], out: np.ndarray) -> np.ndarray:
-        """Chunk `coords` (chunk-grid indices) into `out`; edge chunks are padded with the fill value."""
-        if self.params is None:
-            return self._read_with_zarr(coords, out)
-        key = f"{self.key}/{chunk_key(self.array, coords)}"
-        recorded = self.checksums.get(key) if self.checksums is not None else None
+        """Chunk `coords` (chunk-grid indices) into `out` (the full chunk shape). Every chunk must exist (pkd-cache
+        writes them all), match the manifest, and decode to exactly the buffer's size."""
+        import numcodecs.blosc
+
+        key = self.file_key(coords)
         try:
             data = self.location.read(key)
         except FileNotFoundError:
-            if self.checksums is not None:
-                raise ChunkError(self.location, key, "is missing") from None
-            out[...] = self.fill_value  # zarr leaves out chunks that hold only the fill value
-            return out
-        if self.checksums is not None and recorded is None:
-            raise ChunkError(self.location, key, "is not in the store's checksum manifest")
-        if recorded is not None and (len(data) != recorded[0] or crc32c(data) != recorded[1]):
-            raise ChunkError(self.location, key, "is corrupt (its checksum does not match the one recorded at dump "
-                                                 "time)")
-        import numcodecs.blosc
-
+            raise ChunkError(self.location, key, "is missing") from None
+        check_recorded(self.location, key, data, self.checksums)
+        nbytes, cbytes = blosc_sizes(data)
+        if cbytes != len(data):
+            raise ChunkError(self.location, key, "is not a whole Blosc frame: the store is damaged")
+        if nbytes != out.nbytes:
+            raise ChunkError(self.location, key, f"decodes to {nbytes:,} bytes where its array's chunk holds "
+                                                 f"{out.nbytes:,}: the store is damaged")
         try:
             numcodecs.blosc.decompress(data, out)
         except Exception as e:  # a truncated or altered chunk in a store without checksums
             raise ChunkError(self.location, key, f"cannot be decoded ({e}): the store is damaged") from e
         return out
 
-    def _read_with_zarr(self, coords: tuple[int, ...], out: np.ndarray) -> np.ndarray:
-        region = tuple(slice(c * k, min((c + 1) * k, n)) for c, k, n in zip(coords, self.chunks, self.shape))
-        values = self.array[region]
-        if values.shape != out.shape:
-            out[...] = self.fill_value
-        out[tuple(slice(0, s) for s in values.shape)] = values
-        return out
+
+def blosc_sizes(data: bytes) -> tuple[int, int]:
+    """(decoded bytes, frame bytes) from a Blosc frame's 16-byte header (both little-endian uint32, at offsets 4 and
+    12): read before decoding, so a chunk never decodes into a buffer of another size."""
+    if len(data) < 16:
+        return -1, -1
+    return int.from_bytes(data[4:8], "little"), int.from_bytes(data[12:16], "little")
+
+
+def check_recorded(location, key: str, data: bytes, checksums: Optional[dict]) -> None:
+    """A chunk file's bytes against the manifest (nothing to compare with when the store has none)."""
+    if checksums is None:
+        return
+    recorded = checksums.get(key)
+    if recorded is None:
+        raise ChunkError(location, key, "is not in the store's checksum manifest")
+    if len(data) != recorded[0] or crc32c(data) != recorded[1]:
+        raise ChunkError(location, key, "is corrupt (its checksum does not match the one recorded at dump time)")

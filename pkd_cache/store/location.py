@@ -113,6 +113,12 @@ class Location:
         if self.fs.exists(self._full(key)):
             self.fs.rm(self._full(key), recursive=True)
 
+    def file_count(self) -> int:
+        """Files under the store (a bound on how many chunks it can hold, for a store without a manifest)."""
+        if self.url:
+            return len(self.fs.find(self.root))
+        return sum(len(files) for _, _, files in os.walk(self.local))
+
     def size(self) -> int:
         """Bytes under the root."""
         if not self.url:

@@ -6,34 +6,44 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-import zarr
 
 from ..errors import PkdCacheError
-from .chunks import CHECKSUMS_KEY, ChunkReader
-from .format import ARRAYS, FORMAT_NAME, FORMAT_VERSION
 from .arrow import ARROW_META
+from .chunks import ChunkError, ChunkReader
+from .format import ARRAYS, FORMAT_NAME, FORMAT_VERSION, expected_arrays
 from .location import Location
 from .quantize import dequantize_int8
+from .trust import (NO_MANIFEST, chunk_count, chunk_keys, load_manifest, manifest_problems, meta_problems,
+                    value_problem, zarr_array_problem)
 
 
 class Store:
-    """A pkd-cache store opened read-only. `info()` is the metadata; `batches()` streams examples."""
+    """A pkd-cache store opened read-only. `info()` is the metadata; `batches()` streams examples.
 
-    def __init__(self, path: str, require_complete: bool = True, storage_options: Optional[dict] = None):
+    Opening a store for reading (`require_complete`) checks its metadata against every array and the checksum
+    manifest before anything is allocated (store/trust.py); every chunk read is then checked against the manifest
+    and its values checked. `allow_no_checksums` reads a store that has no manifest (pkd-cache 0.1.0 wrote such
+    stores), without the checksum check.
+    """
+
+    def __init__(self, path: str, require_complete: bool = True, storage_options: Optional[dict] = None,
+                 allow_no_checksums: bool = False):
         self.path = str(path)
         self.location = Location(self.path, storage_options)
         self.root = None  # the Zarr group (None for an Arrow store)
         if self.location.exists("zarr.json"):
             try:
-                self.root = zarr.open_group(store=self.location.zarr_store(read_only=True), mode="r")
-                attrs = dict(self.root.attrs)
-            except Exception as e:
-                raise PkdCacheError(f"{path} is not a pkd-cache store (cannot open it as a Zarr group: {e})") from e
+                doc = json.loads(self.location.read("zarr.json"))
+                attrs = doc.get("attributes") if isinstance(doc, dict) and doc.get("node_type") == "group" else None
+            except ValueError as e:
+                raise PkdCacheError(f"{path} is not a pkd-cache store (zarr.json is not valid JSON: {e})") from e
+            self._zarr = True
         elif self.location.exists(ARROW_META):
             try:
                 attrs = json.loads(self.location.read(ARROW_META))
             except ValueError as e:
                 raise PkdCacheError(f"{path} is not a pkd-cache store ({ARROW_META} is not valid JSON: {e})") from e
+            self._zarr = False
         else:
             what = "is not a pkd-cache store (no zarr.json or pkd_cache.json)" if self.location.exists() \
                 else "does not exist"
@@ -47,28 +57,107 @@ class Store:
         if require_complete and not attrs.get("complete"):
             raise PkdCacheError(f"store {path} is not complete (its dump did not finish); re-run the dump")
         self.meta = attrs
-        self._checksums: Optional[dict] = None
+        self.allow_no_checksums = allow_no_checksums
+        self._manifest: Optional[tuple] = None  # (checksums or None,) once loaded
         self._arrow = None
-        self._checked: set[tuple[str, str]] = set()
+        self._chunks: dict[tuple[str, str], tuple[int, ...]] = {}  # chunk shapes, once the layout is checked
+        if require_complete:
+            if self.checksums is None and not allow_no_checksums:
+                raise PkdCacheError(f"store {path} {NO_MANIFEST}")
+            problems = self.layout_problems(check_files=True)
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise PkdCacheError(f"store {path} is damaged or was altered: {problems[0]}{more}; run "
+                                    f"`pkd-cache verify {path}`")
+
+    def layout_problems(self, check_files: bool = False) -> list[str]:
+        """What disagrees between the metadata, each array's `zarr.json` and the manifest (store/trust.py), with
+        `check_files` also each chunk file's presence and size (local stores: one stat per chunk). Empty when the
+        store is sound enough to read chunk by chunk; nothing here allocates in proportion to a claimed size."""
+        problems = meta_problems(self.meta)
+        if problems:
+            return problems
+        grids: dict[str, tuple] = {}  # "train/cls" -> (shape, chunk shape)
+        for split, arrays in expected_arrays(self.meta).items():
+            for name, (shape, dtype) in arrays.items():
+                chunks = self._array_chunks(split, name, shape, dtype, problems)
+                if chunks is not None:
+                    grids[f"{split}/{name}"] = (shape, chunks)
+        counts = {a: chunk_count(shape, chunks) for a, (shape, chunks) in grids.items()}
+        if problems:
+            return problems
+        manifest = self.checksums
+        if self._zarr:
+            keys = lambda: (k for a, (shape, chunks) in grids.items() for k in chunk_keys(a, shape, chunks))  # noqa: E731
+        else:  # one shard file per chunk of rows holds every array of the split
+            from .arrow import shard_key
+
+            counts = {s: -(-v["num_examples"] // self.meta["chunk_size"]) for s, v in self.meta["splits"].items()}
+            keys = lambda: (shard_key(s, c) for s, n in counts.items() for c in range(n))  # noqa: E731
+        if manifest is None:
+            if not self.allow_no_checksums:
+                return [f"checksums: the store {NO_MANIFEST}"]
+            files = self.location.file_count()  # without a manifest, the files themselves bound the chunk count
+            if sum(counts.values()) > files:
+                return [f"the layout needs {sum(counts.values()):,} chunks but the store holds {files:,} files (the "
+                        f"metadata promises more data than the store holds)"]
+            if check_files and not self.location.url:
+                missing = [k for k in keys() if not (self.location.local / k).is_file()]
+                if missing:
+                    problems.append(f"{len(missing)} chunk(s) of the layout are missing, e.g. {missing[0]}")
+            return problems
+        problems += manifest_problems(counts, keys, manifest)
+        if not problems and check_files and not self.location.url:
+            problems += self._file_problems(manifest)
+        return problems
+
+    def _array_chunks(self, split: str, name: str, shape, dtype, problems: list) -> Optional[tuple[int, ...]]:
+        """The chunk shape of an array once its `zarr.json` is checked against the metadata (Arrow: implied)."""
+        if not self._zarr:
+            rows = min(self.meta["chunk_size"], shape[0])
+            chunks = (rows, 1, shape[2]) if name == "cls" else (rows,) + tuple(shape[1:])
+        else:
+            try:
+                doc = json.loads(self.location.read(f"{split}/{name}/zarr.json"))
+            except FileNotFoundError:
+                problems.append(f"{split}/{name}: array missing")
+                return None
+            except ValueError as e:
+                problems.append(f"{split}/{name}: zarr.json is not valid JSON ({e})")
+                return None
+            why = zarr_array_problem(doc, shape, dtype, self.meta["chunk_size"], name)
+            if why:
+                problems.append(f"{split}/{name}: array {why}")
+                return None
+            chunks = tuple(doc["chunk_grid"]["configuration"]["chunk_shape"])
+        self._chunks[split, name] = chunks
+        return chunks
+
+    def _file_problems(self, manifest: dict) -> list[str]:
+        """Every chunk the manifest records is a file of the recorded size (a stat each: cheap, and it finds a
+        half-written store before training starts rather than mid-epoch)."""
+        missing, wrong = [], []
+        for key, (nbytes, _) in manifest.items():
+            try:
+                size = (self.location.local / key).stat().st_size
+            except FileNotFoundError:
+                missing.append(key)
+                continue
+            if size != nbytes:
+                wrong.append(f"{key} has {size:,} bytes, the manifest records {nbytes:,}")
+        out = [f"{len(missing)} chunk(s) the manifest records are missing, e.g. {missing[0]}"] if missing else []
+        return out + ([f"{len(wrong)} chunk(s) differ in size from the manifest, e.g. {wrong[0]}"] if wrong else [])
 
     @property
     def store_format(self) -> str:
-        return "zarr" if self.root is not None else "arrow"
+        return "zarr" if self._zarr else "arrow"
 
     @property
     def checksums(self) -> Optional[dict]:
-        """The manifest's {chunk key: [nbytes, crc32c]}, or None for a store written before checksums existed."""
-        if self._checksums is None and self.meta.get("checksums"):
-            key = self.meta["checksums"].get("file", CHECKSUMS_KEY)
-            try:
-                manifest = json.loads(self.location.read(key))
-            except FileNotFoundError:
-                raise PkdCacheError(f"store {self.path}: its checksum manifest {key} is missing; the store is damaged "
-                                    f"(run `pkd-cache verify {self.path}`)") from None
-            except ValueError as e:
-                raise PkdCacheError(f"store {self.path}: its checksum manifest {key} is not valid JSON ({e})") from e
-            self._checksums = manifest.get("chunks", {})
-        return self._checksums
+        """The manifest's {chunk key: [nbytes, crc32c]}, or None for a store that has none (and records none)."""
+        if self._manifest is None:
+            self._manifest = (load_manifest(self.location, self.meta),)
+        return self._manifest[0]
 
     def size_bytes(self) -> int:
         """Bytes of the store: the files on disk for a local store; for a remote one, the chunks its manifest
@@ -77,10 +166,30 @@ class Store:
             return sum(n for n, _ in self.checksums.values())
         return self.location.size()
 
-    def chunk_reader(self, split: str, name: str):
-        if self.root is None:
-            return self._arrow_backend().chunk_reader(split, name)
-        return ChunkReader(self.array(split, name), self.location, f"{split}/{name}", self.checksums)
+    def chunk_reader(self, split: str, name: str) -> "CheckedChunks":
+        """Chunk by chunk reads of one array: each chunk checked against the manifest, its decoded size and its
+        values (store/trust.py), whatever the backend."""
+        shape, dtype = self._spec(split, name)
+        if (split, name) not in self._chunks:
+            problems: list[str] = []
+            if self._array_chunks(split, name, shape, dtype, problems) is None:
+                raise PkdCacheError(f"store {self.path}: {problems[0]}; run `pkd-cache verify {self.path}`")
+        if not self._zarr:
+            reader = self._arrow_backend().chunk_reader(split, name)
+        else:
+            reader = ChunkReader(self.location, f"{split}/{name}", shape, self._chunks[split, name], dtype,
+                                 self.checksums)
+        return CheckedChunks(reader, name, self.meta, self.location)
+
+    def _spec(self, split: str, name: str) -> tuple[tuple[int, ...], str]:
+        self._split_meta(split)
+        problems = meta_problems(self.meta)
+        if problems:
+            raise PkdCacheError(f"store {self.path}: {problems[0]}; run `pkd-cache verify {self.path}`")
+        try:
+            return expected_arrays(self.meta)[split][name]
+        except KeyError:
+            raise PkdCacheError(f"store {self.path}: split {split} has no array {name}") from None
 
     def _arrow_backend(self):
         from .arrow import ArrowBackend
@@ -116,16 +225,10 @@ class Store:
             raise PkdCacheError(f"store {self.path} has no split {split!r}; it has {', '.join(self.splits)}")
         return self.meta["splits"][split]
 
-    def array(self, split: str, name: str):
-        """One array of a split: a zarr array, or for an Arrow store an object with the same shape, dtype,
-        chunks and `[start:stop]` slicing."""
-        self._split_meta(split)
-        if self.root is None:
-            return self._arrow_backend().array(split, name)
-        if (split, name) not in self._checked:
-            check_plain_array(self.location, f"{split}/{name}")
-            self._checked.add((split, name))
-        return self.root[split][name]
+    def array(self, split: str, name: str) -> "ChunkedArray":
+        """One array of a split, with `shape`, `dtype`, `chunks` and `[start:stop, ...]` slicing; every read goes
+        through the checked chunk reader."""
+        return ChunkedArray(self.chunk_reader(split, name))
 
     def read(self, split: str, start: int, stop: int, layers: Optional[Sequence[int]] = None,
              fields: Sequence[str] = ARRAYS) -> dict[str, np.ndarray]:
@@ -164,34 +267,57 @@ class Store:
                             prefetch=prefetch, pin_memory=pin_memory, start_batch=start_batch, shard=shard)
 
 
-SAFE_CODECS = ("bytes", "blosc", "zstd", "gzip", "crc32c", "transpose")
-SAFE_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16",
-               "float32", "float64")
+class CheckedChunks:
+    """A backend's chunk reader whose every chunk also has its values checked (`trust.value_problem`) once
+    decoded: verify, distill and `Store.array` all read through this, so none of them trusts a chunk unchecked."""
+
+    def __init__(self, reader, name: str, meta: dict, location):
+        self.reader, self.name, self.meta, self.location = reader, name, meta, location
+
+    def __getattr__(self, attr):  # chunks, shape, dtype, buffer, chunk_name, file_key, ...
+        return getattr(self.reader, attr)
+
+    def read_into(self, coords: tuple[int, ...], out: np.ndarray) -> np.ndarray:
+        out = self.reader.read_into(coords, out)
+        rows = min(self.reader.chunks[0], self.reader.shape[0] - coords[0] * self.reader.chunks[0])
+        why = value_problem(self.name, out[:rows], self.meta)
+        if why:
+            raise ChunkError(self.location, self.reader.file_key(coords), why)
+        return out
 
 
-def check_plain_array(location: Location, key: str) -> None:
-    """Refuse an array whose metadata asks for anything but plain numbers and known codecs, before zarr sees it.
+class ChunkedArray:
+    """Row slices of one array, read chunk by chunk through a (checked) chunk reader, for either backend."""
 
-    A store from someone else must be safe to open: no object dtypes, no pickle or other codec that could run
-    code or that pkd-cache does not know.
-    """
-    try:
-        meta = json.loads(location.read(f"{key}/zarr.json"))
-    except FileNotFoundError:
-        raise PkdCacheError(f"store {location}: array {key} is missing") from None
-    except ValueError as e:
-        raise PkdCacheError(f"store {location}: {key}/zarr.json is not valid JSON ({e})") from e
-    dtype = meta.get("data_type")
-    if meta.get("node_type") != "array" or dtype not in SAFE_DTYPES:
-        raise PkdCacheError(f"store {location}: array {key} has data type {dtype!r}; pkd-cache opens only plain "
-                            f"numeric arrays")
-    names = [c.get("name") if isinstance(c, dict) else c for c in meta.get("codecs", [])]
-    bad = [n for n in names if n not in SAFE_CODECS]
-    if bad or meta.get("storage_transformers"):
-        raise PkdCacheError(f"store {location}: array {key} uses codec {bad[0] if bad else 'storage transformers'!r}, "
-                            f"which pkd-cache does not open (allowed: {', '.join(SAFE_CODECS)})")
+    def __init__(self, reader):
+        self.reader, self.shape, self.dtype, self.chunks = reader, reader.shape, reader.dtype, reader.chunks
+
+    def __getitem__(self, key) -> np.ndarray:
+        rows = key[0] if isinstance(key, tuple) else key
+        if not isinstance(rows, slice):
+            rows = slice(rows, rows + 1) if rows >= 0 else slice(rows, (rows + 1) or None)
+        start, stop, step = rows.indices(self.shape[0])
+        r, parts = self.chunks[0], []
+        for c in range(start // r, -(-stop // r)) if stop > start else ():
+            parts.append(self._whole_chunk(c)[max(0, start - c * r):stop - c * r])
+        out = np.concatenate(parts)[::step] if parts else np.empty((0,) + tuple(self.shape[1:]), self.dtype)
+        return out[(slice(None),) + key[1:]] if isinstance(key, tuple) else out
+
+    def _whole_chunk(self, c: int) -> np.ndarray:
+        """Chunk row `c` with every chunk along axis 1 (the per-layer `cls` chunks) side by side."""
+        if len(self.shape) == 1:
+            return self.reader.read_into((c,), self.reader.buffer()).copy()
+        width = self.chunks[1]
+        blocks = [self.reader.read_into((c, j) + (0,) * (len(self.shape) - 2), self.reader.buffer()).copy()
+                  for j in range(-(-self.shape[1] // width))]
+        return np.concatenate(blocks, axis=1)
 
 
-def open_store(path: str, require_complete: bool = True, storage_options: Optional[dict] = None) -> Store:
-    """Open a store from a local path or an fsspec URL (`s3://bucket/sst2.zarr`, `http://host:8000/sst2.zarr`)."""
-    return Store(path, require_complete=require_complete, storage_options=storage_options)
+def open_store(path: str, require_complete: bool = True, storage_options: Optional[dict] = None,
+               allow_no_checksums: bool = False) -> Store:
+    """Open a store from a local path or an fsspec URL (`s3://bucket/sst2.zarr`, `http://host:8000/sst2.zarr`).
+
+    `allow_no_checksums` reads a store without a checksum manifest (pkd-cache 0.1.0 wrote such stores): its chunks
+    are then decoded and their values checked, but not compared with dump-time checksums."""
+    return Store(path, require_complete=require_complete, storage_options=storage_options,
+                 allow_no_checksums=allow_no_checksums)

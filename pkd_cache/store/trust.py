@@ -1,0 +1,203 @@
+"""Distrust what you open: a store's metadata is checked against its arrays and its checksum manifest before
+anything is allocated, and every chunk's values are checked as they are decoded.
+
+A store may come from someone else, and every part of it can be edited: the metadata, an array's `zarr.json`, the
+manifest, the chunks. So nothing read from a store is believed on its own (safetensors' header checks are the
+model):
+
+- the metadata must have the types and ranges the format says (docs/FORMAT.md), and promises arrays of known
+  shapes and dtypes (`format.expected_arrays`);
+- each array's `zarr.json` must describe exactly that array, in the one layout pkd-cache writes (regular chunks
+  along N, `bytes` little-endian then `blosc`, default chunk keys): no codec chain can change what the bytes mean
+  or bypass the checksums;
+- the manifest must list every chunk of that layout and nothing else. Its size bounds everything: a crafted size of
+  10^12 rows would need 10^9 manifest entries, so it is refused by arithmetic before any list or buffer is made;
+- every chunk is checked against the manifest on every read (chunks.ChunkReader), its decoded size against the
+  buffer, and its values (`value_problem`: finite floats, labels in range, 0/1 masks, ids inside the vocabulary).
+
+A store without a manifest (pkd-cache 0.1.0 wrote such stores before checksums existed, and removing
+checksums.json is the easiest tampering) is refused unless the caller explicitly allows it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Optional
+
+import numpy as np
+
+from .format import CLS_DTYPES
+
+NO_MANIFEST = ("has no checksum manifest (checksums.json): it was written before pkd-cache recorded checksums, or "
+               "the manifest was removed; re-dump it, or pass --allow-no-checksums to read it without checking its "
+               "chunks against checksums")
+NO_MANIFEST_NOTE = ("no checksum manifest (--allow-no-checksums): every chunk was decoded and its values checked, but "
+                    "corruption that still decodes to plausible values goes unseen")
+# the layout pkd-cache writes (docs/FORMAT.md); anything else could make the same bytes mean other values
+DEFAULT_KEYS = {"name": "default", "configuration": {"separator": "/"}}
+
+
+def _int(value, at_least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
+
+
+def meta_problems(meta: dict) -> list[str]:
+    """What is malformed in the metadata's entries that size the arrays (types and ranges)."""
+    problems = []
+
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            problems.append(f"metadata: {what}")
+
+    teacher, task, tok = meta.get("teacher"), meta.get("task"), meta.get("tokenizer")
+    if not (isinstance(teacher, dict) and isinstance(task, dict) and isinstance(tok, dict)):
+        return ["metadata: missing or malformed teacher, task or tokenizer entry"]
+    need(_int(teacher.get("num_layers"), 1), f"teacher.num_layers {teacher.get('num_layers')!r} is not an integer >= 1")
+    need(_int(teacher.get("hidden_size"), 1), f"teacher.hidden_size {teacher.get('hidden_size')!r} is not an integer "
+                                               f">= 1")
+    need(_int(tok.get("vocab_size"), 1), f"tokenizer.vocab_size {tok.get('vocab_size')!r} is not an integer >= 1")
+    need(_int(meta.get("max_seq_length"), 1), f"max_seq_length {meta.get('max_seq_length')!r} is not an integer >= 1")
+    need(_int(meta.get("chunk_size"), 1), f"chunk_size {meta.get('chunk_size')!r} is not an integer >= 1")
+    need(meta.get("cls_dtype") in CLS_DTYPES, f"cls_dtype {meta.get('cls_dtype')!r} is not one of "
+                                              f"{', '.join(CLS_DTYPES)}")
+    labels, regression = task.get("num_labels"), task.get("is_regression")
+    need(isinstance(regression, bool), f"task.is_regression {regression!r} is not true or false")
+    need(_int(labels, 1), f"task.num_labels {labels!r} is not an integer >= 1")
+    if regression is False and _int(labels, 1):
+        names = task.get("label_names")
+        need(isinstance(names, list) and len(names) == labels, f"task.label_names {names!r} does not name "
+                                                               f"{labels} labels")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        problems.append("metadata: no splits")
+    else:
+        for name, split in splits.items():
+            n = split.get("num_examples") if isinstance(split, dict) else None
+            need(_int(n, 1), f"splits.{name}.num_examples {n!r} is not an integer >= 1")
+    return problems
+
+
+def chunk_shapes(name: str, shape: tuple[int, ...], chunk_size: int) -> list[tuple[int, ...]]:
+    """The chunk shapes pkd-cache writes for an array: whole along every axis but N; `cls` one layer per chunk, or
+    (stores of 0.1.0) every layer in one chunk."""
+    whole = (min(chunk_size, shape[0]),) + tuple(shape[1:])
+    return [whole[:1] + (1,) + whole[2:], whole] if name == "cls" else [whole]
+
+
+def zarr_array_problem(doc: dict, shape: tuple[int, ...], dtype: str, chunk_size: int, name: str) -> Optional[str]:
+    """Why an array's `zarr.json` is not exactly the array the metadata promises in pkd-cache's layout, or None."""
+    if not isinstance(doc, dict) or doc.get("node_type") != "array" or doc.get("zarr_format") != 3:
+        return "is not a Zarr v3 array"
+    if doc.get("data_type") != dtype:
+        return f"has data type {doc.get('data_type')!r}, the metadata says {dtype}"
+    if tuple(doc.get("shape") or ()) != tuple(shape):
+        return f"has shape {tuple(doc.get('shape') or ())}, the metadata says {tuple(shape)}"
+    grid = doc.get("chunk_grid") or {}
+    chunks = tuple((grid.get("configuration") or {}).get("chunk_shape") or ())
+    if grid.get("name") != "regular" or chunks not in chunk_shapes(name, shape, chunk_size):
+        return f"has chunks {chunks or grid!r}, not the layout pkd-cache writes {chunk_shapes(name, shape, chunk_size)[0]}"
+    codecs = doc.get("codecs") or []
+    names = [c.get("name") if isinstance(c, dict) else c for c in codecs]
+    endian = (codecs[0].get("configuration") or {}).get("endian") if names[:1] == ["bytes"] else None
+    if names != ["bytes", "blosc"] or (np.dtype(dtype).itemsize > 1 and endian != "little"):
+        return (f"uses codecs {names!r}; pkd-cache reads only its own layout (bytes, little endian, then blosc), so that "
+                f"the checksummed bytes mean what they meant at dump time")
+    if doc.get("storage_transformers"):
+        return "uses storage transformers, which pkd-cache does not open"
+    if doc.get("chunk_key_encoding", DEFAULT_KEYS) != DEFAULT_KEYS:
+        return f"uses chunk key encoding {doc.get('chunk_key_encoding')!r}, not the default `c/<i>/<j>`"
+    return None
+
+
+def chunk_count(shape: tuple[int, ...], chunks: tuple[int, ...]) -> int:
+    return math.prod(-(-s // c) for s, c in zip(shape, chunks))
+
+
+def chunk_keys(prefix: str, shape: tuple[int, ...], chunks: tuple[int, ...]):
+    """Every chunk key of an array in the default encoding (`train/cls/c/3/5/0`); only after `chunk_count` has been
+    bounded by the manifest's size."""
+    import itertools
+
+    for coords in itertools.product(*(range(-(-s // c)) for s, c in zip(shape, chunks))):
+        yield f"{prefix}/c/" + "/".join(map(str, coords))
+
+
+def manifest_problems(expected: dict[str, int], keys, manifest: dict) -> list[str]:
+    """The manifest against the layout: `expected` is {array: chunk count}, `keys()` yields every expected key.
+    The counts are compared first, so a crafted size never makes a list of 10^9 keys."""
+    need, have = sum(expected.values()), len(manifest)
+    if need > have:
+        return [f"checksums: the layout needs {need:,} chunks but the manifest records {have:,} (the metadata "
+                f"promises more data than the store holds)"]
+    missing, seen = [], 0
+    for key in keys():
+        if key in manifest:
+            seen += 1
+        else:
+            missing.append(key)
+    problems = []
+    if missing:
+        problems.append(f"checksums: {len(missing)} chunk(s) of the layout are not in the manifest, e.g. {missing[0]}")
+    if have > seen:
+        extra = sorted(set(manifest) - set(keys()))
+        problems.append(f"checksums: {len(extra)} recorded chunk(s) belong to no array, e.g. {extra[0]}")
+    return problems
+
+
+def load_manifest(location, meta: dict) -> Optional[dict]:
+    """{chunk key: [nbytes, crc32c]} from checksums.json, or None when the store has none and its metadata
+    records none. A manifest the metadata records but that is missing or malformed raises."""
+    from ..errors import PkdCacheError
+    from .chunks import CHECKSUMS_KEY
+
+    recorded = meta.get("checksums")
+    key = recorded.get("file", CHECKSUMS_KEY) if isinstance(recorded, dict) else CHECKSUMS_KEY
+    if key != CHECKSUMS_KEY:
+        raise PkdCacheError(f"store {location}: its checksum manifest is recorded as {key!r}; pkd-cache reads only "
+                            f"{CHECKSUMS_KEY}")
+    try:
+        doc = json.loads(location.read(key))
+    except FileNotFoundError:
+        if recorded:
+            raise PkdCacheError(f"store {location}: its checksum manifest {key} is missing; the store is damaged "
+                                f"(run `pkd-cache verify {location}`)") from None
+        return None  # and none recorded: a store of 0.1.0, or one whose record was removed too
+    except ValueError as e:
+        raise PkdCacheError(f"store {location}: its checksum manifest {key} is not valid JSON ({e})") from e
+    chunks = doc.get("chunks") if isinstance(doc, dict) else None
+    if doc.get("algorithm") != "crc32c" or not isinstance(chunks, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and all(_int(x, 0) for x in v) for v in chunks.values()):
+        raise PkdCacheError(f"store {location}: its checksum manifest {key} is malformed (expected crc32c and "
+                            f"{{chunk: [nbytes, crc32c]}})")
+    return chunks
+
+
+def value_problem(name: str, v: np.ndarray, meta: dict) -> Optional[str]:
+    """Why decoded values cannot be what a dump wrote (non-finite floats, labels or ids out of range), or None.
+
+    As cheap as the CRC: one pass over the bits (the exponent of a float is all ones only for inf and NaN), no
+    float arithmetic."""
+    if v.size == 0:
+        return None
+    if v.dtype.kind == "f":
+        bits = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000), 8: (np.uint64, 0x7FF0000000000000)}
+        kind, exponent = bits[v.dtype.itemsize]
+        flat = np.ascontiguousarray(v).view(kind)
+        if ((flat & kind(exponent)) == kind(exponent)).any():
+            return f"holds {int((~np.isfinite(v)).sum())} non-finite value(s)"
+    if name == "attention_mask" and v.max() > 1:
+        return "holds attention mask values other than 0/1"
+    if name == "input_ids":
+        vocab = int(meta["tokenizer"]["vocab_size"])
+        if v.min() < 0 or v.max() >= vocab:
+            return f"holds token ids outside the vocabulary [0, {vocab}) (e.g. {int(v.max() if v.max() >= vocab else v.min())})"
+    if name == "token_type_ids":
+        types = (meta["teacher"].get("config") or {}).get("type_vocab_size")
+        if _int(types, 1) and v.max() >= types:
+            return f"holds token type ids outside [0, {types})"
+    if name == "labels" and not meta["task"]["is_regression"]:
+        k = int(meta["task"]["num_labels"])
+        if v.min() < 0 or v.max() >= k:
+            bad = int(v.min()) if v.min() < 0 else int(v.max())
+            return f"holds labels outside [0, {k}) (e.g. {bad})"
+    return None
