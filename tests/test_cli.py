@@ -25,7 +25,9 @@ from typing import Callable, Optional
 
 import pytest
 
+import numpy as np
 from conftest import make_bert
+from tamper import decode, edit_array, edit_attributes, rewrite_chunk
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
        "COLUMNS": "200"}  # `info` is a rich table: wide enough not to wrap long temp paths
@@ -276,6 +278,20 @@ CASES: dict[str, Case] = {
     "store-not-a-store": Case(lambda c: distill_args(c, store=c.data), ("is not a pkd-cache store",), no_student),
     "store-corrupt-chunk": Case(lambda c: distill_args(c, store=corrupt_store(c)),
                                 ("chunk train/cls/c/0/", "is corrupt", "pkd-cache verify"), no_student),
+    "store-no-manifest": Case(lambda c: distill_args(c, store=store_without_manifest(c)),
+                              ("has no checksum manifest", "--allow-no-checksums"), no_student),
+    "store-altered-array": Case(lambda c: distill_args(c, store=altered_store(c)),
+                                ("train/logits: array has data type 'float64', the metadata says float32",
+                                 "pkd-cache verify"), no_student),
+    "store-missing-chunk": Case(lambda c: distill_args(c, store=store_missing_a_chunk(c)),
+                                ("chunk(s) the manifest records are missing, e.g. train/labels/c/1",), no_student),
+    "store-non-finite-values": Case(lambda c: distill_args(c, store=store_with_values(c, "train/logits/c/1/0",
+                                                                                       (64, 2), "float32", np.nan)),
+                                    ("chunk train/logits/c/1/0 holds 1 non-finite value(s)",), no_student),
+    "store-label-out-of-range": Case(lambda c: distill_args(c, store=store_with_values(c, "validation/labels/c/0",
+                                                                                        (48,), "int64", -100)),
+                                     ("chunk validation/labels/c/0 holds labels outside [0, 2) (e.g. -100)",),
+                                     no_student),
     "distill-output-exists": Case(lambda c: ["distill", "--store", c.store, "--output-dir", existing_dir(c, "student"),
                                              "--student-layers", "2", "--student-init", c.backbone],
                                   ("already exists and is not empty", "--overwrite"), untouched),
@@ -315,6 +331,39 @@ def newer_format_store(c: Ctx) -> Path:
     meta = json.loads((dst / "zarr.json").read_text())
     meta["attributes"]["format_version"] = 99
     (dst / "zarr.json").write_text(json.dumps(meta))
+    return dst
+
+
+def store_without_manifest(c: Ctx) -> Path:
+    """What a store of pkd-cache 0.1.0 looks like, or one whose manifest was removed to get past the checksums."""
+    dst = copy_store(c, complete=True)
+    edit_attributes(dst, lambda m: m.pop("checksums"))
+    (dst / "checksums.json").unlink()
+    c.state["digest"] = tree_digest(dst)
+    return dst
+
+
+def altered_store(c: Ctx) -> Path:
+    dst = copy_store(c, complete=True)
+    edit_array(dst, "train/logits", lambda d: d.update(data_type="float64"))
+    c.state["digest"] = tree_digest(dst)
+    return dst
+
+
+def store_missing_a_chunk(c: Ctx) -> Path:
+    dst = copy_store(c, complete=True)
+    (dst / "train" / "labels" / "c" / "1").unlink()
+    c.state["digest"] = tree_digest(dst)
+    return dst
+
+
+def store_with_values(c: Ctx, key: str, shape: tuple, dtype: str, value) -> Path:
+    """A chunk with one bad value, re-encoded and its checksum recomputed: only the value check can tell."""
+    dst = copy_store(c, complete=True)
+    values = decode(dst / key, shape, dtype)
+    values.reshape(-1)[3] = value
+    rewrite_chunk(dst, key, values)
+    c.state["digest"] = tree_digest(dst)
     return dst
 
 
