@@ -1,45 +1,82 @@
 """`pkd-cache serve DIR`: the stores in DIR over read-only HTTP, so a teammate can distill from `http://host:port/x.zarr`.
 
-Only GET and HEAD, only files inside the stores of DIR (a folder directly under DIR whose `zarr.json` says it is a
-pkd-cache store), never a path that resolves outside DIR (`..`, encoded or not, and symlinks are refused). With a
-token, every request needs `Authorization: Bearer <token>`; clients send it from `PKD_CACHE_TOKEN`. `/` lists
+Only GET and HEAD, only regular files and folders inside the stores of DIR (a real folder directly under DIR whose
+`zarr.json` says it is a pkd-cache store). Nothing outside DIR is ever served: `..` (encoded or not) gets 403, and a
+symlink anywhere in the path (the store folder itself, a folder inside it, the file) is never followed: 404. The
+root listing, `pkd-cache ls` and the start-up banner leave symlinked stores out, so what is listed is what is served.
+A malformed request path gets 400, an overlong one (a name over 255 bytes, a path over 4096) 414.
+
+With a token, every request needs `Authorization: Bearer <token>`; clients send it from `PKD_CACHE_TOKEN`. `/` lists
 the stores: JSON for `Accept: application/json` or `?format=json` (what `pkd-cache ls` reads), HTML otherwise.
 Single byte ranges are honoured, as fsspec's HTTP reader may ask for them.
+
+Connections are bounded: a connection idle for `idle_timeout` seconds (default 60) is closed, and at most
+`max_connections` (default 128) are handled at once; one more is answered at once with 503 and a `Retry-After`
+header and closed, without waiting and without a thread, so a flood of idle sockets cannot exhaust the server.
 """
 from __future__ import annotations
 
+import contextlib
 import hmac
 import html
 import json
 import mimetypes
+import os
 import re
+import socket
+import stat
+import sys
+import threading
 import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional
 
+from rich.markup import escape
+
 from .errors import PkdCacheError
 from .progress import log
 from .store.describe import summary_from_meta
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")  # 18 digits: int() never sees a 5,000-digit number
+_MAX_NAME, _MAX_PATH = 255, 4096  # bytes, as in NAME_MAX and PATH_MAX on Linux
+# Request lines are attacker-chosen: control characters are escaped before they reach the log.
+_CONTROL = str.maketrans({c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]})
+# Never follow a symlink, never block on a FIFO, never leak the descriptor into a child.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+_META_FILES = ("zarr.json", "pkd_cache.json")  # the Zarr and Arrow flavours (store/arrow.py ARROW_META)
 
 
 def store_summary(path: Path) -> Optional[dict]:
-    """Name, task, teacher, splits, size and completeness of the store at `path`, None if it is not one."""
+    """Name, task, teacher, splits, size and completeness of the store at `path`, None if it is not one served here."""
     meta = _store_meta(path)
     if meta is None:
         return None
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    size = 0
+    for folder, _dirs, files in os.walk(path):  # os.walk does not descend into symlinked folders
+        for name in files:
+            with contextlib.suppress(OSError):  # gone meanwhile: a dump in progress renames its temporary files
+                st = os.lstat(os.path.join(folder, name))
+                size += st.st_size if stat.S_ISREG(st.st_mode) else 0  # a symlinked file is not served: not counted
     return summary_from_meta(path.name, meta, size)
+
+
+def served_stores(root: Path) -> list[Path]:
+    """The stores directly under `root` that requests can reach, in name order (the listing and the banner)."""
+    return [p for p in sorted(root.iterdir()) if not p.name.startswith(".") and _store_meta(p) is not None]
 
 
 class StoreServer(ThreadingHTTPServer):
     daemon_threads = True
+    block_on_close = False  # Ctrl-C and server_close() do not wait for slow clients
+    request_queue_size = 64
 
-    def __init__(self, root: Path, host: str, port: int, token: Optional[str], quiet: bool = False):
+    def __init__(self, root: Path, host: str, port: int, token: Optional[str], quiet: bool = False,
+                 idle_timeout: float = 60.0, max_connections: int = 128):
         self.root, self.token, self.quiet = root.resolve(), token, quiet
+        self.idle_timeout, self.max_connections = idle_timeout, max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__((host, port), _Handler)
 
     @property
@@ -47,10 +84,54 @@ class StoreServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            return self._turn_away(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: give the slot back (serve_forever logs and closes)
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _turn_away(self, request: socket.socket, client_address) -> None:
+        """503 on the accepting thread: non-blocking, so a full server keeps accepting (and refusing) promptly."""
+        body = json.dumps({"error": f"server busy: {self.max_connections} connections open; retry"}).encode()
+        reply = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        try:
+            request.setblocking(False)
+            try:  # read what already came, so that closing sends FIN rather than a reset that could eat the 503
+                request.recv(65536)
+            except OSError:
+                pass
+            request.send(reply)  # a few hundred bytes always fit an empty socket buffer
+        except OSError:
+            pass
+        finally:
+            self.shutdown_request(request)
+        if not self.quiet:
+            log(f"{client_address[0]} turned away: {self.max_connections} connections open")
+
+    def handle_error(self, request, client_address) -> None:
+        """One log line, never a traceback: a client that hangs up mid-transfer is not a server bug."""
+        error = sys.exc_info()[1]
+        if not self.quiet and not isinstance(error, (ConnectionError, TimeoutError)):
+            log(escape(f"{client_address[0]} request failed: {type(error).__name__}: {error}".translate(_CONTROL)))
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: StoreServer
     server_version = "pkd-cache-serve"
+
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout  # StreamRequestHandler.setup puts it on the socket
+        super().setup()
 
     def do_GET(self) -> None:
         self._respond(body=True)
@@ -61,27 +142,37 @@ class _Handler(BaseHTTPRequestHandler):
     def _refuse(self, *_args) -> None:
         self._send_error(HTTPStatus.METHOD_NOT_ALLOWED, "read-only: GET and HEAD only", {"Allow": "GET, HEAD"})
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = _refuse
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse
 
     def log_message(self, format: str, *args) -> None:
-        if not self.server.quiet:
-            log(f"{self.address_string()} {format % args}")
+        if not self.server.quiet:  # escaped: a path like /[/x] is rich markup, and would crash the log line
+            log(escape(f"{self.address_string()} {format % args}".translate(_CONTROL)))
 
     def _respond(self, body: bool) -> None:
         if not self._authorised():
             return self._send_error(HTTPStatus.UNAUTHORIZED, "a bearer token is required",
                                     {"WWW-Authenticate": 'Bearer realm="pkd-cache"'})
-        url = urllib.parse.urlsplit(self.path)
-        target = self._resolve(url.path)
-        if target is None:
+        raw, _, query = self.path.partition("#")[0].partition("?")
+        parts = self._parts(raw)
+        if parts is None:
             return
-        if target == self.server.root:
-            return self._listing(url.query, body)
-        if target.is_dir():
-            return self._directory(target, url.path, body)
-        if target.is_file():
-            return self._file(target, body)
-        self._send_error(HTTPStatus.NOT_FOUND, "not found")
+        if not parts:
+            return self._listing(query, body)
+        try:
+            fd = self._open(parts)
+        except OSError:  # missing, a symlink (ELOOP), a file where a folder was expected, unreadable...
+            return self._send_error(HTTPStatus.NOT_FOUND, "not found")
+        if fd is None:
+            return
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                return self._directory(fd, raw, body)
+            if stat.S_ISREG(mode):
+                return self._file(fd, parts[-1], body)
+            self._send_error(HTTPStatus.NOT_FOUND, "not found")  # FIFOs, sockets, devices
+        finally:
+            os.close(fd)
 
     def _authorised(self) -> bool:
         token = self.server.token
@@ -90,32 +181,48 @@ class _Handler(BaseHTTPRequestHandler):
         given = self.headers.get("Authorization", "")
         return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
-    def _resolve(self, raw: str) -> Optional[Path]:
-        """The file or folder for a request path, or None after answering 403/404 for anything outside the stores."""
-        path = urllib.parse.unquote(raw)
+    def _parts(self, raw: str) -> Optional[list[str]]:
+        """The names in a request path, or None after answering 400/403/404/414 for one that cannot be served."""
+        if not raw.startswith("/"):  # `*`, absolute URIs (`http://...`): not a path of this server
+            self._send_error(HTTPStatus.BAD_REQUEST, "the request path must start with /")
+            return None
+        # http.server decoded the request line as latin-1: back to the bytes sent, %-decoded, named as the OS does
+        path = os.fsdecode(urllib.parse.unquote_to_bytes(raw.encode("latin-1", errors="replace")))
         parts = [p for p in path.split("/") if p]
         if "\x00" in path or any(p in ("..", ".") or "\\" in p for p in parts):
             self._send_error(HTTPStatus.FORBIDDEN, "path outside the served folder")
             return None
-        root = self.server.root
-        if not parts:
-            return root
+        sizes = [len(os.fsencode(p)) for p in parts]
+        if sum(sizes) + len(sizes) > _MAX_PATH or any(n > _MAX_NAME for n in sizes):
+            self._send_error(HTTPStatus.REQUEST_URI_TOO_LONG,
+                             f"path too long (names up to {_MAX_NAME} bytes, paths up to {_MAX_PATH})")
+            return None
         if any(p.startswith(".") for p in parts):  # temporary files of a dump in progress, dotfiles
             self._send_error(HTTPStatus.NOT_FOUND, "not found")
             return None
-        target = (root / Path(*parts)).resolve()
-        if root not in target.parents:
-            self._send_error(HTTPStatus.FORBIDDEN, "path outside the served folder")
-            return None
-        store_dir = root / parts[0]
-        if store_dir.resolve() != store_dir or _store_meta(store_dir) is None:
+        return parts
+
+    def _open(self, parts: list[str]) -> Optional[int]:
+        """A descriptor for root/parts, each name opened relative to its parent's descriptor with O_NOFOLLOW,
+        so no symlink is followed, including one swapped in while the request runs. None after a 404."""
+        if _store_meta(self.server.root / parts[0]) is None:
             self._send_error(HTTPStatus.NOT_FOUND, "not a store served here")
             return None
-        return target
+        fd = os.open(self.server.root, _OPEN_FLAGS | getattr(os, "O_DIRECTORY", 0))
+        try:
+            for part in parts:
+                if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                    raise NotADirectoryError(part)
+                child = os.open(part, _OPEN_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _listing(self, query: str, body: bool) -> None:
-        stores = [s for s in (store_summary(p) for p in sorted(self.server.root.iterdir())
-                              if p.is_dir() and not p.name.startswith(".")) if s]
+        stores = [s for s in (store_summary(p) for p in served_stores(self.server.root)) if s]
         wants_json = "format=json" in query or "application/json" in self.headers.get("Accept", "")
         if wants_json:
             data = json.dumps({"stores": stores}, indent=1).encode()
@@ -125,18 +232,22 @@ class _Handler(BaseHTTPRequestHandler):
                        f'<td>{s["bytes"]:,}</td><td>{"yes" if s["complete"] else "NO"}</td></tr>' for s in stores)
         page = (f"<!doctype html><title>pkd-cache stores</title><h1>pkd-cache stores</h1><table><tr><th>store</th>"
                 f"<th>task</th><th>teacher</th><th>bytes</th><th>complete</th></tr>{rows}</table>")
-        self._send(HTTPStatus.OK, page.encode(), "text/html; charset=utf-8", body)
+        self._send(HTTPStatus.OK, page.encode(errors="surrogateescape"), "text/html; charset=utf-8", body)
 
-    def _directory(self, target: Path, raw: str, body: bool) -> None:
-        """A plain link list (what fsspec's HTTP `ls` parses)."""
+    def _directory(self, fd: int, raw: str, body: bool) -> None:
+        """A plain link list (what fsspec's HTTP `ls` parses) of the folder's regular files and real subfolders."""
         base = raw if raw.endswith("/") else raw + "/"
-        links = "".join(f'<a href="{html.escape(base + urllib.parse.quote(p.name))}{"/" if p.is_dir() else ""}">'
-                        f"{html.escape(p.name)}</a><br>" for p in sorted(target.iterdir())
-                        if not p.name.startswith(".") and not p.is_symlink())
-        self._send(HTTPStatus.OK, f"<!doctype html>{links}".encode(), "text/html; charset=utf-8", body)
+        with os.scandir(fd) as it:  # scandir works on a duplicate: `fd` stays open for the caller to close
+            entries = sorted((e for e in it if not e.name.startswith(".") and not e.is_symlink()),
+                             key=lambda e: e.name)
+        links = "".join(f'<a href="{html.escape(base + urllib.parse.quote(e.name, errors="surrogateescape"))}'
+                        f'{"/" if e.is_dir(follow_symlinks=False) else ""}">{html.escape(e.name)}</a><br>'
+                        for e in entries if e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False))
+        self._send(HTTPStatus.OK, f"<!doctype html>{links}".encode(errors="surrogateescape"),
+                   "text/html; charset=utf-8", body)
 
-    def _file(self, target: Path, body: bool) -> None:
-        size = target.stat().st_size
+    def _file(self, fd: int, name: str, body: bool) -> None:
+        size = os.fstat(fd).st_size
         start, end, status = 0, size - 1, HTTPStatus.OK
         match = _RANGE.match(self.headers.get("Range", "").strip())
         if match and (match.group(1) or match.group(2)):
@@ -148,8 +259,8 @@ class _Handler(BaseHTTPRequestHandler):
             status = HTTPStatus.PARTIAL_CONTENT
         length = end - start + 1 if size else 0
         self.send_response(status)
-        kind = "application/json" if target.suffix == ".json" else (mimetypes.guess_type(target.name)[0]
-                                                                     or "application/octet-stream")
+        kind = "application/json" if name.endswith(".json") else (mimetypes.guess_type(name)[0]
+                                                                   or "application/octet-stream")
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(length))
         self.send_header("Accept-Ranges", "bytes")
@@ -157,15 +268,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.end_headers()
         if body and length:
-            with open(target, "rb") as f:
-                f.seek(start)
-                left = length
-                while left:
-                    block = f.read(min(left, 1 << 20))
-                    if not block:
-                        break
-                    self.wfile.write(block)
-                    left -= len(block)
+            os.set_blocking(fd, True)
+            offset, left = start, length
+            while left:
+                block = os.pread(fd, min(left, 1 << 20), offset)
+                if not block:  # the file shrank under us: the short body tells the client
+                    break
+                self.wfile.write(block)
+                offset, left = offset + len(block), left - len(block)
 
     def _send(self, status, data: bytes, kind: str, body: bool) -> None:
         self.send_response(status)
@@ -188,32 +298,50 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _store_meta(path: Path) -> Optional[dict]:
-    """The metadata of the store at `path` (None if it is not one), without sizing it: called on every request."""
+    """The metadata of the store at `path`, None if it is not one or is not served (a symlinked store folder or
+    metadata file: requests never follow symlinks, so neither does the listing). Called on every request."""
     from .store.location import Location
     from .store.writer import read_metadata
 
-    return read_metadata(Location(str(path))) if path.is_dir() else None
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return None
+        for name in _META_FILES:  # a symlink is not served; a FIFO would hang the reader
+            with contextlib.suppress(FileNotFoundError):
+                if not stat.S_ISREG(os.lstat(path / name).st_mode):
+                    return None
+    except OSError:  # a name too long, a folder we may not read
+        return None
+    return read_metadata(Location(str(path)))
 
 
 def make_server(folder: str, host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None,
-                quiet: bool = False) -> StoreServer:
+                quiet: bool = False, idle_timeout: float = 60.0, max_connections: int = 128) -> StoreServer:
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise PkdCacheError(f"{folder} is not a directory")
+    if not 0 < idle_timeout < float("inf"):
+        raise PkdCacheError(f"--idle-timeout must be a finite number of seconds > 0, got {idle_timeout}")
+    if max_connections < 1:
+        raise PkdCacheError(f"--max-connections must be >= 1, got {max_connections}")
+    if os.open not in os.supports_dir_fd or not hasattr(os, "O_NOFOLLOW"):
+        raise PkdCacheError("pkd-cache serve needs a POSIX system (openat with O_NOFOLLOW); push the stores to a "
+                            "bucket instead")
     try:
-        return StoreServer(root, host, port, token, quiet)
+        return StoreServer(root, host, port, token, quiet, idle_timeout, max_connections)
     except OSError as e:
         raise PkdCacheError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
 
 
-def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None) -> None:
+def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None,
+          idle_timeout: float = 60.0, max_connections: int = 128) -> None:
     """Serve until interrupted."""
-    server = make_server(folder, host, port, token)
-    stores = [p.name for p in sorted(server.root.iterdir()) if p.is_dir() and _store_meta(p)]
-    log(f"serving {len(stores)} store(s) from {server.root} at {server.url}/ "
-        f"({'bearer token required' if token else 'no token: anyone who can reach this port can read them'})")
+    server = make_server(folder, host, port, token, idle_timeout=idle_timeout, max_connections=max_connections)
+    stores = [p.name for p in served_stores(server.root)]
+    log(escape(f"serving {len(stores)} store(s) from {server.root} at {server.url}/ "
+               f"({'bearer token required' if token else 'no token: anyone who can reach this port can read them'})"))
     for name in stores:
-        log(f"  pkd-cache distill --store {server.url}/{name} ...")
+        log(escape(f"  pkd-cache distill --store {server.url}/{name} ..."))
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         log("warning: listening beyond this machine without --token")
     try:

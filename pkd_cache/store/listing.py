@@ -55,9 +55,12 @@ def _served(location: Location) -> list[dict]:
         raise PkdCacheError(f"{location.path} did not answer with a pkd-cache store list") from None
     except Exception as e:
         status = getattr(e, "status", None)
-        if status in (401, 403):
+        if status == 401:
             raise PkdCacheError(f"{location.path} refused the request ({status}): set PKD_CACHE_TOKEN to the "
                                 f"server's token") from e
+        if status in (403, 503):
+            raise PkdCacheError(f"{location.path} refused the request ({status}: "
+                                f"{'forbidden path' if status == 403 else 'server busy, retry in a moment'})") from e
         raise
 
 

@@ -82,8 +82,11 @@ class Location:
             if _is_not_found(e):
                 raise FileNotFoundError(f"{self.path}/{key}") from e
             status = getattr(e, "status", None)
+            if status == 503:  # `pkd-cache serve` at its connection cap
+                raise PkdCacheError(f"{self.path}: the server is busy (503); retry in a moment") from e
             if status in (401, 403) or isinstance(e, PermissionError):
-                hint = " (set PKD_CACHE_TOKEN)" if self.read_only else " (check the credentials)"
+                hint = " (set PKD_CACHE_TOKEN)" if self.read_only and status != 403 else \
+                    " (the server refuses this path)" if status == 403 else " (check the credentials)"
                 raise PkdCacheError(f"{self.path}: access denied{hint}") from e
             raise PkdCacheError(f"cannot reach {self.path} ({type(e).__name__}; --debug shows the details)") from e
 
