@@ -2,7 +2,9 @@
 
 Memory stays flat: examples are tokenised, run and written one sort window (a few chunks) at a time, so nothing but
 the current window's outputs is ever held. Within a window, examples are sorted by length so that each batch is
-padded only to its own longest sequence (teacher/run.py); the window is then cut back into chunks in example order. The complete flag is written last, after every split is on disk.
+padded only to its own longest sequence (teacher/run.py); the window is then cut back into chunks in example order.
+The complete flag is written last, after every split is on disk. Everything that could fail once the work has
+started is tried first on a couple of examples (`_probe`), before `--out` is created or replaced.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 from .config import DumpConfig, FinetuneConfig, to_dict
 from .data.loading import load_examples
 from .data.tasks import get_task
-from .data.tokenize import tokenize, tokenize_lengths
+from .data.tokenize import check_seq_length, tokenize, tokenize_lengths
 from .distributed import barrier, broadcast, gather, process_group, rank_device, ranks_from_env
 from .dump_shares import chunk_ranges, share_windows, sort_windows, window_tokens
 from .errors import Interrupted, PkdCacheError
@@ -57,6 +59,8 @@ def dump(config: DumpConfig):
     examples = {s: load_examples(task, s, config.data_dir, config.max_examples) for s in splits}
     loaded = load_for_task(config.teacher, task)
     check_max_length(loaded, config.max_seq_length)
+    for ex in examples.values():
+        check_seq_length(loaded.tokenizer, ex, config.max_seq_length)
     key_parts = _key_parts(config, loaded, examples, splits)
     key = cache_key(key_parts)
     resuming = existing is not None and not existing.complete
@@ -85,6 +89,7 @@ def dump(config: DumpConfig):
     model, tokenizer = loaded.model, loaded.tokenizer
     device = rank_device(ranks, resolve_device(config.device))
     model.to(device).eval()
+    _probe(config, model, tokenizer, examples, device)  # what would fail mid-dump fails here, before any write
     num_layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
     weights_fp = weights_fingerprint(model) if finetuned_dir else key_parts["teacher"]["weights"]
     metadata = {
@@ -106,23 +111,31 @@ def dump(config: DumpConfig):
         barrier(ranks)  # every rank has looked at --out before rank 0 replaces or resumes it
         layout = (task, examples, key_parts, num_layers, hidden)
         writer = None
-        if ranks.main:
-            writer = open_writer(config.out, config.overwrite, metadata, config.format, resume=resuming)
-            _create_splits(config, writer, *layout)
-        barrier(ranks)  # the layout is on disk before the other ranks open it
-        if writer is None:
-            writer = attach_writer(config.out)
-            _create_splits(config, writer, *layout)  # opens the arrays rank 0 created
-        t0 = time.perf_counter()
-        plan = broadcast(ranks, _plan(config, writer, tokenizer, examples, ranks.world) if ranks.main else None)
         try:
-            computed = _run_share(config, writer, model, tokenizer, examples, plan, ranks, device)
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted: {writer.durable_examples():,} of "
-                              f"{sum(len(e) for e in examples.values()):,} examples are durable in {config.out}; "
-                              f"run the same command with --resume to continue") from None
+            if ranks.main:
+                writer = open_writer(config.out, config.overwrite, metadata, config.format, resume=resuming)
+                _create_splits(config, writer, *layout)
+            barrier(ranks)  # the layout is on disk before the other ranks open it
+            if writer is None:
+                writer = attach_writer(config.out)
+                _create_splits(config, writer, *layout)  # opens the arrays rank 0 created
+            t0 = time.perf_counter()
+            plan = broadcast(ranks, _plan(config, writer, tokenizer, examples, ranks.world) if ranks.main else None)
+            try:
+                computed = _run_share(config, writer, model, tokenizer, examples, plan, ranks, device)
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted: {writer.durable_examples():,} of "
+                                  f"{sum(len(e) for e in examples.values()):,} examples are durable in "
+                                  f"{config.out}; run the same command with --resume to continue") from None
+        except Exception as e:
+            # bad input (or a bug it set off) is not worth resuming; a failing disk or network leaves the store
+            # unfinished and resumable, as it does after the first chunk (docs/ERRORS.md)
+            if writer is not None and not resuming and not ranks.many and not isinstance(e, (Interrupted, OSError)):
+                _discard_unstarted(writer)
+            raise
         finally:
-            writer.close()  # the lock; after a failure the store stays unfinished and resumable
+            if writer is not None:
+                writer.close()  # the lock; after a failure the store stays unfinished and resumable
         reports = gather(ranks, {"checksums": writer.checksums, "computed": computed,
                                  "durable": {s: sorted(c) for s, c in writer.durable.items()}})
         if ranks.main:
@@ -138,6 +151,30 @@ def dump(config: DumpConfig):
     from .store.reader import open_store
 
     return open_store(config.out)
+
+
+def _probe(config: DumpConfig, model, tokenizer, examples: dict, device) -> None:
+    """Tokenise and run the teacher on a couple of examples of each split with the dump's settings, so that a
+    setting that only fails once the work has started fails before `--out` is created or replaced."""
+    int8 = config.dtype == "int8"
+    for ex in examples.values():
+        tokens = tokenize(tokenizer, ex, 0, min(2, len(ex)), config.max_seq_length)
+        _, cls = run_chunk(model, tokens, config.batch_size, bucketed=not config.pad_to_max_length,
+                           cls_dtype=np.dtype(np.float32 if int8 else config.dtype), device=device,
+                           precision=config.precision)
+        if int8:
+            quantize_int8(cls)
+
+
+def _discard_unstarted(writer) -> None:
+    """A fresh store whose dump failed before its first chunk was durable is removed (it is ours, and holds
+    nothing worth resuming); with a durable chunk it stays, unfinished and resumable."""
+    if any(writer.durable.values()):
+        return
+    try:
+        writer.location.remove_all()  # still under our lock: no other dump can have started in it
+    except OSError:
+        pass  # the original error matters more; what is left is an unfinished store that --overwrite replaces
 
 
 def _create_splits(config: DumpConfig, writer, task, examples: dict, key_parts: dict, num_layers: int,

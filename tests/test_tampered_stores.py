@@ -170,16 +170,16 @@ def test_inf_in_one_cls_layer_is_refused(copy):
 
 @pytest.mark.subprocess
 def test_distill_from_a_tampered_store_is_one_line_and_saves_nothing(copy, backbone_dir, tmp_path):
-    values = decode(copy / "train/logits/c/2", (64, 2), np.float32)
+    values = decode(copy / "train/logits/c/2/0", (64, 2), np.float32)
     values[0, 0] = np.nan
-    rewrite_chunk(copy, "train/logits/c/2", values)
+    rewrite_chunk(copy, "train/logits/c/2/0", values)
     out = tmp_path / "student"
     p = subprocess.run([sys.executable, "-m", "pkd_cache", "distill", "--store", str(copy), "--output-dir", str(out),
                         "--student-layers", "2", "--student-init", str(backbone_dir), "--epochs", "1"],
                        env={**__import__("os").environ, **ENV_KEYS}, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "chunk train/logits/c/2 holds 1 non-finite value(s)" in errors[0], p.stderr
+    assert len(errors) == 1 and "chunk train/logits/c/2/0 holds 1 non-finite value(s)" in errors[0], p.stderr
     assert "Traceback" not in p.stderr and not (out / "model.safetensors").exists()
 
 

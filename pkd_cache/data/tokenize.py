@@ -4,14 +4,34 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import PkdCacheError
 from .loading import Examples
 
 # storage dtypes of the token arrays (see docs/FORMAT.md)
 TOKEN_DTYPES = {"input_ids": np.int32, "attention_mask": np.uint8, "token_type_ids": np.uint8}
 
 
+def min_seq_length(tokenizer, pair: bool) -> int:
+    """The shortest max length that keeps a token of each text besides the tokenizer's special tokens ([CLS] and
+    [SEP]s for BERT: 3 for one sentence, 5 for a pair). Below it the texts vanish (the model would see only
+    special tokens), and below the special tokens alone the tokenizer silently stops truncating."""
+    return tokenizer.num_special_tokens_to_add(pair=pair) + (2 if pair else 1)
+
+
+def check_seq_length(tokenizer, examples: Examples, max_length: int, flag: str = "--max-seq-length") -> None:
+    """Refuse a `max_length` too short for these examples (one line naming `flag` and the minimum)."""
+    pair = examples.text_b is not None
+    need = min_seq_length(tokenizer, pair)
+    if max_length < need:
+        specials = tokenizer.num_special_tokens_to_add(pair=pair)
+        what, text = ("sentence pair", "each text needs") if pair else ("sentence", "the text needs")
+        raise PkdCacheError(f"{flag} {max_length} is too short: the tokenizer adds {specials} special tokens to "
+                            f"each {what}, and {text} at least one more; use {flag} {need} or more")
+
+
 def tokenize(tokenizer, examples: Examples, start: int, stop: int, max_length: int) -> dict[str, np.ndarray]:
     """Token arrays for examples[start:stop], padded to `max_length` (the store keeps a fixed width)."""
+    check_seq_length(tokenizer, examples, max_length)  # callers check first; this keeps a bad width one line
     b = None if examples.text_b is None else examples.text_b[start:stop]
     enc = tokenizer(examples.text_a[start:stop], b, truncation=True, max_length=max_length,
                     padding="max_length", return_token_type_ids=True, return_attention_mask=True)

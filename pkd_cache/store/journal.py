@@ -2,7 +2,8 @@
 
     <store>/.pkd_cache/progress/<split>/<chunk>.json   {file key: [nbytes, crc32c]} of one chunk's files, written
                                                        (atomically) only after all of them are in place
-    <store>/.pkd_cache/lock.json                       {host, pid, started} of the dump writing the store
+    <store>/.pkd_cache/lock.json                       {host, pid, proc_start, started} of the dump writing the
+                                                       store (proc_start: the process's start time)
 
 A chunk counts as durable only if its record exists and every file it lists is there with the recorded size and
 CRC; anything else a crash left behind is redone. `finish` folds the records into `checksums.json` and removes
@@ -13,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import secrets
 import socket
 from typing import Optional
 
@@ -54,32 +56,36 @@ def _matches(location: Location, key: str, n: int, crc: int) -> bool:
 
 
 class WriterLock:
-    """One dump per store: `acquire` refuses while another live process holds it; a dead holder's is taken over."""
+    """One dump per store: `acquire` refuses while another live process holds it; a dead holder's is taken over.
+
+    A holder is identified by host, pid and (on Linux) the process's start time, so that a pid the system has
+    since given to another process does not keep the store locked forever.
+    """
 
     def __init__(self, location: Location):
         self.location, self.held = location, False
 
     def acquire(self) -> None:
-        me = {"host": socket.gethostname(), "pid": os.getpid(),
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": process_start(os.getpid()),
               "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        holder = self._holder()
-        if holder is not None and not self._stale(holder):
-            raise PkdCacheError(f"{self.location} is being written by another dump (pid {holder.get('pid')} on "
-                                f"{holder.get('host')}, since {holder.get('started')}); wait for it, or stop it")
+        holder = self.check()
         if not self.location.url:
             path = self.location.local / LOCK
             path.parent.mkdir(parents=True, exist_ok=True)
             if holder is not None:
-                path.unlink(missing_ok=True)  # a dead process's lock: taken over
-            try:  # created exclusively: of two dumps starting at once, one wins
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                raise PkdCacheError(f"{self.location} is being written by another dump that just started") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+                self._take_over(path, holder)
+            if not _create_exclusive(path, json.dumps(me)):  # of two dumps starting at once, one wins
+                raise PkdCacheError(self._busy(self._holder() or {}))
         else:  # object stores have no exclusive create: best effort
             self.location.write(LOCK, json.dumps(me).encode())
         self.held = True
+
+    def check(self) -> Optional[dict]:
+        """Refuse if a live process holds the lock; the dead holder's record (to take over), or None."""
+        holder = self._holder()
+        if holder is not None and not self._stale(holder):
+            raise PkdCacheError(self._busy(holder))
+        return holder
 
     def release(self) -> None:
         if self.held:
@@ -89,28 +95,105 @@ class WriterLock:
                 pass
             self.held = False
 
+    def _busy(self, holder: dict) -> str:
+        return (f"{self.location} is being written by another dump (pid {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')}, since {holder.get('started', '?')}); wait for it, or stop it")
+
+    def _take_over(self, path, holder: dict) -> None:
+        """Move a dead holder's lock aside. If another dump replaced it meanwhile, the moved lock is not the one
+        judged dead: it is put back and that dump named."""
+        aside = path.with_name(f".lock.{os.getpid()}.{secrets.token_hex(4)}.stale")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return  # already moved by another dump; the exclusive link decides who takes it
+        moved = _read_json(aside)
+        if moved != holder:
+            try:
+                os.link(aside, path)
+            except FileExistsError:
+                pass
+            except OSError:  # no hard links: renamed back unless a lock appeared meanwhile
+                if not path.exists():
+                    os.rename(aside, path)
+            aside.unlink(missing_ok=True)
+            raise PkdCacheError(self._busy(moved))
+        aside.unlink(missing_ok=True)
+
     def _holder(self) -> Optional[dict]:
         try:
-            return json.loads(self.location.read(LOCK))
+            holder = json.loads(self.location.read(LOCK))
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
             return {}  # unreadable: treated as stale below
+        return holder if isinstance(holder, dict) else {}
 
     @staticmethod
     def _stale(holder: dict) -> bool:
+        if "host" not in holder:
+            return True  # unreadable or not ours: no one to respect
         if holder.get("host") != socket.gethostname():
             return False  # another machine's process: cannot tell, so it is respected
         pid = holder.get("pid")
-        if not isinstance(pid, int):
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
             return True
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return True
         except PermissionError:
+            pass  # alive, another user's
+        except OverflowError:
+            return True
+        if pid == os.getpid():
+            return True
+        recorded, now = holder.get("proc_start"), process_start(pid)
+        # the pid is alive, but a different process if it started at another time (a reused pid); without /proc
+        # (or in a lock written before start times were recorded) the live pid is respected
+        return isinstance(recorded, int) and now is not None and now != recorded
+
+
+def process_start(pid: int) -> Optional[int]:
+    """When process `pid` started, in clock ticks since boot (Linux: field 22 of /proc/<pid>/stat); None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+        # field 2 (the command name) may hold spaces and parentheses: count fields after its closing one
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _create_exclusive(path, text: str) -> bool:
+    """Create `path` holding `text` unless it exists. Written aside then hard-linked into place, so the lock is
+    never seen empty (a loser always reads who holds it); O_EXCL where the filesystem has no hard links."""
+    tmp = path.with_name(f".lock.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here (some network and FUSE filesystems)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
             return False
-        return pid == os.getpid()
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_json(path) -> dict:
+    """A lock file's record; {} if unreadable (as `WriterLock._holder` reads it)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def remove_partial_files(location: Location) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from typing import Optional
 
 import numpy as np
@@ -172,32 +173,54 @@ def load_manifest(location, meta: dict) -> Optional[dict]:
     return chunks
 
 
+# for a float of each size: (the same bits as an unsigned int, all bits but the sign, the exponent of inf and NaN)
+_FLOAT_BITS = {2: (np.uint16, 0x7FFF, 0x7C00), 4: (np.uint32, 0x7FFFFFFF, 0x7F800000),
+               8: (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000)}
+_scratch = threading.local()
+
+
+def _scratch_like(flat: np.ndarray) -> np.ndarray:
+    """A buffer of `flat`'s size and type, reused by this thread (no fresh pages for every chunk)."""
+    key = (flat.size, flat.dtype.str)
+    cache = _scratch.__dict__.setdefault("cache", {})
+    if key not in cache:
+        cache.clear()
+        cache[key] = np.empty_like(flat)
+    return cache[key]
+
+
+def _unsigned_max(v: np.ndarray) -> int:
+    """max(v) read as unsigned: a negative value becomes huge, so one `< bound` test checks both ends."""
+    return int(np.ascontiguousarray(v).reshape(-1).view(f"u{v.dtype.itemsize}").max())
+
+
 def value_problem(name: str, v: np.ndarray, meta: dict) -> Optional[str]:
     """Why decoded values cannot be what a dump wrote (non-finite floats, labels or ids out of range), or None.
 
-    As cheap as the CRC: one pass over the bits (the exponent of a float is all ones only for inf and NaN), no
-    float arithmetic."""
+    As cheap as the CRC (benchmarks/RESULTS.md, B3): integer passes only. A float is inf or NaN exactly when its
+    bits without the sign reach the all-ones exponent, so one AND and one max over the bits decide; ids and labels
+    are one max over their bits read as unsigned."""
     if v.size == 0:
         return None
     if v.dtype.kind == "f":
-        bits = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000), 8: (np.uint64, 0x7FF0000000000000)}
-        kind, exponent = bits[v.dtype.itemsize]
-        flat = np.ascontiguousarray(v).view(kind)
-        if ((flat & kind(exponent)) == kind(exponent)).any():
+        kind, magnitude, inf = _FLOAT_BITS[v.dtype.itemsize]
+        flat = np.ascontiguousarray(v).reshape(-1).view(kind)
+        if np.bitwise_and(flat, kind(magnitude), out=_scratch_like(flat)).max() >= inf:
             return f"holds {int((~np.isfinite(v)).sum())} non-finite value(s)"
-    if name == "attention_mask" and v.max() > 1:
+    if name == "attention_mask" and _unsigned_max(v) > 1:
         return "holds attention mask values other than 0/1"
     if name == "input_ids":
         vocab = int(meta["tokenizer"]["vocab_size"])
-        if v.min() < 0 or v.max() >= vocab:
-            return f"holds token ids outside the vocabulary [0, {vocab}) (e.g. {int(v.max() if v.max() >= vocab else v.min())})"
+        if _unsigned_max(v) >= vocab:
+            bad = int(v.min()) if v.min() < 0 else int(v.max())
+            return f"holds token ids outside the vocabulary [0, {vocab}) (e.g. {bad})"
     if name == "token_type_ids":
         types = (meta["teacher"].get("config") or {}).get("type_vocab_size")
-        if _int(types, 1) and v.max() >= types:
+        if _int(types, 1) and _unsigned_max(v) >= types:
             return f"holds token type ids outside [0, {types})"
     if name == "labels" and not meta["task"]["is_regression"]:
         k = int(meta["task"]["num_labels"])
-        if v.min() < 0 or v.max() >= k:
+        if _unsigned_max(v) >= k:
             bad = int(v.min()) if v.min() < 0 else int(v.max())
             return f"holds labels outside [0, {k}) (e.g. {bad})"
     return None

@@ -36,10 +36,12 @@ def is_store(location: Location) -> bool:
 
 
 def check_target(out: str, overwrite: bool, storage_options: Optional[dict] = None) -> Location:
-    """Refuse an existing `--out` unless `overwrite`; never delete something that is not a store."""
+    """Refuse an existing `--out` unless `overwrite`; never delete something that is not a store. An `--out`
+    that another dump is writing (its lock is live) is refused naming that dump, whatever state it is in."""
     location = Location(out, storage_options)
     location._writable()
     if location.exists():
+        WriterLock(location).check()
         if not overwrite:
             raise PkdCacheError(f"--out {out} already exists; pass --overwrite to replace it")
         if not is_store(location) and not _empty_dir(location):
@@ -53,7 +55,8 @@ def _empty_dir(location: Location) -> bool:
             return not location.fs.ls(location.root)
         except FileNotFoundError:
             return True
-    return location.local.is_dir() and not any(location.local.iterdir())
+    # only a dump's journal (a dump killed before it wrote the store's metadata) counts as empty: ours to replace
+    return location.local.is_dir() and all(p.name == JOURNAL for p in location.local.iterdir())
 
 
 def attach_writer(out: str, storage_options: Optional[dict] = None) -> "StoreWriter":
