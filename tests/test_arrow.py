@@ -1,6 +1,7 @@
 """`dump --format arrow`: the same content and metadata as Arrow IPC shards, read transparently by every command
 and loadable with `datasets.load_dataset("arrow", ...)`."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -104,3 +105,38 @@ def test_an_arrow_store_over_http(arrow_path, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda m: m["splits"]["train"].update(num_examples=100), "1 recorded chunk(s) belong to no array"),
+    (lambda m: m["splits"]["train"].update(num_examples=170), "column input_ids holds 32 rows"),
+    (lambda m: m["splits"]["train"].update(num_examples=10 ** 12), "the layout needs 15,625,000,001 chunks"),
+    (lambda m: m["teacher"].update(num_layers=6), "has no column cls_5"),
+    (lambda m: m.update(cls_dtype="float32"), "of fixed_size_list<item: float>[32]"),
+])
+def test_an_arrow_store_whose_metadata_disagrees_with_its_shards_is_refused(arrow_path, tmp_path, edit, says):
+    """The Arrow flavour has no per-array metadata: the shards' row counts and column types are checked against
+    the metadata as they are read, and the manifest bounds the shard count before anything is listed."""
+    copy = tmp_path / "copy.arrow"
+    shutil.copytree(arrow_path, copy)
+    meta = json.loads((copy / "pkd_cache.json").read_text())
+    edit(meta)
+    (copy / "pkd_cache.json").write_text(json.dumps(meta))
+    with pytest.raises(pkd_cache.PkdCacheError, match=re.escape(says)):
+        store = pkd_cache.open_store(str(copy))
+        list(store.batches("train", 16, seed=1))
+    assert not verify_store(str(copy)).ok
+
+
+def test_an_arrow_store_without_its_manifest_is_refused_unless_allowed(arrow_path, tmp_path):
+    copy = tmp_path / "copy.arrow"
+    shutil.copytree(arrow_path, copy)
+    meta = json.loads((copy / "pkd_cache.json").read_text())
+    meta.pop("checksums")
+    (copy / "pkd_cache.json").write_text(json.dumps(meta))
+    (copy / "checksums.json").unlink()
+    with pytest.raises(pkd_cache.PkdCacheError, match="has no checksum manifest"):
+        pkd_cache.open_store(str(copy))
+    a = all_batches(pkd_cache.open_store(str(arrow_path)))
+    b = all_batches(pkd_cache.open_store(str(copy), allow_no_checksums=True))
+    assert all(np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
