@@ -26,9 +26,12 @@ class BenchStudentConfig:
     device: Optional[str] = None
 
     def check(self) -> None:
+        from .config import check_device
+
         for name in ("batch_size", "seq_length", "iterations"):
             if getattr(self, name) <= 0:
                 raise PkdCacheError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        check_device(self.device)
 
 
 def _load(path: str, device):

@@ -169,6 +169,12 @@ BatchSize = typer.Option(32, "--batch-size", "--per-device-train-batch-size")
 Device = typer.Option(None, "--device")
 
 
+AllowNoChecksums = typer.Option(False, "--allow-no-checksums",
+                                help="Read a store that has no checksum manifest (pkd-cache 0.1.0 wrote such stores): "
+                                     "its chunks are decoded and their values checked, but not compared with "
+                                     "dump-time checksums, so corruption that still decodes goes unseen.")
+
+
 @app.command()
 @user_errors
 def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or URL of a store."),
@@ -193,7 +199,8 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
             resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --output-dir."),
             per_device_batch_size: Optional[int] = typer.Option(
                 None, "--per-device-batch-size", help="Rows per forward on each device; a rank's share of a "
-                                                      "--batch-size batch is accumulated in steps of it.")):
+                                                      "--batch-size batch is accumulated in steps of it."),
+            allow_no_checksums: bool = AllowNoChecksums):
     """Train a k-layer student from a store (no teacher in memory); keep the best dev checkpoint.
 
     With --teacher instead of --store: online KD, the same losses with the teacher run on every step (to compare
@@ -206,6 +213,7 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
                       temperature=temperature, student_init=student_init, overwrite=overwrite, device=device,
                       teacher=teacher, data_dir=data_dir, max_seq_length=max_seq_length, chunk_size=chunk_size,
                       max_examples=max_examples, resume=resume, per_device_batch_size=per_device_batch_size,
+                      allow_no_checksums=allow_no_checksums,
                       train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed,
                                           max_steps, logging_steps, save_steps)))
 
@@ -230,7 +238,8 @@ def sweep(store: Optional[str] = typer.Option(None, "--store", help="Path or URL
           student_init: Optional[str] = StudentInit, batch_size: int = BatchSize,
           epochs: float = Epochs, learning_rate: float = Lr, weight_decay: float = Wd,
           warmup_ratio: float = Warmup, seed: int = Seed, max_steps: int = MaxSteps,
-          logging_steps: int = typer.Option(0, "--logging-steps"), device: Optional[str] = Device):
+          logging_steps: int = typer.Option(0, "--logging-steps"), device: Optional[str] = Device,
+          allow_no_checksums: bool = AllowNoChecksums):
     """Train every combination of a grid of student settings from one store (resumable); report the best.
 
     Settings not in a grid take the value of their option. `paper_beta` is beta in the PKD paper's units (mean over
@@ -248,7 +257,7 @@ def sweep(store: Optional[str] = typer.Option(None, "--store", help="Path or URL
         raise PkdCacheError("sweep needs --store and --output-dir (or --collect DIR to merge a sweep's results)")
     base = DistillConfig(store=store, output_dir=output_dir, task=task, student_layers=student_layers,
                          strategy=strategy, alpha=alpha, beta=beta, temperature=temperature,
-                         student_init=student_init, device=device,
+                         student_init=student_init, device=device, allow_no_checksums=allow_no_checksums,
                          train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed,
                                              max_steps, logging_steps))
     run(SweepConfig(base=base, grid=parse_grid(grid), students_per_pass=students_per_pass, top=top,
@@ -297,7 +306,8 @@ def eval_(model: str = typer.Option(..., "--model", "--model-name-or-path"),
 
 @app.command()
 @user_errors
-def verify(store: str = typer.Argument(..., help="Path or URL of a store.")):
+def verify(store: str = typer.Argument(..., help="Path or URL of a store."),
+           allow_no_checksums: bool = AllowNoChecksums):
     """Check a store: complete, consistent metadata, every chunk present and matching its dump-time checksum.
 
     Exit 0 when the store is sound, 1 when it has problems (each printed on its own line), 2 when it cannot be
@@ -305,7 +315,7 @@ def verify(store: str = typer.Argument(..., help="Path or URL of a store.")):
     """
     from .store.verify import verify_store
 
-    report = verify_store(store)
+    report = verify_store(store, allow_no_checksums=allow_no_checksums)
     for note in report.notes:
         typer.echo(f"note: {note}", err=True)
     for problem in report.problems:
@@ -354,11 +364,15 @@ def serve(folder: str = typer.Argument(..., help="Folder whose stores are served
           host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port"),
           token: Optional[str] = typer.Option(None, "--token", envvar="PKD_CACHE_SERVE_TOKEN",
                                               help="Require `Authorization: Bearer <token>` (clients set "
-                                                   "PKD_CACHE_TOKEN).")):
+                                                   "PKD_CACHE_TOKEN)."),
+          idle_timeout: float = typer.Option(60.0, "--idle-timeout", help="Close a connection idle this many "
+                                                                          "seconds."),
+          max_connections: int = typer.Option(128, "--max-connections", help="Connections served at once; one "
+                                                                             "more is answered 503 and closed.")):
     """Serve the stores in FOLDER over read-only HTTP: `distill --store http://host:port/<store>` reads them."""
     from .serve import serve as run
 
-    run(folder, host, port, token)
+    run(folder, host, port, token, idle_timeout=idle_timeout, max_connections=max_connections)
 
 
 def main() -> None:

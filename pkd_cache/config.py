@@ -3,37 +3,138 @@
 Each CLI command builds exactly one of these and hands it to the matching function
 (`finetune`, `dump`, `distill`, `evaluate`), so the two front ends cannot drift apart.
 Defaults follow the PKD paper (Sun et al., 2019) and Hugging Face `run_glue.py`.
+
+Every numeric field carries its legal range in its metadata (`num(...)`), and `check_numbers` checks them all in
+one place: type, finiteness (nan and inf parse as floats and would train a NaN model or crash deep inside) and
+range, each message naming the CLI flag.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+import numbers
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 from .errors import PkdCacheError
+
+INT_MAX = 2**31 - 1  # counts beyond this are typos, and overflow int32 index maths further down
+
+
+@dataclass(frozen=True)
+class Range:
+    """The legal values of a numeric field: lo < v (lo <= v when lo_closed), v < hi (v <= hi when hi_closed)."""
+
+    lo: Optional[float] = None
+    lo_closed: bool = False
+    hi: Optional[float] = None
+    hi_closed: bool = True
+    integer: bool = False
+    optional: bool = False  # None is allowed (it means "not set")
+    also: Optional[int] = None  # one more legal value outside the range, e.g. max_steps = -1 (no limit)
+    also_means: str = ""
+    cap: Optional[int] = None  # a sanity bound on counts, kept out of the range's text
+
+    def text(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"in {'[' if self.lo_closed else '('}{self.lo:g}, {self.hi:g}{']' if self.hi_closed else ')'}"
+        elif self.lo is not None:
+            text = f"{'>=' if self.lo_closed else '>'} {self.lo:g}"
+        else:
+            text = f"{'<=' if self.hi_closed else '<'} {self.hi:g}"
+        return text + (f" (or {self.also}: {self.also_means})" if self.also is not None else "")
+
+    def contains(self, v) -> bool:
+        if self.also is not None and v == self.also:
+            return True
+        if self.lo is not None and (v < self.lo or (v == self.lo and not self.lo_closed)):
+            return False
+        return self.hi is None or v < self.hi or (v == self.hi and self.hi_closed)
+
+
+def num(default, flag: Optional[str] = None, **limits):
+    """A numeric dataclass field with its legal `Range`; `flag` is its CLI option without the leading dashes
+    (default: the field name with - for _)."""
+    return field(default=default, metadata={"range": Range(**limits), "flag": flag})
+
+
+def positive_int(default, optional: bool = False):
+    return num(default, lo=0, integer=True, cap=INT_MAX, optional=optional)
+
+
+def check_numbers(config, prefix: str = "--", flags: Optional[dict[str, str]] = None) -> None:
+    """Check every `num` field of `config`. `prefix` goes before each flag name (dump's fine-tuning options are
+    --finetune-...); `flags` overrides whole flags by field name (dump's fine-tuning seed is plain --seed)."""
+    for f in fields(config):
+        limits = f.metadata.get("range")
+        if limits is not None:
+            flag = (flags or {}).get(f.name) or prefix + (f.metadata["flag"] or f.name.replace("_", "-"))
+            check_number(getattr(config, f.name), limits, flag)
+
+
+def check_number(v, limits: Range, flag: str) -> None:
+    if v is None and limits.optional:
+        return
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral if limits.integer else numbers.Real):
+        kind = "an integer" if limits.integer else "a number"
+        raise PkdCacheError(f"{flag} must be {kind} {limits.text()}, got {v!r}")
+    if not limits.integer and not math.isfinite(v):
+        raise PkdCacheError(f"{flag} must be a finite number {limits.text()}, got {v}")
+    if not limits.contains(v):
+        raise PkdCacheError(f"{flag} must be {limits.text()}, got {v}")
+    if limits.cap is not None and v > limits.cap:
+        raise PkdCacheError(f"{flag} must be <= {limits.cap}, got {v}")
+
+
+def check_device(name: Optional[str], flag: str = "--device") -> None:
+    """A device this machine has, or one line: a malformed name, a backend torch lacks here, an index beyond the
+    device count. Checked before any work (torch would otherwise assert or fail deep inside a forward)."""
+    if not name:
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise PkdCacheError(f"{flag} {name!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        if device.index not in (None, 0):
+            raise PkdCacheError(f"{flag} {name}: there is one cpu device; use --device cpu")
+        return
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PkdCacheError(f"{flag} {name}: CUDA is not available here (no GPU, or torch built without CUDA); "
+                                f"use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise PkdCacheError(f"{flag} {name}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+        return
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise PkdCacheError(f"{flag} {name}: MPS (Apple GPU) is not available here; use --device cpu")
+        return
+    raise PkdCacheError(f"{flag} {name}: pkd-cache runs on cpu, cuda, cuda:N or mps, not {device.type}")
 
 
 @dataclass
 class TrainConfig:
     """Optimiser and schedule settings shared by fine-tuning and distillation."""
 
-    epochs: float = 4.0
-    learning_rate: float = 2e-5
-    batch_size: int = 32
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    logging_steps: int = 50
-    max_steps: int = -1  # > 0 stops after this many optimiser steps (smoke runs, benchmarks)
-    save_steps: int = 0  # distill: > 0 also checkpoints every N steps (it always does after each epoch)
+    epochs: float = num(4.0, lo=0)
+    learning_rate: float = num(2e-5, lo=0)
+    batch_size: int = positive_int(32)
+    weight_decay: float = num(0.01, lo=0, lo_closed=True)
+    warmup_ratio: float = num(0.1, lo=0, lo_closed=True, hi=1, hi_closed=False)
+    max_grad_norm: float = num(1.0, lo=0, lo_closed=True)  # 0: no clipping
+    seed: int = num(0, lo=0, lo_closed=True, cap=2**32 - 1, integer=True)  # numpy's legacy seeds stop at 2**32
+    logging_steps: int = num(50, lo=0, lo_closed=True, cap=INT_MAX, integer=True)  # 0: no log lines
+    # > 0 stops after this many optimiser steps (smoke runs, benchmarks)
+    max_steps: int = num(-1, lo=0, cap=INT_MAX, integer=True, also=-1, also_means="no limit")
+    # distill: > 0 also checkpoints every N steps (it always does after each epoch)
+    save_steps: int = num(0, lo=0, lo_closed=True, cap=INT_MAX, integer=True)
 
-    def check(self, flag: str = "--") -> None:
+    def check(self, flag: str = "--", flags: Optional[dict[str, str]] = None) -> None:
         """`flag` prefixes the option names in messages (dump's fine-tuning options are --finetune-...)."""
-        check_positive(self.epochs, f"{flag}epochs")
-        check_positive(self.learning_rate, f"{flag}learning-rate")
-        check_positive(self.batch_size, f"{flag}batch-size")
-        if not 0 <= self.warmup_ratio < 1:
-            raise PkdCacheError(f"{flag}warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        check_numbers(self, flag, flags)
 
 
 @dataclass
@@ -44,17 +145,16 @@ class FinetuneConfig:
     task: str
     output_dir: str
     data_dir: Optional[str] = None
-    max_seq_length: int = 128
+    max_seq_length: int = positive_int(128)
     overwrite: bool = False
-    max_train_samples: Optional[int] = None  # as in run_glue.py: only the first N (smoke runs, tests)
-    max_eval_samples: Optional[int] = None
+    # as in run_glue.py: only the first N (smoke runs, tests)
+    max_train_samples: Optional[int] = positive_int(None, optional=True)
+    max_eval_samples: Optional[int] = positive_int(None, optional=True)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def check(self) -> None:
         self.train.check()
-        check_positive(self.max_seq_length, "--max-seq-length")
-        check_positive_or_none(self.max_train_samples, "--max-train-samples")
-        check_positive_or_none(self.max_eval_samples, "--max-eval-samples")
+        check_numbers(self)
 
 
 @dataclass
@@ -66,35 +166,32 @@ class DumpConfig:
     out: str
     data_dir: Optional[str] = None
     splits: Optional[list[str]] = None  # default: train and every dev split of the task
-    max_seq_length: int = 128
-    batch_size: int = 64
+    max_seq_length: int = positive_int(128)
+    batch_size: int = positive_int(64)
     dtype: str = "float16"  # storage dtype of the CLS vectors; int8 adds a per-vector scale
-    chunk_size: int = 1024  # examples per chunk along N
-    sort_window: int = 8192  # examples sorted by length together (whole chunks); no batch crosses a window
+    chunk_size: int = positive_int(1024)  # examples per chunk along N
+    sort_window: int = positive_int(8192)  # examples sorted by length together (whole chunks); no batch crosses one
     overwrite: bool = False
     finetune: bool = True  # fine-tune a teacher whose head is untrained; False refuses instead
     finetune_train: TrainConfig = field(default_factory=TrainConfig)
     device: Optional[str] = None
     precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast; fp16 only on GPU)
     pad_to_max_length: bool = False  # pad every batch to max_seq_length (the original PKD code) instead of bucketing
-    max_examples: Optional[int] = None  # take only the first N examples of each split (smoke runs)
+    max_examples: Optional[int] = positive_int(None, optional=True)  # only the first N of each split (smoke runs)
     format: str = "zarr"  # zarr | arrow (Arrow IPC shards, readable with `datasets`)
     resume: bool = False  # continue an interrupted dump into `out`: its durable chunks are kept
 
     def check(self) -> None:
-        check_positive(self.max_seq_length, "--max-seq-length")
-        check_positive(self.batch_size, "--batch-size")
-        check_positive(self.chunk_size, "--chunk-size")
-        check_positive(self.sort_window, "--sort-window")
+        check_numbers(self)
         if self.dtype not in ("float16", "float32", "int8"):
             raise PkdCacheError(f"--dtype must be float16, float32 or int8, got {self.dtype!r}")
-        check_positive_or_none(self.max_examples, "--max-examples")
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise PkdCacheError(f"--precision must be fp32, fp16 or bf16, got {self.precision!r}")
         if self.format not in ("zarr", "arrow"):
             raise PkdCacheError(f"--format must be zarr or arrow, got {self.format!r}")
-        if self.finetune:
-            self.finetune_train.check(flag="--finetune-")
+        # checked with or without --finetune: a nonsense value is refused, not silently ignored
+        self.finetune_train.check(flag="--finetune-", flags={"seed": "--seed"})
+        check_device(self.device)
 
 
 @dataclass
@@ -109,12 +206,12 @@ class DistillConfig:
 
     store: Optional[str] = None  # the store to distil from (or `teacher`, for online KD)
     output_dir: str = ""
-    student_layers: int = 3
+    student_layers: int = positive_int(3)
     strategy: str = "skip"  # skip | last
     layer_map: Optional[list[int]] = None
-    alpha: float = 0.5
-    beta: Optional[float] = None
-    temperature: float = 10.0
+    alpha: float = num(0.5, lo=0, lo_closed=True, hi=1)
+    beta: Optional[float] = num(None, lo=0, lo_closed=True, optional=True)
+    temperature: float = num(10.0, lo=0)
     student_init: Optional[str] = None  # default: the teacher's base model recorded in the store
     task: Optional[str] = None  # a check: when given, it must be the store's task
     train_split: str = "train"
@@ -124,33 +221,25 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     resume: bool = False  # continue from the checkpoint in output_dir (written every save_steps / epoch)
     # under torchrun: rows per forward on each rank; each rank's share of a batch is accumulated in steps of it
-    per_device_batch_size: Optional[int] = None
+    per_device_batch_size: Optional[int] = positive_int(None, optional=True)
     # online KD, for comparison: no store, the teacher runs on every step over the task's data
     teacher: Optional[str] = None
     data_dir: Optional[str] = None
-    max_seq_length: int = 128
-    chunk_size: int = 1024  # batches in the order of a store with this chunk size
-    max_examples: Optional[int] = None
+    max_seq_length: int = positive_int(128)
+    chunk_size: int = positive_int(1024)  # batches in the order of a store with this chunk size
+    max_examples: Optional[int] = positive_int(None, optional=True)
+    allow_no_checksums: bool = False  # read a store without a checksum manifest (pkd-cache 0.1.0)
 
     def check(self) -> None:
         self.train.check()
+        check_numbers(self)
         if (self.store is None) == (self.teacher is None):
             raise PkdCacheError("pass --store (distil from a store) or --teacher (online KD), not both or neither")
         if not self.output_dir:
             raise PkdCacheError("--output-dir is required")
-        if self.teacher is not None:
-            check_positive(self.max_seq_length, "--max-seq-length")
-            check_positive_or_none(self.max_examples, "--max-examples")
-            check_positive(self.chunk_size, "--chunk-size")
-        check_positive(self.student_layers, "--student-layers")
-        check_positive_or_none(self.per_device_batch_size, "--per-device-batch-size")
         if self.strategy not in ("skip", "last"):
             raise PkdCacheError(f"--strategy must be 'skip' or 'last', got {self.strategy!r}")
-        if not 0 <= self.alpha <= 1:
-            raise PkdCacheError(f"--alpha must be in [0, 1], got {self.alpha}")
-        if self.beta is not None and self.beta < 0:
-            raise PkdCacheError(f"--beta must be >= 0, got {self.beta}")
-        check_positive(self.temperature, "--temperature")
+        check_device(self.device)
 
 
 @dataclass
@@ -160,26 +249,15 @@ class EvalConfig:
     model: str
     task: str
     data_dir: Optional[str] = None
-    max_seq_length: Optional[int] = None  # default: the length the model was trained with (its tokenizer's)
-    batch_size: int = 64
+    # default: the length the model was trained with (its tokenizer's)
+    max_seq_length: Optional[int] = positive_int(None, optional=True)
+    batch_size: int = positive_int(64)
     device: Optional[str] = None
-    max_examples: Optional[int] = None
+    max_examples: Optional[int] = positive_int(None, optional=True)
 
     def check(self) -> None:
-        if self.max_seq_length is not None:
-            check_positive(self.max_seq_length, "--max-seq-length")
-        check_positive(self.batch_size, "--batch-size")
-        check_positive_or_none(self.max_examples, "--max-examples")
-
-
-def check_positive(n: float, flag: str) -> None:
-    if n <= 0:
-        raise PkdCacheError(f"{flag} must be > 0, got {n}")
-
-
-def check_positive_or_none(n: Optional[int], flag: str) -> None:
-    if n is not None:
-        check_positive(n, flag)
+        check_numbers(self)
+        check_device(self.device)
 
 
 def to_dict(config) -> dict:

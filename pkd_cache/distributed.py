@@ -41,6 +41,12 @@ def ranks_from_env() -> Ranks:
 def rank_device(ranks: Ranks, device: torch.device) -> torch.device:
     """Each rank of a node on its own GPU (cuda:LOCAL_RANK) unless the device names an index."""
     if ranks.many and device.type == "cuda" and device.index is None:
+        if ranks.local_rank >= torch.cuda.device_count():  # more processes on this node than GPUs
+            from .errors import PkdCacheError
+
+            raise PkdCacheError(f"{ranks} (LOCAL_RANK {ranks.local_rank}) would run on cuda:{ranks.local_rank}, but "
+                                f"this machine has {torch.cuda.device_count()} CUDA device(s); start at most that "
+                                f"many processes per node (torchrun --nproc-per-node)")
         return torch.device("cuda", ranks.local_rank)
     return device
 

@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, check_device
+from .errors import PkdCacheError
 from .progress import log, progress_bar
 
 
@@ -31,6 +32,7 @@ class TrainResult:
 
 def resolve_device(name: Optional[str]) -> torch.device:
     if name:
+        check_device(name)  # one line for cuda without CUDA, `gpu`, cuda:7 of 2 ... (configs check it earlier too)
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -85,6 +87,11 @@ class Member:
         self.running: dict[str, torch.Tensor] = {}
         self.step_count = 0
         self.rng = _rng_state()  # the state right after the caller seeded and built the model
+        # the first step whose loss (or a part of it, or the gradient norm) was not finite: see `_watch`
+        self.eager_finite_check: Optional[bool] = None  # None: on CPU only (tests force the GPU way with False)
+        self._watch_names: tuple[str, ...] = ()
+        self._bad_step: Optional[torch.Tensor] = None
+        self._bad_values: Optional[torch.Tensor] = None
 
     def step(self, batch: dict) -> None:
         _set_rng_state(self.rng)
@@ -92,15 +99,21 @@ class Member:
         if self.micro_batches is None:
             loss, parts = self.loss_fn(batch)  # forward + loss (the caller's single loss seam)
             loss.backward()
+            watched = {"loss": loss.detach(), **parts}
         else:
             micros = self.micro_batches(batch)
+            watched = {}
             for i, (micro, weight) in enumerate(micros):
                 last = i == len(micros) - 1
                 with contextlib.nullcontext() if last or self.no_sync is None else self.no_sync():
                     loss, parts = self.loss_fn(micro)
                     (loss * weight).backward()  # the weights make the all-reduced gradient the batch's mean
-        if self.cfg.max_grad_norm > 0:  # clip
-            torch.nn.utils.clip_grad_norm_([p for _, p in self.params], self.cfg.max_grad_norm)
+                for k, v in {"loss": loss.detach(), **parts}.items():  # a nan in any micro-batch stays a nan
+                    watched[k] = watched[k] + v if k in watched else v
+        if self.cfg.max_grad_norm > 0:  # clip; the norm is non-finite when a gradient is
+            watched["grad_norm"] = torch.nn.utils.clip_grad_norm_([p for _, p in self.params],
+                                                                  self.cfg.max_grad_norm)
+        self._watch(self.step_count + 1, watched)  # on CPU this stops before the optimiser takes a nan in
         self.opt.step()
         self.sched.step()
         self.rng = _rng_state()
@@ -110,10 +123,62 @@ class Member:
             self.running[k] = self.running[k] + v if k in self.running else v
         every = self.cfg.logging_steps
         if every > 0 and self.step_count % every == 0:
+            self.check_finite()  # the host syncs here anyway
             avg = ", ".join(f"{k} {float(v) / every:.4f}" for k, v in self.running.items())
             log(f"{self.name + ': ' if self.name else ''}step {self.step_count}/{self.total_steps}  {avg}  "
                 f"lr {self.sched.get_last_lr()[0]:.2e}")
             self.running = {}
+
+    def _watch(self, step: int, values: dict[str, torch.Tensor]) -> None:
+        """Remember the first step at which one of `values` (the loss, its parts, the gradient norm) is not finite.
+
+        On CPU it raises at once. On a GPU a check per step would cost a host sync per step, so the step and its
+        values are kept on the device (torch.where, no sync) and `check_finite` reads them at each log line and
+        before anything is saved."""
+        names = tuple(values)
+        vals = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+        bad = ~torch.isfinite(vals).all()
+        eager = self.eager_finite_check
+        if eager or (eager is None and vals.device.type == "cpu"):
+            if bad:
+                self._raise_nonfinite(step, names, vals)
+            return
+        if names != self._watch_names:  # another layout of the values (rare): settle the old one first
+            self.check_finite()
+            self._watch_names, self._bad_step = names, torch.full((), -1, dtype=torch.long, device=vals.device)
+            self._bad_values = torch.zeros_like(vals)
+        first = bad & (self._bad_step < 0)
+        self._bad_step = torch.where(first, step, self._bad_step)
+        self._bad_values = torch.where(first, vals, self._bad_values)
+
+    def check_finite(self) -> None:
+        """Raise if a step so far had a non-finite loss, loss part or gradient norm (one host sync)."""
+        if self._bad_step is not None and int(self._bad_step) >= 0:
+            self._raise_nonfinite(int(self._bad_step), self._watch_names, self._bad_values)
+
+    def check_weights(self) -> None:
+        """Raise if any weight is not finite: called before every save, so a broken model is never written."""
+        self.check_finite()
+        ok = torch.stack([torch.isfinite(p.detach()).all() for _, p in self.params]).tolist()
+        broken = [n for (n, _), fine in zip(self.params, ok) if not fine]
+        if broken:
+            raise PkdCacheError(f"{self._who()}after step {self.step_count}/{self.total_steps} the weights are not "
+                                f"finite ({broken[0]}{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}); "
+                                f"stopped without saving them (try a lower --learning-rate)")
+
+    def _raise_nonfinite(self, step: int, names: tuple[str, ...], vals: torch.Tensor) -> None:
+        values = dict(zip(names, vals.tolist()))
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        # the first cause: a loss part, else the total (a sum can overflow), else the gradients (a bad loss makes them
+        # bad too, so they are named only when the loss was finite)
+        culprits = [k for k in bad if k not in ("loss", "grad_norm")] or [k for k in bad if k == "loss"] or bad
+        raise PkdCacheError(f"{self._who()}step {step}/{self.total_steps}: "
+                            + ", ".join(f"{k} is {values[k]}" for k in culprits)
+                            + " (not finite); stopped without saving this model (try a lower --learning-rate; "
+                              "check the other settings and the input values)")
+
+    def _who(self) -> str:
+        return f"{self.name}: " if self.name else ""
 
     def other_ranks_rng(self) -> list[dict]:
         """Ranks 1..W-1's RNG states (JSON), gathered: a collective, so every rank calls it at the same step."""
@@ -170,6 +235,7 @@ class Member:
 
     def end_epoch(self, epoch: int) -> None:
         """Evaluate; keep the best checkpoint on the main dev metric (the main rank only)."""
+        self.check_weights()  # every rank: the gradients were all-reduced, so a nan reaches them all alike
         if not self.main:
             return
         metrics = self.evaluate()
@@ -205,6 +271,7 @@ def train_many(members: list[Member], steps_per_epoch: int, epoch_batches: Calla
     def save(epoch: int, batch: int) -> None:
         for m in members:
             if m.output_dir is not None:
+                m.check_weights()  # never a checkpoint of a non-finite model
                 others = m.other_ranks_rng()  # on every rank; only rank 0 builds and writes the checkpoint
                 if m.main:
                     tensors, meta = m.state(others)
@@ -239,7 +306,6 @@ def train_many(members: list[Member], steps_per_epoch: int, epoch_batches: Calla
 def _resume(members: list[Member]) -> tuple[int, int, int]:
     """Load every member's checkpoint; (step, epoch, batch in epoch) where they stopped, which must agree."""
     from . import checkpoint
-    from .errors import PkdCacheError
 
     positions = set()
     for m in members:
