@@ -375,8 +375,31 @@ def serve(folder: str = typer.Argument(..., help="Folder whose stores are served
     run(folder, host, port, token, idle_timeout=idle_timeout, max_connections=max_connections)
 
 
+def _usage_errors() -> tuple[type, type]:
+    """(UsageError, NoArgsIsHelpError) of the click that typer uses (typer >= 0.20 vendors its own)."""
+    try:
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    except ImportError:
+        from click.exceptions import UsageError
+
+        NoArgsIsHelpError = getattr(__import__("click.exceptions").exceptions, "NoArgsIsHelpError", UsageError)
+    return UsageError, NoArgsIsHelpError
+
+
 def main() -> None:
-    app()
+    """The console script. A mistyped flag or value (click's usage errors) is one `error:` line too, like every
+    other bad input, instead of a usage box."""
+    usage_error, no_args = _usage_errors()
+    try:
+        code = app(standalone_mode=False)
+    except no_args:
+        app()  # `pkd-cache` alone: the help, as click prints it
+        return
+    except usage_error as e:
+        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        typer.echo(f"error: {' '.join(e.format_message().split()).rstrip('.')}{where}", err=True)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

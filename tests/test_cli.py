@@ -145,6 +145,10 @@ def no_student(c: Ctx) -> None:
     assert not (c.tmp / "student").exists() or not any((c.tmp / "student").iterdir())
 
 
+def no_store(c: Ctx) -> None:
+    assert not (c.tmp / "out.zarr").exists()
+
+
 def no_teacher(c: Ctx) -> None:
     assert not (c.tmp / "teacher").exists() or not any((c.tmp / "teacher").iterdir())
 
@@ -292,6 +296,15 @@ CASES: dict[str, Case] = {
                                                                                         (48,), "int64", -100)),
                                      ("chunk validation/labels/c/0 holds labels outside [0, 2) (e.g. -100)",),
                                      no_student),
+    "unparseable-number": Case(lambda c: distill_args(c, "--epochs", "abc"),
+                               ("Invalid value for '--epochs'", "distill --help"), no_student, subprocess=True),
+    "dump-max-seq-length-too-short": Case(lambda c: dump_args(c, "--max-seq-length", "1"),
+                                          ("--max-seq-length 1 is too short", "use --max-seq-length 3 or more"),
+                                          no_store),
+    "distill-learning-rate-nan": Case(lambda c: distill_args(c, "--learning-rate", "nan"),
+                                      ("--learning-rate must be a finite number > 0, got nan",), no_student),
+    "distill-device-unavailable": Case(lambda c: distill_args(c, "--device", "cuda:7"), ("--device cuda",),
+                                       no_student, doc_until="--device cuda"),
     "distill-output-exists": Case(lambda c: ["distill", "--store", c.store, "--output-dir", existing_dir(c, "student"),
                                              "--student-layers", "2", "--student-init", c.backbone],
                                   ("already exists and is not empty", "--overwrite"), untouched),
