@@ -23,7 +23,8 @@ from .data.tokenize import TOKEN_DTYPES, to_model_inputs, trim_padding
 from .distributed import Ranks, barrier, gather, process_group, rank_device, ranks_from_env
 from .errors import PkdCacheError
 from .evaluate import main_metric_key, score
-from .paths import check_output_dir, prepare_output_dir
+from .output_lock import OutputLock
+from .paths import check_inputs, check_output_dir, model_inputs, prepare_output, resume_dir, resume_output
 from .progress import log
 from .store.reader import open_store
 from .stream import batch_sizes
@@ -64,6 +65,7 @@ class _Plan:
     beta: float
     init: str
     eval_splits: list[str]
+    inputs: list  # what the output folder must never be nor contain (paths.check_inputs)
 
     @property
     def need_cls(self) -> bool:
@@ -84,11 +86,15 @@ def _plan(config: DistillConfig, store) -> _Plan:
     if not init:
         raise PkdCacheError("the store does not record the teacher's base model; pass --student-init")
     beta = config.beta if config.beta is not None else 100.0 / store.hidden_size
+    inputs = model_inputs(config.store, meta, ("the teacher", config.teacher), ("--student-init", init),
+                          ("--data-dir", config.data_dir))
     if not config.resume:
-        check_output_dir(config.output_dir, config.overwrite)
-    elif checkpoint.load(Path(config.output_dir).expanduser()) is None:
-        raise PkdCacheError(f"--resume: no checkpoint in {config.output_dir} to continue from")
-    return _Plan(config, task, k, lmap, beta, init, eval_splits)
+        check_output_dir(config.output_dir, config.overwrite, "student", inputs=inputs)
+    else:
+        check_inputs(Path(config.output_dir), inputs, "--output-dir", config.output_dir)
+        if checkpoint.load(resume_dir(config.output_dir)) is None:
+            raise PkdCacheError(f"--resume: no checkpoint in {config.output_dir} to continue from")
+    return _Plan(config, task, k, lmap, beta, init, eval_splits, inputs)
 
 
 def _pass_settings(config: DistillConfig) -> dict:
@@ -123,9 +129,12 @@ def distill_many(configs: list[DistillConfig], description: str = "distill") -> 
         raise PkdCacheError("the students of one pass must all resume or all start")
     ranks = ranks_from_env()
     device = rank_device(ranks, resolve_device(configs[0].device))
-    with process_group(ranks, device), _quiet(not ranks.main):
+    with process_group(ranks, device), _quiet(not ranks.main), contextlib.ExitStack() as locks:
         store = _source(configs[0], device)
         plans = [_plan(c, store) for c in configs]  # every check before any model is built or folder written
+        if ranks.main:  # one run writes an output folder at a time: held until the students are in place
+            for p in plans:
+                locks.enter_context(OutputLock(Path(p.config.output_dir), p.config.output_dir))
         barrier(ranks)  # every rank has checked the output folders before rank 0 prepares them
         layers = sorted({layer for p in plans if p.need_cls for layer in p.lmap})
         members, finishers = zip(*(_member(p, store, device, layers, len(plans) > 1, ranks) for p in plans))
@@ -143,9 +152,15 @@ def distill_many(configs: list[DistillConfig], description: str = "distill") -> 
             return ({**b, GLOBAL_ROWS: sizes[start_batch + i]} for i, b in enumerate(batches))
 
         t0 = time.perf_counter()
-        results = train_many(list(members), len(sizes), epoch_batches, description=description,
-                             save_steps=train_cfg.save_steps, resume=resume.pop())
-        metrics = [finish(result, time.perf_counter() - t0) for finish, result in zip(finishers, results)]
+        try:
+            results = train_many(list(members), len(sizes), epoch_batches, description=description,
+                                 save_steps=train_cfg.save_steps, resume=resume.pop())
+            metrics = [finish(result, time.perf_counter() - t0) for finish, result in zip(finishers, results)]
+        except BaseException:
+            for finish in finishers:  # a failed run: the old output stays, a resumable checkpoint too
+                if finish.output is not None:
+                    finish.output.abandon()
+            raise
         barrier(ranks)  # every rank returns once rank 0 has written the students
     return metrics
 
@@ -183,7 +198,7 @@ class _Trainable(torch.nn.Module):
 def _source(config: DistillConfig, device):
     """Where the batches and the teacher's outputs come from: the store, or (online KD) the teacher itself."""
     if config.teacher is None:
-        return open_store(config.store)
+        return open_store(config.store, allow_no_checksums=config.allow_no_checksums)
     from .online import OnlineSource
 
     return OnlineSource(config.teacher, config.task, config.data_dir, config.max_seq_length, config.chunk_size,
@@ -201,15 +216,18 @@ def _member(plan: _Plan, store, device, layers: list[int], named: bool, ranks=Ra
     projection = None
     if plan.need_cls and hidden != teacher_hidden:  # a narrower (or wider) student: learn a map to the teacher's width
         projection = torch.nn.Linear(hidden, teacher_hidden, bias=False)
-    out = Path(config.output_dir).expanduser() if config.resume or not ranks.main else \
-        prepare_output_dir(config.output_dir, config.overwrite)  # everything has loaded
+    # everything has loaded: start the output (aside, when it replaces one), or continue the interrupted one
+    output = None if not ranks.main else resume_output(config.output_dir, "student", "distill") if config.resume \
+        else prepare_output(config.output_dir, config.overwrite, "student", "distill", inputs=plan.inputs)
+    out = output.work if output is not None else resume_dir(config.output_dir)  # other ranks only read checkpoints
     model.to(device)
     if projection is not None:
         projection.to(device)
     weights = LossWeights(alpha=config.alpha, beta=plan.beta, temperature=config.temperature)
     positions = [layers.index(layer) for layer in plan.lmap] if plan.need_cls else []
-    log(f"distilling a {k}-layer student from {plan.init} on {task.name} into {out}: layer map {plan.lmap} of "
-        f"{store.teacher_layers} teacher layers, alpha {config.alpha:g}, beta {plan.beta:g}, T {config.temperature:g}"
+    log(f"distilling a {k}-layer student from {plan.init} on {task.name} into {config.output_dir}: layer map "
+        f"{plan.lmap} of {store.teacher_layers} teacher layers, alpha {config.alpha:g}, beta {plan.beta:g}, "
+        f"T {config.temperature:g}"
         + (f", CLS projected {hidden} -> {teacher_hidden}" if projection is not None else ""))
 
     trainable = _Trainable(model, projection, k, plan.need_cls)
@@ -240,6 +258,7 @@ def _member(plan: _Plan, store, device, layers: list[int], named: bool, ranks=Ra
     def save_best():  # the projection is a training aid: not part of the saved student
         model.save_pretrained(out)
         student.tokenizer.save_pretrained(out)
+        output.record()  # these files are pkd-cache's: a later --overwrite may replace them
 
     n, size = store.num_examples(config.train_split), config.train.batch_size
     steps_per_epoch = len(batch_sizes(n, size, ranks.world))
@@ -263,9 +282,11 @@ def _member(plan: _Plan, store, device, layers: list[int], named: bool, ranks=Ra
             return metrics
         write_metrics(out, metrics)
         checkpoint.remove(out)  # finished: the resume aid goes
-        log(f"best {main_key} {result.best_metric:.4f} (epoch {result.best_epoch}); student saved to {out}")
+        final = output.commit()  # in place only now: the student it replaces was kept until here
+        log(f"best {main_key} {result.best_metric:.4f} (epoch {result.best_epoch}); student saved to {final}")
         return metrics
 
+    finish.output = output
     return member, finish
 
 

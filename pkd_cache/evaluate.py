@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -61,7 +62,18 @@ def evaluate(config: EvalConfig) -> dict[str, float]:
     batches = raw_dev_batches(loaded.tokenizer, task, config.data_dir, max_len, config.batch_size,
                               config.max_examples)
     metrics = score(model, {s: b.epoch() for s, b in batches.items()}, task, device)
-    metrics_path = Path(config.model) / "eval_results.json"
-    if Path(config.model).is_dir():
-        metrics_path.write_text(json.dumps({"task": task.name, **metrics}, indent=2) + "\n")
+    _save_results(Path(config.model).expanduser(), {"task": task.name, **metrics})
     return metrics
+
+
+def _save_results(folder: Path, results: dict) -> None:
+    """eval_results.json beside a model pkd-cache wrote (a student or teacher folder), written aside and renamed.
+    Any other folder (a downloaded model, another tool's output with its own eval_results.json) is left as it was:
+    the scores are printed either way."""
+    from .paths import output_kind
+
+    if not folder.is_dir() or output_kind(folder) not in ("student", "teacher"):
+        return
+    tmp = folder / f".eval_results.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(folder / "eval_results.json")

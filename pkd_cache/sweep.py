@@ -3,7 +3,8 @@
     pkd-cache sweep --store sst2.zarr --student-init P --grid 'alpha=0.2,0.5,0.7' --grid 'paper_beta=0,10,100,500' \
         --grid 'temperature=5,10,20' --output-dir runs/
 
-Each combination is a `distill` run in `<output-dir>/<name>/` (name = its grid values). A run whose folder already
+Each combination is a `distill` run in `<output-dir>/<name>/` (name = its grid values, written so that two
+different values never share a name: `alpha=0.1` and `alpha=0.1000001`). A run whose folder already
 holds a `metrics.json` with the same settings is skipped, so an interrupted sweep resumes where it stopped. Runs
 that share the batches (store, batch size, seed, epochs) are trained `students_per_pass` at a time in one pass over
 the store (`distill_many`). After each pass, `results.csv`, the table of the best runs and `sweep.png` are
@@ -17,15 +18,18 @@ results table and plot from every finished run and names the runs still missing.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import DistillConfig, TrainConfig, to_dict
 from .errors import PkdCacheError
+from .paths import KIND_NAMES, check_inputs, check_output_dir, entries, mark_folder, model_inputs, output_kind
 from .progress import log
 
 # grid key -> (where it lives, how its values parse)
@@ -85,7 +89,10 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
                 raise PkdCacheError(f"--grid {key}: {v!r} is not a {kind.__name__}") from None
         if not parsed:
             raise PkdCacheError(f"--grid {spec!r}: no values")
-        grid[key] = list(dict.fromkeys(parsed))  # drop repeats, keep order
+        unique: dict[str, Any] = {}
+        for v in parsed:  # drop repeats (by name, so nan,nan is one value), keep order
+            unique.setdefault(_fmt(v), v)
+        grid[key] = list(unique.values())
     return grid
 
 
@@ -111,15 +118,44 @@ def plan_runs(sweep: SweepConfig, hidden_size: int) -> list[Run]:
             else:
                 setattr(cfg, k, v)
         name = "_".join(f"{k}={_fmt(v)}" for k, v in values.items()) or "run"
-        cfg.output_dir = str(Path(sweep.base.output_dir) / name)
-        cfg.overwrite = True  # the sweep owns its run folders; finished ones are skipped before this matters
+        # the sweep owns its run folders (finished ones are skipped before this matters); --overwrite only ever
+        # replaces a student folder pkd-cache wrote there (paths.py), never anything else
+        cfg.overwrite = True
         cfg.check()  # a bad value fails the sweep before anything trains
         runs.append(Run(name, values, cfg))
+    for run, name in list(zip(runs, [_unique(r, runs) for r in runs])):
+        run.name = name
+        run.config.output_dir = str(Path(sweep.base.output_dir) / run.name)
     return runs
 
 
+SAFE = re.compile(r"[A-Za-z0-9.+-]+")
+
+
 def _fmt(v) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
+    """A grid value as it appears in a run name; different values never read the same (the name is a folder)."""
+    if isinstance(v, float):
+        short = f"{v:g}"  # 0.5, 1e-05, 5: as the value was typed, when that is exact
+        return short if float(short) == v else repr(v)  # else every digit: 0.1000001
+    text = str(v)
+    if SAFE.fullmatch(text) and not text.startswith("~"):
+        return text
+    return "~" + hashlib.sha256(text.encode()).hexdigest()[:12]  # not a safe folder name: its hash
+
+
+MAX_NAME = 120  # well under any filesystem's limit on one name
+
+
+def _unique(run: Run, runs: list[Run]) -> str:
+    """The run's folder name: its values, with a hash of them where the name would be too long, or would equal
+    another run's on a case-insensitive filesystem (never with the values above; a safety net)."""
+    name = run.name
+    digest = hashlib.sha256(json.dumps(run.values, sort_keys=True, default=repr).encode()).hexdigest()[:12]
+    if len(name) > MAX_NAME:
+        return f"{name[:MAX_NAME - 13]}_{digest}"
+    if sum(r.name.casefold() == name.casefold() for r in runs) > 1:
+        return f"{name}_{digest}"
+    return name
 
 
 def is_done(run: Run) -> bool:
@@ -163,14 +199,20 @@ def sweep(config: SweepConfig) -> list[dict]:
 
     config.check()
     config.base.check()
-    store = open_store(config.base.store)
+    store = open_store(config.base.store, allow_no_checksums=config.base.allow_no_checksums)
     runs = plan_runs(config, store.hidden_size)
     out = Path(config.base.output_dir).expanduser()
+    meta = store.info()
+    _check_folder(out, config.base.output_dir, model_inputs(
+        config.base.store, meta, ("--student-init", config.base.student_init or meta["teacher"].get("base_model"))))
     out.mkdir(parents=True, exist_ok=True)
+    mark_folder(out, "sweep", "sweep")
     write_plan(out, config, store.hidden_size)
     i, n = config.shard
     mine = [r for k, r in enumerate(runs) if shard_of(k, n) == i]
     pending = [r for r in mine if not is_done(r)]
+    for r in pending:  # a run folder pkd-cache did not write is refused before anything trains
+        check_output_dir(r.config.output_dir, r.config.overwrite, "student")
     part = f" (shard {i}/{n}: {len(mine)} of them)" if n > 1 else ""
     log(f"sweep: {len(runs)} runs{part}, {len(mine) - len(pending)} already done, {len(pending)} to train "
         f"({config.students_per_pass} per pass over the store)")
@@ -187,6 +229,19 @@ def sweep(config: SweepConfig) -> list[dict]:
 
 
 PLAN_FILE = "sweep.json"
+
+
+def _check_folder(out: Path, shown: str, inputs: list) -> None:
+    """A sweep writes into an empty folder or its own (to resume or extend it), never into anything else, nor
+    one of its inputs. Each run folder is then checked as a `distill --overwrite` output is (paths.py)."""
+    check_inputs(out, inputs, "--output-dir", shown)
+    if out.exists() and not out.is_dir():
+        raise PkdCacheError(f"--output-dir {shown} exists and is not a directory")
+    found = output_kind(out) if entries(out) else "sweep"
+    if found != "sweep":
+        what = f"a pkd-cache {KIND_NAMES[found]}" if found else "not a folder pkd-cache wrote"
+        raise PkdCacheError(f"--output-dir {shown} already exists and is {what}, not a sweep's folder (no "
+                            f"{PLAN_FILE}); choose another --output-dir, or an empty one")
 
 
 def write_plan(out: Path, config: SweepConfig, hidden_size: int) -> None:

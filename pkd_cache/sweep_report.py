@@ -16,12 +16,13 @@ SETTINGS = ("student_layers", "strategy", "alpha", "beta", "temperature", "learn
 
 def result_rows(runs) -> list[dict]:
     """One dict per finished run: its name, grid values, settings and results (metric, epoch, wall time)."""
+    from .sweep import is_done
+
     rows = []
     for run in runs:
-        path = Path(run.config.output_dir) / "metrics.json"
-        if not path.is_file():
+        if not is_done(run):  # missing, torn, or another run's settings: not this run's result
             continue
-        m = json.loads(path.read_text())
+        m = json.loads((Path(run.config.output_dir) / "metrics.json").read_text())
         cfg, train = m.get("config", {}), m.get("config", {}).get("train", {})
         metric_key = next((k for k in m if k.startswith("best_") and k != "best_epoch"), None)
         row = {"run": run.name, **{f"grid_{k}": v for k, v in run.values.items()}}

@@ -162,6 +162,15 @@ def existing_dir(c: Ctx, name: str) -> Path:
     return d
 
 
+def earlier_teacher(c: Ctx) -> Path:
+    """A teacher folder an earlier `finetune` wrote: what `--overwrite` may replace, once the new one is complete."""
+    d = c.tmp / "teacher"
+    shutil.copytree(c.teacher, d)
+    (d / "pkd_cache_finetune.json").write_text(json.dumps({"base_model": str(c.backbone)}))
+    c.state["digest"], c.state["dir"] = tree_digest(d), d
+    return d
+
+
 def untouched(c: Ctx) -> None:
     assert tree_digest(c.state["dir"]) == c.state["digest"]
 
@@ -249,8 +258,16 @@ CASES: dict[str, Case] = {
     "distill-per-device-batch-size-zero": Case(lambda c: distill_args(c, "--per-device-batch-size", "0"),
                                                ("--per-device-batch-size must be > 0",), no_student),
     "finetune-overwrite-keeps-output-on-failure": Case(
-        lambda c: finetune_args(c, "--overwrite", model=c.tmp / "no-such-model", output_dir=existing_dir(c, "teacher")),
+        lambda c: finetune_args(c, "--overwrite", model=c.tmp / "no-such-model", output_dir=earlier_teacher(c)),
         ("does not exist",), untouched),
+    "distill-output-is-the-store": Case(lambda c: ["distill", "--store", copy_store(c, complete=True), "--output-dir",
+                                                   c.tmp / "copy.zarr", "--overwrite", "--student-layers", "2",
+                                                   "--student-init", c.backbone],
+                                        ("is the store", "choose another --output-dir"), untouched),
+    "distill-overwrite-foreign-folder": Case(lambda c: ["distill", "--store", c.store, "--output-dir",
+                                                        existing_dir(c, "project"), "--overwrite", "--student-layers",
+                                                        "2", "--student-init", c.backbone],
+                                             ("holds keep.txt, which pkd-cache did not write",), untouched),
     "not-a-store": Case(lambda c: ["info", c.data], ("is not a pkd-cache store",), subprocess=True),
     "eval-max-examples-negative": Case(lambda c: ["eval", "--model", c.teacher, "--task", "sst2", "--data-dir", c.data,
                                                   "--max-examples=-5"], ("must be > 0, got -5",)),

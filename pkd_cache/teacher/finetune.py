@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -13,7 +14,8 @@ from ..data.loading import load_examples
 from ..data.tasks import get_task
 from ..data.tokenize import to_model_inputs, tokenize
 from ..evaluate import main_metric_key, raw_dev_batches, score
-from ..paths import check_output_dir, prepare_output_dir
+from ..output_lock import OutputLock
+from ..paths import check_output_dir, prepare_output
 from ..progress import log
 from ..student.losses import hard_loss
 from ..training import resolve_device, train, write_metrics
@@ -21,10 +23,18 @@ from .load import FINETUNE_INFO, LoadedModel, check_max_length, load_for_task
 
 
 def finetune(config: FinetuneConfig, loaded: LoadedModel | None = None) -> dict:
-    """Fine-tune `config.model` on `config.task`; the best dev checkpoint lands in `config.output_dir`."""
+    """Fine-tune `config.model` on `config.task`; the best dev checkpoint lands in `config.output_dir`.
+
+    It is written aside and put in place once training is done, so a failed run leaves the old output as it was."""
     config.check()
     task = get_task(config.task)
-    check_output_dir(config.output_dir, config.overwrite)
+    inputs = [("--model", config.model), ("--data-dir", config.data_dir)]
+    check_output_dir(config.output_dir, config.overwrite, "teacher", inputs=inputs)  # before the model loads
+    with OutputLock(Path(config.output_dir), config.output_dir):  # one run writes it at a time
+        return _finetune(config, task, inputs, loaded)
+
+
+def _finetune(config: FinetuneConfig, task, inputs: list, loaded: LoadedModel | None) -> dict:
     loaded = loaded or load_for_task(config.model, task)
     check_max_length(loaded, config.max_seq_length)
     torch.manual_seed(config.train.seed)
@@ -33,7 +43,18 @@ def finetune(config: FinetuneConfig, loaded: LoadedModel | None = None) -> dict:
     arrays["labels"] = train_ex.labels
     train_batches = ArrayBatches(arrays, config.train.batch_size)
     dev = raw_dev_batches(loaded.tokenizer, task, config.data_dir, config.max_seq_length, 64, config.max_eval_samples)
-    out = prepare_output_dir(config.output_dir, config.overwrite)  # everything has loaded
+    # everything has loaded; no resume here, so even a new output is written aside
+    output = prepare_output(config.output_dir, config.overwrite, "teacher", "finetune", inputs=inputs,
+                            always_aside=True)
+    try:
+        return _train(config, task, loaded, train_ex, train_batches, dev, output)
+    except BaseException:
+        output.abandon(keep_checkpoint=False)
+        raise
+
+
+def _train(config: FinetuneConfig, task, loaded: LoadedModel, train_ex, train_batches, dev, output) -> dict:
+    out = output.work
     device = resolve_device(None)
     model = loaded.model.to(device)
     log(f"fine-tuning {loaded.name} on {task.name}: {len(train_ex):,} train examples, "
@@ -53,6 +74,7 @@ def finetune(config: FinetuneConfig, loaded: LoadedModel | None = None) -> dict:
         model.save_pretrained(out)
         loaded.tokenizer.save_pretrained(out)
         (out / FINETUNE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        output.record()
 
     t0 = time.perf_counter()
     result = train(model, config.train, len(train_batches),
@@ -65,5 +87,6 @@ def finetune(config: FinetuneConfig, loaded: LoadedModel | None = None) -> dict:
     write_metrics(out, metrics)
     info["metrics"] = {k: v for k, v in metrics.items() if k.startswith("best")}
     (out / FINETUNE_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    log(f"best {main_metric_key(task)} {result.best_metric:.4f} (epoch {result.best_epoch}); saved to {out}")
+    final = output.commit()  # in place only now: the output it replaces was kept until here
+    log(f"best {main_metric_key(task)} {result.best_metric:.4f} (epoch {result.best_epoch}); saved to {final}")
     return metrics
