@@ -87,6 +87,28 @@ def test_a_reused_pid_is_stale(tmp_path, sleeper):
     lock.release()
 
 
+def test_a_killed_holder_not_yet_reaped_is_stale(tmp_path):
+    """A dump killed with SIGKILL is a zombie until its parent reaps it: its pid still answers kill(pid, 0) and its
+    start time still matches, but it will never write again."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    store = tmp_path / "s.zarr"
+    write_lock(store, proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)  # not waited for: a zombie child of this test
+    deadline = time.monotonic() + 60
+    while journal.process_state(proc.pid) != "Z" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        lock = WriterLock(Location(str(store)))
+        lock.acquire()
+        assert json.loads((store / LOCK).read_text())["pid"] == os.getpid()
+        lock.release()
+    finally:
+        proc.wait()
+
+
 def test_without_start_times_a_live_pid_is_respected(tmp_path, sleeper, monkeypatch):
     store = tmp_path / "s.zarr"
     write_lock(store, sleeper.pid, proc_start=None)  # a lock written before start times were recorded

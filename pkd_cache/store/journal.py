@@ -148,21 +148,38 @@ class WriterLock:
             return True
         if pid == os.getpid():
             return True
+        if process_state(pid) in ("Z", "X"):  # killed, not yet reaped by its parent: it will never write again
+            return True
         recorded, now = holder.get("proc_start"), process_start(pid)
         # the pid is alive, but a different process if it started at another time (a reused pid); without /proc
         # (or in a lock written before start times were recorded) the live pid is respected
         return isinstance(recorded, int) and now is not None and now != recorded
 
 
-def process_start(pid: int) -> Optional[int]:
-    """When process `pid` started, in clock ticks since boot (Linux: field 22 of /proc/<pid>/stat); None elsewhere."""
+def _stat_fields(pid: int) -> Optional[list[str]]:
+    """Fields 3.. of /proc/<pid>/stat (Linux), None elsewhere or once the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read().decode(errors="replace")
         # field 2 (the command name) may hold spaces and parentheses: count fields after its closing one
-        return int(stat[stat.rindex(")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
+        return stat[stat.rindex(")") + 2:].split()
+    except (OSError, ValueError):
         return None
+
+
+def process_start(pid: int) -> Optional[int]:
+    """When process `pid` started, in clock ticks since boot (Linux: field 22 of /proc/<pid>/stat); None elsewhere."""
+    fields = _stat_fields(pid)
+    try:
+        return int(fields[19]) if fields else None
+    except (ValueError, IndexError):
+        return None
+
+
+def process_state(pid: int) -> Optional[str]:
+    """R, S, D, Z (a zombie: dead, not yet reaped), ... (Linux: field 3 of /proc/<pid>/stat); None elsewhere."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
 
 
 def _create_exclusive(path, text: str) -> bool:
