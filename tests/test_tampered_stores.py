@@ -302,3 +302,15 @@ def test_random_tampering_is_refused_in_one_line_or_reads_exactly_the_original(s
                 everything(copy)
         shutil.rmtree(copy)
     assert outcomes["refused"] >= 40 and outcomes["identical"] >= 3, outcomes
+
+
+@pytest.mark.parametrize("bits", [16, 32, 64])
+def test_the_bit_level_finiteness_check_agrees_with_isfinite_on_random_bit_patterns(bits):
+    from pkd_cache.store.trust import non_finite
+
+    rng = np.random.default_rng(bits)
+    for _ in range(2000):
+        raw = rng.integers(0, 2 ** 63, rng.integers(1, 6), dtype=np.uint64)  # any bits, NaNs and infs included
+        v = raw.astype(f"u{bits // 8}").view(f"f{bits // 8}")
+        with np.errstate(invalid="ignore"):
+            assert non_finite(v) == (not np.isfinite(v).all()), v.view(f"u{bits // 8}")

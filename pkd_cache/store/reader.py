@@ -61,6 +61,7 @@ class Store:
         self._manifest: Optional[tuple] = None  # (checksums or None,) once loaded
         self._arrow = None
         self._chunks: dict[tuple[str, str], tuple[int, ...]] = {}  # chunk shapes, once the layout is checked
+        self._values_checked: set[str] = set()  # chunks whose values passed (CheckedChunks)
         if require_complete:
             if self.checksums is None and not allow_no_checksums:
                 raise PkdCacheError(f"store {path} {NO_MANIFEST}")
@@ -179,7 +180,10 @@ class Store:
         else:
             reader = ChunkReader(self.location, f"{split}/{name}", shape, self._chunks[split, name], dtype,
                                  self.checksums)
-        return CheckedChunks(reader, name, self.meta, self.location)
+        # with a manifest, a chunk that passed once is passed again: every later read of it is checked against the
+        # same size and CRC, so its values are the ones already checked
+        return CheckedChunks(reader, name, self.meta, self.location,
+                             self._values_checked if self.checksums is not None else None)
 
     def _spec(self, split: str, name: str) -> tuple[tuple[int, ...], str]:
         self._split_meta(split)
@@ -271,18 +275,25 @@ class CheckedChunks:
     """A backend's chunk reader whose every chunk also has its values checked (`trust.value_problem`) once
     decoded: verify, distill and `Store.array` all read through this, so none of them trusts a chunk unchecked."""
 
-    def __init__(self, reader, name: str, meta: dict, location):
-        self.reader, self.name, self.meta, self.location = reader, name, meta, location
+    def __init__(self, reader, name: str, meta: dict, location, passed: Optional[set] = None):
+        """`passed`: names of the chunks whose values were checked, shared by the store's readers, when every read
+        is checked against the manifest (so a chunk read again is byte for byte the one checked); None: always."""
+        self.reader, self.name, self.meta, self.location, self.passed = reader, name, meta, location, passed
 
     def __getattr__(self, attr):  # chunks, shape, dtype, buffer, chunk_name, file_key, ...
         return getattr(self.reader, attr)
 
     def read_into(self, coords: tuple[int, ...], out: np.ndarray) -> np.ndarray:
         out = self.reader.read_into(coords, out)
+        seen = f"{self.name}:{self.reader.file_key(coords)}:{self.reader.chunk_name(coords)}"
+        if self.passed is not None and seen in self.passed:
+            return out
         rows = min(self.reader.chunks[0], self.reader.shape[0] - coords[0] * self.reader.chunks[0])
         why = value_problem(self.name, out[:rows], self.meta)
         if why:
             raise ChunkError(self.location, self.reader.file_key(coords), why)
+        if self.passed is not None:
+            self.passed.add(seen)
         return out
 
 
