@@ -117,7 +117,7 @@ def test_a_chunk_the_manifest_lists_but_that_is_absent_is_found_when_the_store_o
     (lambda c: edit_array(c, "train/logits", lambda d: d["codecs"][0]["configuration"].update(endian="big")),
      "train/logits: array uses codecs ['bytes', 'blosc']"),
     (lambda c: edit_attributes(c, lambda m: m["task"].update(num_labels="2")),
-     "metadata: task.num_labels '2' is not an integer >= 1"),
+     "metadata: task.num_labels '2' is not an integer in [1, 1,048,576]"),
     (lambda c: edit_attributes(c, lambda m: m.update(checksums={"file": "../../etc/passwd"})),
      "its checksum manifest is recorded as '../../etc/passwd'"),
 ])
@@ -125,6 +125,25 @@ def test_metadata_that_disagrees_with_the_arrays_is_refused(copy, edit, says):
     edit(copy)
     refused(copy, says)
     assert any(says.split(": ", 1)[-1][:40] in p for p in verify_problems(copy)), verify_problems(copy)
+
+
+@pytest.mark.parametrize("arrays, axis, key", [("input_ids attention_mask token_type_ids", 1, "max_seq_length"),
+                                               ("cls", 2, None)])
+def test_crafted_widths_are_refused_before_a_buffer_is_made(copy, arrays, axis, key):
+    """10^9 tokens per row (or a hidden size of 10^9), in the metadata and every array alike: a chunk would decode
+    into a buffer of hundreds of GB, so the reader refuses the size instead of dying of MemoryError."""
+    big = 10 ** 9
+    edit_attributes(copy, lambda m: m.update(max_seq_length=big) if key else m["teacher"].update(hidden_size=big))
+    for split in ("train", "validation"):
+        for name in arrays.split():
+            def widen(d):
+                d["shape"][axis] = big
+                d["chunk_grid"]["configuration"]["chunk_shape"][axis] = big
+            edit_array(copy, f"{split}/{name}", widen)
+    says = "max_seq_length 1000000000 is not an integer in [1, 1,048,576]" if key else \
+        "teacher.hidden_size 1000000000 is not an integer in [1, 65,536]"
+    refused(copy, says)
+    assert verify_problems(copy) == [f"metadata: {says}"]
 
 
 def test_crafted_sizes_are_refused_by_arithmetic_not_by_listing(copy):
@@ -314,3 +333,15 @@ def test_the_bit_level_finiteness_check_agrees_with_isfinite_on_random_bit_patte
         v = raw.astype(f"u{bits // 8}").view(f"f{bits // 8}")
         with np.errstate(invalid="ignore"):
             assert non_finite(v) == (not np.isfinite(v).all()), v.view(f"u{bits // 8}")
+
+
+def test_a_chunk_larger_than_a_blosc_frame_holds_is_refused(copy):
+    """Widths inside the limits can still multiply into a chunk no Blosc frame holds (all 1,025 layers of a
+    65,536-wide teacher in one chunk): refused before a buffer is made."""
+    edit_attributes(copy, lambda m: m["teacher"].update(num_layers=1024, hidden_size=65536))
+    for split, rows in (("train", 160), ("validation", 48)):
+        def widen(d, rows=rows):
+            d["shape"] = [rows, 1025, 65536]
+            d["chunk_grid"]["configuration"]["chunk_shape"] = [min(64, rows), 1025, 65536]
+        edit_array(copy, f"{split}/cls", widen)
+    refused(copy, "train/cls: array has chunks (64, 1025, 65536) of more than 2,147,483,647 bytes")

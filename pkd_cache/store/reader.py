@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -13,7 +14,7 @@ from .chunks import ChunkError, ChunkReader
 from .format import ARRAYS, FORMAT_NAME, FORMAT_VERSION, expected_arrays
 from .location import Location
 from .quantize import dequantize_int8
-from .trust import (NO_MANIFEST, chunk_count, chunk_keys, load_manifest, manifest_problems, meta_problems,
+from .trust import (MAX_CHUNK_BYTES, NO_MANIFEST, chunk_count, chunk_keys, load_manifest, manifest_problems, meta_problems,
                     value_problem, zarr_array_problem)
 
 
@@ -117,6 +118,9 @@ class Store:
         if not self._zarr:
             rows = min(self.meta["chunk_size"], shape[0])
             chunks = (rows, 1, shape[2]) if name == "cls" else (rows,) + tuple(shape[1:])
+            if math.prod(chunks) * np.dtype(dtype).itemsize > MAX_CHUNK_BYTES:
+                problems.append(f"{split}/{name}: chunks of {chunks} {dtype} exceed {MAX_CHUNK_BYTES:,} bytes")
+                return None
         else:
             try:
                 doc = json.loads(self.location.read(f"{split}/{name}/zarr.json"))

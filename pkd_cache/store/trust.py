@@ -37,8 +37,15 @@ NO_MANIFEST_NOTE = ("no checksum manifest (--allow-no-checksums): every chunk wa
 DEFAULT_KEYS = {"name": "default", "configuration": {"separator": "/"}}
 
 
-def _int(value, at_least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
+def _int(value, at_least: int, at_most: int = 2 ** 62) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and at_least <= value <= at_most
+
+
+# Sizes no real store comes near, so a crafted one cannot make a reader allocate a huge buffer: a chunk is decoded
+# into a buffer of its full shape, and a Blosc frame holds at most 2 GiB anyway.
+LIMITS = {"teacher.num_layers": 1024, "teacher.hidden_size": 65536, "tokenizer.vocab_size": 2 ** 31 - 1,
+          "max_seq_length": 1 << 20, "chunk_size": 1 << 20, "task.num_labels": 1 << 20}
+MAX_CHUNK_BYTES = 2 ** 31 - 1
 
 
 def meta_problems(meta: dict) -> list[str]:
@@ -52,17 +59,17 @@ def meta_problems(meta: dict) -> list[str]:
     teacher, task, tok = meta.get("teacher"), meta.get("task"), meta.get("tokenizer")
     if not (isinstance(teacher, dict) and isinstance(task, dict) and isinstance(tok, dict)):
         return ["metadata: missing or malformed teacher, task or tokenizer entry"]
-    need(_int(teacher.get("num_layers"), 1), f"teacher.num_layers {teacher.get('num_layers')!r} is not an integer >= 1")
-    need(_int(teacher.get("hidden_size"), 1), f"teacher.hidden_size {teacher.get('hidden_size')!r} is not an integer "
-                                               f">= 1")
-    need(_int(tok.get("vocab_size"), 1), f"tokenizer.vocab_size {tok.get('vocab_size')!r} is not an integer >= 1")
-    need(_int(meta.get("max_seq_length"), 1), f"max_seq_length {meta.get('max_seq_length')!r} is not an integer >= 1")
-    need(_int(meta.get("chunk_size"), 1), f"chunk_size {meta.get('chunk_size')!r} is not an integer >= 1")
+    for key, value in (("teacher.num_layers", teacher.get("num_layers")),
+                       ("teacher.hidden_size", teacher.get("hidden_size")),
+                       ("tokenizer.vocab_size", tok.get("vocab_size")), ("max_seq_length", meta.get("max_seq_length")),
+                       ("chunk_size", meta.get("chunk_size"))):
+        need(_int(value, 1, LIMITS[key]), f"{key} {value!r} is not an integer in [1, {LIMITS[key]:,}]")
     need(meta.get("cls_dtype") in CLS_DTYPES, f"cls_dtype {meta.get('cls_dtype')!r} is not one of "
                                               f"{', '.join(CLS_DTYPES)}")
     labels, regression = task.get("num_labels"), task.get("is_regression")
     need(isinstance(regression, bool), f"task.is_regression {regression!r} is not true or false")
-    need(_int(labels, 1), f"task.num_labels {labels!r} is not an integer >= 1")
+    need(_int(labels, 1, LIMITS["task.num_labels"]), f"task.num_labels {labels!r} is not an integer in "
+                                                      f"[1, {LIMITS['task.num_labels']:,}]")
     if regression is False and _int(labels, 1):
         names = task.get("label_names")
         need(isinstance(names, list) and len(names) == labels, f"task.label_names {names!r} does not name "
@@ -96,6 +103,8 @@ def zarr_array_problem(doc: dict, shape: tuple[int, ...], dtype: str, chunk_size
     chunks = tuple((grid.get("configuration") or {}).get("chunk_shape") or ())
     if grid.get("name") != "regular" or chunks not in chunk_shapes(name, shape, chunk_size):
         return f"has chunks {chunks or grid!r}, not the layout pkd-cache writes {chunk_shapes(name, shape, chunk_size)[0]}"
+    if math.prod(chunks) * np.dtype(dtype).itemsize > MAX_CHUNK_BYTES:
+        return f"has chunks {chunks} of more than {MAX_CHUNK_BYTES:,} bytes, more than a Blosc frame holds"
     codecs = doc.get("codecs") or []
     names = [c.get("name") if isinstance(c, dict) else c for c in codecs]
     endian = (codecs[0].get("configuration") or {}).get("endian") if names[:1] == ["bytes"] else None
