@@ -171,7 +171,8 @@ def is_done(run: Run) -> bool:
 
 
 def _comparable(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in ("overwrite", "output_dir")}
+    """The settings that make a run what it is (how it read its store, e.g. allow_no_checksums, does not)."""
+    return {k: v for k, v in cfg.items() if k not in ("overwrite", "output_dir", "allow_no_checksums")}
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
