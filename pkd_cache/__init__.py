@@ -4,17 +4,56 @@
     pkd_cache.dump(DumpConfig(...))           # run it once, write logits + every layer's [CLS] to a store
     pkd_cache.distill(DistillConfig(...))     # train students from the store, no teacher in memory
     pkd_cache.open_store(path).batches("train", 32)
-"""
-__version__ = "0.1.0"
 
-# The functions are bound after their modules are imported, so `pkd_cache.dump` is the function (not the module).
-from .config import DistillConfig, DumpConfig, EvalConfig, FinetuneConfig, TrainConfig  # noqa: E402
-from .errors import PkdCacheError  # noqa: E402
-from .store import Store, open_store  # noqa: E402
-from .teacher.finetune import finetune  # noqa: E402
-from .dump import dump  # noqa: E402
-from .distill import distill, distill_many  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
+The functions and `Store` are imported on first use (PEP 562): `import pkd_cache` and the CLI's `--help` must not
+pay for torch, transformers, zarr and datasets (seconds). The configs and the error type are light, so eager.
+"""
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
+
+from .config import DistillConfig, DumpConfig, EvalConfig, FinetuneConfig, TrainConfig
+from .errors import PkdCacheError
+from .version import __version__
+
+if TYPE_CHECKING:  # type checkers and IDEs see the real names; at run time __getattr__ imports them
+    from .distill import distill, distill_many
+    from .dump import dump
+    from .evaluate import evaluate
+    from .store.reader import Store, open_store
+    from .teacher.finetune import finetune
+
+# name -> the module that defines it
+_LAZY = {"Store": "store.reader", "open_store": "store.reader", "finetune": "teacher.finetune", "dump": "dump",
+         "distill": "distill", "distill_many": "distill", "evaluate": "evaluate"}
 
 __all__ = ["DistillConfig", "DumpConfig", "EvalConfig", "FinetuneConfig", "TrainConfig", "PkdCacheError", "Store",
            "finetune", "dump", "distill", "distill_many", "evaluate", "open_store", "__version__"]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # looked up once; later reads do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """`dump`, `distill` and `evaluate` are both functions and submodules. Once a submodule is first imported, the
+    import system binds it on its package (`pkd_cache.dump = <module>`), which would shadow the function: keep the
+    function instead. (The eager imports this replaces bound the functions last, so they won.)"""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -62,6 +62,13 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
     _state["debug"] = debug or _env_debug()  # per invocation: an in-process caller may run several commands
 
 
+def _run(api: str, config):
+    """`pkd_cache.<api>(config)`, the config checked first: a bad value is refused before the API's modules bring
+    in torch and transformers (seconds)."""
+    config.check()
+    return getattr(sys.modules[__package__], api)(config)  # the package's lazy attribute imports it
+
+
 def _train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed, max_steps,
                   logging_steps, save_steps: int = 0) -> TrainConfig:
     return TrainConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay,
@@ -103,13 +110,11 @@ def finetune(model: str = typer.Option(..., "--model", "--model-name-or-path", h
              max_train_samples: Optional[int] = typer.Option(None, "--max-train-samples"),
              max_eval_samples: Optional[int] = typer.Option(None, "--max-eval-samples")):
     """Fine-tune a teacher on a task (AdamW, linear decay, keep the best dev checkpoint)."""
-    from . import finetune as run
-
-    run(FinetuneConfig(model=model, task=task, output_dir=output_dir, data_dir=data_dir,
-                       max_seq_length=max_seq_length, overwrite=overwrite, max_train_samples=max_train_samples,
-                       max_eval_samples=max_eval_samples,
-                       train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed,
-                                           max_steps, logging_steps)))
+    _run("finetune", FinetuneConfig(model=model, task=task, output_dir=output_dir, data_dir=data_dir,
+                                    max_seq_length=max_seq_length, overwrite=overwrite,
+                                    max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
+                                    train=_train_config(epochs, learning_rate, batch_size, weight_decay,
+                                                        warmup_ratio, seed, max_steps, logging_steps)))
 
 
 @app.command()
@@ -144,15 +149,13 @@ def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher:
          resume: bool = typer.Option(False, "--resume", help="Continue an interrupted dump into --out: keep its "
                                                              "durable chunks, run the teacher on the rest.")):
     """Run the teacher once; write token ids, labels, logits and every layer's [CLS] to a store."""
-    from . import dump as run
-
-    run(DumpConfig(teacher=teacher, task=task, out=out, data_dir=data_dir, splits=split or None,
-                   max_seq_length=max_seq_length, batch_size=batch_size, dtype=dtype, chunk_size=chunk_size,
-                   sort_window=sort_window, overwrite=overwrite, finetune=finetune, device=device,
-                   max_examples=max_examples, precision=precision, pad_to_max_length=pad_to_max_length,
-                   format=store_format, resume=resume,
-                   finetune_train=TrainConfig(epochs=finetune_epochs, learning_rate=finetune_learning_rate,
-                                              seed=seed)))
+    _run("dump", DumpConfig(teacher=teacher, task=task, out=out, data_dir=data_dir, splits=split or None,
+                            max_seq_length=max_seq_length, batch_size=batch_size, dtype=dtype, chunk_size=chunk_size,
+                            sort_window=sort_window, overwrite=overwrite, finetune=finetune, device=device,
+                            max_examples=max_examples, precision=precision, pad_to_max_length=pad_to_max_length,
+                            format=store_format, resume=resume,
+                            finetune_train=TrainConfig(epochs=finetune_epochs, learning_rate=finetune_learning_rate,
+                                                       seed=seed)))
 
 
 StoreOpt = typer.Option(..., "--store", help="Path or URL of a store.")
@@ -206,16 +209,14 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
     With --teacher instead of --store: online KD, the same losses with the teacher run on every step (to compare
     with the cached teacher on the same student, seed and batches).
     """
-    from . import distill as run
-
-    run(DistillConfig(store=store, output_dir=output_dir, task=task, student_layers=student_layers, strategy=strategy,
-                      layer_map=_int_list(layer_map, "--layer-map"), alpha=alpha, beta=beta,
-                      temperature=temperature, student_init=student_init, overwrite=overwrite, device=device,
-                      teacher=teacher, data_dir=data_dir, max_seq_length=max_seq_length, chunk_size=chunk_size,
-                      max_examples=max_examples, resume=resume, per_device_batch_size=per_device_batch_size,
-                      allow_no_checksums=allow_no_checksums,
-                      train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed,
-                                          max_steps, logging_steps, save_steps)))
+    _run("distill", DistillConfig(store=store, output_dir=output_dir, task=task, student_layers=student_layers,
+                                  strategy=strategy, layer_map=_int_list(layer_map, "--layer-map"), alpha=alpha,
+                                  beta=beta, temperature=temperature, student_init=student_init, overwrite=overwrite,
+                                  device=device, teacher=teacher, data_dir=data_dir, max_seq_length=max_seq_length,
+                                  chunk_size=chunk_size, max_examples=max_examples, resume=resume,
+                                  per_device_batch_size=per_device_batch_size, allow_no_checksums=allow_no_checksums,
+                                  train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio,
+                                                      seed, max_steps, logging_steps, save_steps)))
 
 
 @app.command()
@@ -297,10 +298,8 @@ def eval_(model: str = typer.Option(..., "--model", "--model-name-or-path"),
           max_examples: Optional[int] = typer.Option(None, "--max-examples"),
           device: Optional[str] = typer.Option(None, "--device")):
     """Score a saved model on the task's dev split(s)."""
-    from . import evaluate
-
-    metrics = evaluate(EvalConfig(model=model, task=task, data_dir=data_dir, max_seq_length=max_seq_length,
-                                  batch_size=batch_size, max_examples=max_examples, device=device))
+    metrics = _run("evaluate", EvalConfig(model=model, task=task, data_dir=data_dir, max_seq_length=max_seq_length,
+                                          batch_size=batch_size, max_examples=max_examples, device=device))
     typer.echo(json.dumps(metrics, indent=2))
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from .errors import PkdCacheError
+from .version import __version__
 
 MARKER = "pkd_cache_output.json"
 NEW, OLD = "pkd-new", "pkd-old"
@@ -158,8 +159,6 @@ class Output:
 
     def record(self, complete: bool = False) -> None:
         """(Re)write the marker: the files written so far are pkd-cache's, so a later --overwrite may replace them."""
-        from . import __version__
-
         files = sorted(n for n in os.listdir(self.work) if n != MARKER)
         _write_json(self.work / MARKER, {"kind": self.kind, "command": self.command, "pkd_cache_version": __version__,
                                          "complete": complete, "files": files})
@@ -253,7 +252,5 @@ def _write_json(path: Path, value: dict) -> None:
 
 def mark_folder(folder: Path, kind: str, command: str) -> None:
     """A marker for a folder pkd-cache fills over time (a sweep's), if it has none."""
-    from . import __version__
-
     if not (folder / MARKER).is_file():
         _write_json(folder / MARKER, {"kind": kind, "command": command, "pkd_cache_version": __version__})

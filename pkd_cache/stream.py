@@ -12,16 +12,17 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import numpy as np
-import torch
 
-from .data.tokenize import trim_padding
 from .errors import PkdCacheError
 from .store.chunks import ChunkReader
 from .store.format import TOKEN_ARRAYS
 from .store.quantize import dequantize_int8
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,10 @@ def _prefetch(items: Iterator, depth: int) -> Iterator:
 
 def to_batch(arrays: dict[str, np.ndarray], pin_memory: bool = False) -> dict[str, torch.Tensor]:
     """Torch tensors (token ids as int64), cut to the batch's longest sequence; pinned for fast GPU copies."""
+    import torch  # here, not at the top: `pkd-cache info` and `verify` read stores without torch (seconds)
+
+    from .data.tokenize import trim_padding
+
     batch = {}
     for k, v in arrays.items():
         t = torch.from_numpy(np.ascontiguousarray(v))

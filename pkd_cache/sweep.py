@@ -194,12 +194,12 @@ def shard_of(index: int, shards: int) -> int:
 def sweep(config: SweepConfig) -> list[dict]:
     """Run (or resume) the grid, or this shard's part of it; returns one result row per finished run of the whole
     grid (see sweep_report.result_rows)."""
+    config.check()  # before the imports below bring in torch (seconds): a bad value is refused at once
+    config.base.check()
     from .distill import _pass_settings, distill_many
     from .store.reader import open_store
     from .sweep_report import write_report
 
-    config.check()
-    config.base.check()
     store = open_store(config.base.store, allow_no_checksums=config.base.allow_no_checksums)
     runs = plan_runs(config, store.hidden_size)
     out = Path(config.base.output_dir).expanduser()

@@ -22,10 +22,9 @@ import numpy as np
 
 from ..errors import PkdCacheError
 from .chunks import ArrayChunks, ChunkError, check_recorded, crc32c, write_manifest
+from .format import ARROW_META
 from .location import Location
 from .writer import ChunkedWriter
-
-ARROW_META = "pkd_cache.json"
 
 
 def shard_key(split: str, chunk: int) -> str:

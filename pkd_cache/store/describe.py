@@ -1,12 +1,13 @@
 """Describing stores: the `pkd-cache info` table and the one-row summary that `ls` and `serve` list."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from rich.console import Console
 from rich.table import Table
 
-from .reader import Store
+if TYPE_CHECKING:  # `ls` and `serve` only summarise metadata: no reader, no numpy
+    from .reader import Store
 
 
 def _human(n: int) -> str:

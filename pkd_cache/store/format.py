@@ -16,12 +16,31 @@ Arrays per split (N examples, S = max_seq_length, C labels, L teacher layers, H 
 """
 from __future__ import annotations
 
+import json
+from typing import Optional
+
 FORMAT_NAME = "pkd-cache"
 FORMAT_VERSION = 1
 TOKEN_ARRAYS = ("input_ids", "attention_mask", "token_type_ids")
 ARRAYS = TOKEN_ARRAYS + ("labels", "logits", "cls")
 CLS_DTYPES = ("float16", "float32", "int8")  # int8: plus `cls_scale` (N x (L+1) float32)
 STORE_FORMATS = ("zarr", "arrow")
+ARROW_META = "pkd_cache.json"  # the metadata of an Arrow store (a Zarr store's is the attributes of its zarr.json)
+
+
+def read_metadata(location) -> Optional[dict]:
+    """The metadata of the store at `location` (Zarr or Arrow flavour), None if there is no store there.
+
+    Here rather than in the writer: `ls` and `serve` call it, and this module imports neither numpy nor zarr."""
+    for key, inner in (("zarr.json", "attributes"), (ARROW_META, None)):
+        try:
+            meta = json.loads(location.read(key))
+        except (OSError, ValueError):
+            continue
+        meta = meta.get(inner, {}) if inner else meta
+        if isinstance(meta, dict) and meta.get("format") == FORMAT_NAME:
+            return meta
+    return None
 
 
 def compressor(name: str, dtype_size: int):

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ..errors import PkdCacheError
 from .describe import _human, summary_from_meta
+from .format import read_metadata
 from .location import Location, is_url
 
 
@@ -32,8 +33,6 @@ def list_stores(url: str, storage_options: Optional[dict] = None) -> list[dict]:
 
 
 def _meta(location: Location, name: str) -> Optional[dict]:
-    from .writer import read_metadata
-
     return read_metadata(location.child(name) if name else location)
 
 

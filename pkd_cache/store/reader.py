@@ -3,19 +3,20 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import numpy as np
-import torch
 
 from ..errors import PkdCacheError
-from .arrow import ARROW_META
 from .chunks import ChunkError, ChunkReader
-from .format import ARRAYS, FORMAT_NAME, FORMAT_VERSION, expected_arrays
+from .format import ARRAYS, ARROW_META, FORMAT_NAME, FORMAT_VERSION, expected_arrays
 from .location import Location
 from .quantize import dequantize_int8
 from .trust import (MAX_CHUNK_BYTES, NO_MANIFEST, chunk_count, chunk_keys, load_manifest, manifest_problems, meta_problems,
                     value_problem, zarr_array_problem)
+
+if TYPE_CHECKING:  # only `batches` makes tensors (stream.to_batch imports torch): `info` and `verify` never do
+    import torch
 
 
 class Store:

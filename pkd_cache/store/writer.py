@@ -6,29 +6,13 @@ import json
 from typing import Optional
 
 import numpy as np
-import zarr
 
-from .. import __version__
 from ..errors import PkdCacheError
+from ..version import __version__
 from .chunks import blosc_params, chunk_key, crc32c, encode_chunk, write_manifest
-from .format import FORMAT_NAME, FORMAT_VERSION, compressor
+from .format import FORMAT_NAME, FORMAT_VERSION, compressor, read_metadata
 from .journal import FOLDER as JOURNAL, WriterLock, durable_chunks, record_chunk, remove_partial_files
 from .location import Location
-
-
-def read_metadata(location: Location) -> Optional[dict]:
-    """The metadata of the store at `location` (Zarr or Arrow flavour), None if there is no store there."""
-    from .arrow import ARROW_META
-
-    for key, inner in (("zarr.json", "attributes"), (ARROW_META, None)):
-        try:
-            meta = json.loads(location.read(key))
-        except (OSError, ValueError):
-            continue
-        meta = meta.get(inner, {}) if inner else meta
-        if isinstance(meta, dict) and meta.get("format") == FORMAT_NAME:
-            return meta
-    return None
 
 
 def is_store(location: Location) -> bool:
@@ -142,6 +126,8 @@ class StoreWriter(ChunkedWriter):
     def __init__(self, location: Location, metadata: dict, resume: bool = False, attach: bool = False):
         """`attach`: write chunks into a store another process (rank 0 of a multi-rank dump) created and will
         finish; its metadata is left alone."""
+        import zarr  # here: the store package is imported by readers (`info`, `verify`), which need no zarr
+
         self._start(location, resume, attach)
         if attach:
             self.root = zarr.open_group(store=self.location.zarr_store(read_only=False), mode="r+")

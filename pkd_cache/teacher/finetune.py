@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..config import FinetuneConfig, to_dict
 from ..data.batches import ArrayBatches
 from ..data.loading import load_examples
