@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import pytest
-
 import numpy as np
+import pytest
 from conftest import make_bert
 from tamper import decode, edit_array, edit_attributes, rewrite_chunk
+
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # one fixture runs ~60 CLI processes
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
        "COLUMNS": "200"}  # `info` is a rich table: wide enough not to wrap long temp paths

@@ -17,6 +17,8 @@ from test_resume import files, wait_for_progress
 from pkd_cache.distributed import balanced_shares
 from pkd_cache.dump_shares import window_tokens
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # torchrun with 2 ranks
+
 ARGS = ["--max-seq-length", "24", "--batch-size", "16", "--chunk-size", "64", "--sort-window", "128"]
 
 
@@ -100,6 +102,7 @@ def kill_after_progress(cmd, out: Path, records: int) -> None:
 
 
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+@pytest.mark.kill
 def test_a_killed_dump_is_finished_with_another_rank_count(tmp_path, teacher_dir, data, reference, first, then):
     out = tmp_path / "killed.zarr"
     kill_after_progress(dump_cmd(teacher_dir, data, out, first), out, records=5)
@@ -196,6 +199,7 @@ def test_online_kd_runs_the_teacher_on_each_ranks_own_rows(teacher_dir, data_dir
         assert min(sizes) > 0 and max(sizes) - min(sizes) <= 1  # halves, not the whole batch twice
 
 
+@pytest.mark.kill
 def test_a_killed_two_rank_distill_resumes_with_each_ranks_dropout(tmp_path, store_path, backbone_dir):
     """Dropout on: a 2-rank distill killed mid-run and resumed with 2 ranks trains the uninterrupted 2-rank
     student. The checkpoint holds every rank's RNG state; with rank 0's alone, rank 1's dropout would change."""

@@ -9,7 +9,7 @@ import torch
 import pkd_cache
 from conftest import GLUE
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

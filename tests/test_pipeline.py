@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # the recipe end to end
+
 RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "pkd_paper.sh"
 
 

@@ -90,6 +90,8 @@ def s3(tmp_path_factory):
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_s3_dump_ls_distill_verify(s3, store_path, teacher_dir, data_dir, backbone_dir, tmp_path):
     url = "s3://pkd-bucket/team/sst2.zarr"
     p = dump_to(url, teacher_dir, data_dir)

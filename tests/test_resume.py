@@ -16,6 +16,8 @@ from test_cli import ENV, cli_in_process, show
 import pkd_cache
 from pkd_cache.store.location import Location
 
+pytestmark = pytest.mark.slow  # kills and resumes real processes: minutes in all
+
 CHUNK = "64"
 
 
@@ -91,6 +93,7 @@ def kill(proc, sig=signal.SIGKILL) -> None:
     proc.send_signal(sig)
 
 
+@pytest.mark.kill
 def test_sigkill_at_random_moments_then_resume_is_byte_identical(tmp_path, teacher_dir, long_data, long_reference):
     rng = random.Random(0)
     for i in range(5):
@@ -110,6 +113,7 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(tmp_path, teach
         assert not (out / ".pkd_cache").exists()
 
 
+@pytest.mark.kill
 def test_sigterm_stops_cleanly_and_says_how_to_resume(tmp_path, teacher_dir, long_data, long_reference):
     out = tmp_path / "term.zarr"
     proc = start_dump(teacher_dir, long_data, out)
@@ -177,6 +181,7 @@ def _student_files(folder: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in folder.iterdir() if f.suffix == ".safetensors"}
 
 
+@pytest.mark.kill
 def test_a_killed_distill_resumes_to_the_same_student_bit_for_bit(tmp_path, reference, backbone_dir):
     base = ["distill", "--store", str(reference), "--student-init", str(backbone_dir), "--student-layers", "3",
             "--epochs", "3", "--batch-size", "8", "--learning-rate", "1e-3", "--seed", "5", "--logging-steps", "0"]

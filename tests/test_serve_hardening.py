@@ -99,6 +99,7 @@ def read_all(s: socket.socket) -> bytes:
                                   "/a.zarr/sub/deep/secret.txt", "/a.zarr/sub/deep", "/b.zarr/zarr.json",
                                   "/b.zarr/sub/real.txt", "/b.zarr/", "/c.zarr/zarr.json", "/c.zarr/secret.txt",
                                   "/private/secret.txt", "/a.zarr/fifo", "/a.zarr/%70rivdir/secret.txt"])
+@pytest.mark.slow
 def test_no_symlink_is_ever_followed(served, path):
     for method in ("GET", "HEAD"):
         status, body = get(served, path, method)

@@ -18,6 +18,7 @@ def read_rows(out):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_a_grid_runs_every_combination_then_resumes(store_path, backbone_dir, tmp_path):
     out = tmp_path / "runs"
     args = sweep_args(store_path, out, backbone_dir, "alpha=0,0.5", "strategy=skip,last", "paper_beta=0,100",
@@ -59,6 +60,7 @@ def test_bad_grids_are_one_line_errors(store_path, backbone_dir, tmp_path, grid,
     assert not (tmp_path / "runs" / "results.csv").exists()
 
 
+@pytest.mark.slow
 def test_shards_split_the_grid_and_collect_merges_them(store_path, backbone_dir, tmp_path):
     """Two shards started at once on one runs folder (as a 2-job SLURM array) train disjoint halves; --collect
     names what is missing until both are done, then writes the table of all four runs."""

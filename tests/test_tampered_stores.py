@@ -188,6 +188,7 @@ def test_inf_in_one_cls_layer_is_refused(copy):
 
 
 @pytest.mark.subprocess
+@pytest.mark.slow
 def test_distill_from_a_tampered_store_is_one_line_and_saves_nothing(copy, backbone_dir, tmp_path):
     values = decode(copy / "train/logits/c/2/0", (64, 2), np.float32)
     values[0, 0] = np.nan
