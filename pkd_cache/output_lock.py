@@ -7,15 +7,14 @@ message a second run prints.
 """
 from __future__ import annotations
 
-import datetime as dt
 import fcntl
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Optional
 
 from .errors import PkdCacheError
+from .store.journal import describe_holder, holder_record
 
 SUFFIX = ".pkd-lock"
 
@@ -40,8 +39,7 @@ class OutputLock:
             except BlockingIOError:
                 holder = _read(fd)
                 os.close(fd)
-                who = f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}" if holder \
-                    else "a run that just started"
+                who = describe_holder(holder) if holder else "a run that just started"
                 raise PkdCacheError(f"{self.flag} {self.shown} is being written by another pkd-cache run ({who}); "
                                     f"wait for it, or choose another {self.flag}") from None
             try:
@@ -51,10 +49,8 @@ class OutputLock:
             if not same:  # we locked a file its previous holder had just unlinked: a new one may be held
                 os.close(fd)
                 continue
-            me = {"host": socket.gethostname(), "pid": os.getpid(),
-                  "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(me).encode(), 0)
+            os.pwrite(fd, json.dumps(holder_record()).encode(), 0)
             self.fd = fd
             return self
         raise PkdCacheError(f"{self.flag} {self.shown}: could not lock {self.path} (other runs keep taking it)")

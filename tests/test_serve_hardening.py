@@ -161,11 +161,10 @@ def test_overlong_names_get_414(served):
 
 def test_idle_connections_are_closed(root):
     with running(root, quiet=True, idle_timeout=0.5) as server:
-        t0 = time.monotonic()
         silent, half = connect(server), connect(server)
         half.sendall(b"GET /a.zarr/zarr.json HTTP/1.0\r\n")  # headers never finished
-        assert read_all(silent) == b"" and read_all(half) == b""  # closed by the server, not by our timeout
-        assert time.monotonic() - t0 < 8
+        # closed by the server: were it not, read_all's socket timeout (10 s) would raise instead
+        assert read_all(silent) == b"" and read_all(half) == b""
         silent.close()
         half.close()
         assert get(server, "/a.zarr/zarr.json")[0] == 200  # and the server still answers

@@ -66,8 +66,7 @@ class WriterLock:
         self.location, self.held = location, False
 
     def acquire(self) -> None:
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": process_start(os.getpid()),
-              "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        me = holder_record()
         holder = self.check()
         if not self.location.url:
             path = self.location.local / LOCK
@@ -96,8 +95,7 @@ class WriterLock:
             self.held = False
 
     def _busy(self, holder: dict) -> str:
-        return (f"{self.location} is being written by another dump (pid {holder.get('pid', '?')} on "
-                f"{holder.get('host', '?')}, since {holder.get('started', '?')}); wait for it, or stop it")
+        return f"{self.location} is being written by another dump ({describe_holder(holder)}); wait for it, or stop it"
 
     def _take_over(self, path, holder: dict) -> None:
         """Move a dead holder's lock aside. If another dump replaced it meanwhile, the moved lock is not the one
@@ -154,6 +152,17 @@ class WriterLock:
         # the pid is alive, but a different process if it started at another time (a reused pid); without /proc
         # (or in a lock written before start times were recorded) the live pid is respected
         return isinstance(recorded, int) and now is not None and now != recorded
+
+
+def holder_record() -> dict:
+    """Who holds a lock: this process, by host, pid, start time (Linux) and when it took the lock."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": process_start(os.getpid()),
+            "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def describe_holder(holder: dict) -> str:
+    """`pid N on HOST, since T`: how a refused run names the one holding the lock."""
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('started', '?')}"
 
 
 def _stat_fields(pid: int) -> Optional[list[str]]:

@@ -64,6 +64,7 @@ class Store:
         self._arrow = None
         self._chunks: dict[tuple[str, str], tuple[int, ...]] = {}  # chunk shapes, once the layout is checked
         self._values_checked: set[str] = set()  # chunks whose values passed (CheckedChunks)
+        self._expected: Optional[dict] = None  # {split: {array: (shape, dtype)}} once the metadata is checked
         if require_complete:
             if self.checksums is None and not allow_no_checksums:
                 raise PkdCacheError(f"store {path} {NO_MANIFEST}")
@@ -192,11 +193,13 @@ class Store:
 
     def _spec(self, split: str, name: str) -> tuple[tuple[int, ...], str]:
         self._split_meta(split)
-        problems = meta_problems(self.meta)
-        if problems:
-            raise PkdCacheError(f"store {self.path}: {problems[0]}; run `pkd-cache verify {self.path}`")
+        if self._expected is None:  # once per open store: every chunk reader of every epoch asks
+            problems = meta_problems(self.meta)
+            if problems:
+                raise PkdCacheError(f"store {self.path}: {problems[0]}; run `pkd-cache verify {self.path}`")
+            self._expected = expected_arrays(self.meta)
         try:
-            return expected_arrays(self.meta)[split][name]
+            return self._expected[split][name]
         except KeyError:
             raise PkdCacheError(f"store {self.path}: split {split} has no array {name}") from None
 

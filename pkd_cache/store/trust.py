@@ -201,6 +201,11 @@ def _unsigned_max(v: np.ndarray) -> int:
     return int(np.ascontiguousarray(v).reshape(-1).view(f"u{v.dtype.itemsize}").max())
 
 
+def _outlier(v: np.ndarray) -> int:
+    """A value to quote in the message: the most negative if any is negative, else the largest."""
+    return int(v.min()) if v.min() < 0 else int(v.max())
+
+
 def value_problem(name: str, v: np.ndarray, meta: dict) -> Optional[str]:
     """Why decoded values cannot be what a dump wrote (non-finite floats, labels or ids out of range), or None.
 
@@ -216,8 +221,7 @@ def value_problem(name: str, v: np.ndarray, meta: dict) -> Optional[str]:
     if name == "input_ids":
         vocab = int(meta["tokenizer"]["vocab_size"])
         if _unsigned_max(v) >= vocab:
-            bad = int(v.min()) if v.min() < 0 else int(v.max())
-            return f"holds token ids outside the vocabulary [0, {vocab}) (e.g. {bad})"
+            return f"holds token ids outside the vocabulary [0, {vocab}) (e.g. {_outlier(v)})"
     if name == "token_type_ids":
         types = (meta["teacher"].get("config") or {}).get("type_vocab_size")
         if _int(types, 1) and _unsigned_max(v) >= types:
@@ -225,6 +229,5 @@ def value_problem(name: str, v: np.ndarray, meta: dict) -> Optional[str]:
     if name == "labels" and not meta["task"]["is_regression"]:
         k = int(meta["task"]["num_labels"])
         if _unsigned_max(v) >= k:
-            bad = int(v.min()) if v.min() < 0 else int(v.max())
-            return f"holds labels outside [0, {k}) (e.g. {bad})"
+            return f"holds labels outside [0, {k}) (e.g. {_outlier(v)})"
     return None
