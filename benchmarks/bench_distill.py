@@ -23,7 +23,7 @@ from pkd_cache.data.tasks import get_task
 from pkd_cache.data.tokenize import to_model_inputs
 from pkd_cache.student.init import build_student, student_cls
 from pkd_cache.student.losses import LossWeights, hard_loss, pkd_loss
-from pkd_cache.teacher.load import load_for_task
+from pkd_cache.models import load_for_task
 from pkd_cache.teacher.run import teacher_outputs
 
 LMAP = [2, 4]

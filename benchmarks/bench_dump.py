@@ -23,7 +23,7 @@ import pkd_cache
 from pkd_cache.data.loading import load_examples
 from pkd_cache.data.tasks import get_task
 from pkd_cache.data.tokenize import tokenize
-from pkd_cache.dump_shares import sort_windows
+from pkd_cache.commands.dump_shares import sort_windows
 from pkd_cache.teacher.run import run_chunk
 
 

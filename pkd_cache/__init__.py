@@ -9,8 +9,6 @@ The functions and `Store` are imported on first use (PEP 562): `import pkd_cache
 pay for torch, transformers, zarr and datasets (seconds). The configs and the error type are light, so eager.
 """
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
 
 from .config import DistillConfig, DumpConfig, EvalConfig, FinetuneConfig, TrainConfig
@@ -18,15 +16,16 @@ from .errors import PkdCacheError
 from .version import __version__
 
 if TYPE_CHECKING:  # type checkers and IDEs see the real names; at run time __getattr__ imports them
-    from .distill import distill, distill_many
-    from .dump import dump
-    from .evaluate import evaluate
+    from .commands.distill import distill, distill_many
+    from .commands.dump import dump
+    from .commands.evaluate import evaluate
     from .store.reader import Store, open_store
-    from .teacher.finetune import finetune
+    from .commands.finetune import finetune
 
 # name -> the module that defines it
-_LAZY = {"Store": "store.reader", "open_store": "store.reader", "finetune": "teacher.finetune", "dump": "dump",
-         "distill": "distill", "distill_many": "distill", "evaluate": "evaluate"}
+_LAZY = {"Store": "store.reader", "open_store": "store.reader", "finetune": "commands.finetune",
+         "dump": "commands.dump", "distill": "commands.distill", "distill_many": "commands.distill",
+         "evaluate": "commands.evaluate"}
 
 __all__ = ["DistillConfig", "DumpConfig", "EvalConfig", "FinetuneConfig", "TrainConfig", "PkdCacheError", "Store",
            "finetune", "dump", "distill", "distill_many", "evaluate", "open_store", "__version__"]
@@ -43,17 +42,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """`dump`, `distill` and `evaluate` are both functions and submodules. Once a submodule is first imported, the
-    import system binds it on its package (`pkd_cache.dump = <module>`), which would shadow the function: keep the
-    function instead. (The eager imports this replaces bound the functions last, so they won.)"""
-
-    def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -247,9 +247,9 @@ def sweep(store: Optional[str] = typer.Option(None, "--store", help="Path or URL
     the hidden dimension): the paper's grid is `--grid paper_beta=10,100,500,1000`. On a cluster, N jobs with
     `--shard 0/N` ... `--shard N-1/N` split the grid over one shared runs folder; `--collect DIR` merges them.
     """
-    from .sweep import SweepConfig, parse_grid, parse_shard
-    from .sweep import collect as collect_runs
-    from .sweep import sweep as run
+    from .commands.sweep import SweepConfig, parse_grid, parse_shard
+    from .commands.sweep import collect as collect_runs
+    from .commands.sweep import sweep as run
 
     if collect is not None:
         collect_runs(collect, top)
@@ -275,8 +275,8 @@ def bench_student(model: str = typer.Option(..., "--model", help="The student (a
                   device: Optional[str] = Device,
                   as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON.")):
     """Parameters, latency and throughput of a student next to its teacher (the PKD paper's Table 2)."""
-    from .bench_student import BenchStudentConfig, print_rows
-    from .bench_student import bench_student as run
+    from .commands.bench_student import BenchStudentConfig, print_rows
+    from .commands.bench_student import bench_student as run
 
     cfg = BenchStudentConfig(model=model, teacher=teacher, batch_size=batch_size, seq_length=seq_length,
                              iterations=iterations, device=device)
@@ -369,7 +369,7 @@ def serve(folder: str = typer.Argument(..., help="Folder whose stores are served
           max_connections: int = typer.Option(128, "--max-connections", help="Connections served at once; one "
                                                                              "more is answered 503 and closed.")):
     """Serve the stores in FOLDER over read-only HTTP: `distill --store http://host:port/<store>` reads them."""
-    from .serve import serve as run
+    from .commands.serve import serve as run
 
     run(folder, host, port, token, idle_timeout=idle_timeout, max_connections=max_connections)
 

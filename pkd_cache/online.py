@@ -15,11 +15,12 @@ import torch
 
 from .data.loading import load_examples
 from .data.tasks import get_task
-from .data.tokenize import TOKEN_DTYPES, to_model_inputs, tokenize
+from .data.tokenize import to_model_inputs, tokenize
 from .errors import PkdCacheError
 from .store.chunks import ArrayChunks
 from .store.fingerprint import vocab_fingerprint
-from .teacher.load import check_max_length, load_for_task
+from .store.format import TOKEN_DTYPES
+from .models import check_max_length, load_for_task
 from .teacher.run import teacher_outputs
 
 
@@ -99,7 +100,7 @@ class OnlineSource:
                 pin_memory: bool = False, start_batch: int = 0, shard: tuple[int, int] = (0, 1),
                 **_) -> Iterator[dict[str, torch.Tensor]]:
         """The store's batches for the same examples; `logits` and `cls` come from a teacher forward on each."""
-        from .stream import iter_batches
+        from .store.stream import iter_batches
 
         stored = [f for f in fields if f in (*TOKEN_DTYPES, "labels")]
         for batch in iter_batches(self, split, batch_size, shuffle, seed, epoch, None, stored,

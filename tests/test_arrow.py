@@ -91,7 +91,7 @@ def test_int8_arrow_matches_int8_zarr(teacher_dir, data_dir, tmp_path):
 def test_an_arrow_store_over_http(arrow_path, tmp_path):
     import threading
 
-    from pkd_cache.serve import make_server
+    from pkd_cache.commands.serve import make_server
 
     shutil.copytree(arrow_path, tmp_path / "sst2.arrow")
     server = make_server(str(tmp_path), port=0, quiet=True)

@@ -15,7 +15,7 @@ from test_cli import ENV, show
 from test_resume import files, wait_for_progress
 
 from pkd_cache.distributed import balanced_shares
-from pkd_cache.dump_shares import window_tokens
+from pkd_cache.commands.dump_shares import window_tokens
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # torchrun with 2 ranks
 

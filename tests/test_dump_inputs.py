@@ -15,7 +15,7 @@ from pkd_cache.data.tokenize import check_seq_length, min_seq_length, tokenize
 from pkd_cache.errors import PkdCacheError
 from pkd_cache.store.location import Location
 
-dump_module = importlib.import_module("pkd_cache.dump")  # `pkd_cache.dump` is also the function
+dump_module = importlib.import_module("pkd_cache.commands.dump")  # `pkd_cache.commands.dump` is also the function
 
 
 def dump_args(teacher, data, out, *extra, seq="24"):

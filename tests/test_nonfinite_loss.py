@@ -14,7 +14,7 @@ from pkd_cache.config import TrainConfig
 from pkd_cache.errors import PkdCacheError
 from pkd_cache.training import Member, train_many
 
-distill_module = importlib.import_module("pkd_cache.distill")  # `pkd_cache.distill` is the function
+distill_module = importlib.import_module("pkd_cache.commands.distill")  # `pkd_cache.commands.distill` is the function
 
 
 def invoke(*args):

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 import pkd_cache
-from pkd_cache import paths
-from pkd_cache.output_lock import OutputLock, lock_path
+from pkd_cache.commands import paths
+from pkd_cache.commands.output_lock import OutputLock, lock_path
 from test_cli import ENV, cli_in_process, show, tree_digest
 
 
@@ -133,7 +133,7 @@ def test_an_old_student_without_a_marker_is_still_recognised(tmp_path, student, 
 
 
 def test_a_failing_run_keeps_the_old_student(tmp_path, student, store_path, backbone_dir, monkeypatch):
-    distill_module = sys.modules["pkd_cache.distill"]  # `pkd_cache.distill` is the function
+    distill_module = sys.modules["pkd_cache.commands.distill"]  # `pkd_cache.commands.distill` is the function
     out = copy_of(student, tmp_path)
     before = tree_digest(out)
 
@@ -233,7 +233,7 @@ def test_finetune_replaces_only_a_teacher_it_wrote(tmp_path, backbone_dir, data_
 
 
 def test_finetune_that_fails_leaves_no_trace(tmp_path, backbone_dir, data_dir, monkeypatch):
-    ft = sys.modules["pkd_cache.teacher.finetune"]
+    ft = sys.modules["pkd_cache.commands.finetune"]
 
     def fail(*a, **k):
         raise RuntimeError("boom")

@@ -124,7 +124,7 @@ TOKEN = "s3cret-token"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, store_path):
-    from pkd_cache.serve import make_server
+    from pkd_cache.commands.serve import make_server
 
     root = tmp_path_factory.mktemp("served")
     shutil.copytree(store_path, root / "sst2.zarr")

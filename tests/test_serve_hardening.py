@@ -47,7 +47,7 @@ def root(tmp_path):
 
 @contextlib.contextmanager
 def running(root, **kw):
-    from pkd_cache.serve import make_server
+    from pkd_cache.commands.serve import make_server
 
     server = make_server(str(root), port=0, **kw)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -192,7 +192,7 @@ def test_connections_are_capped_with_a_503(root):
 
 @pytest.mark.parametrize("kw", [{"idle_timeout": 0}, {"idle_timeout": -1}, {"max_connections": 0}])
 def test_bad_limits_are_refused(root, kw):
-    from pkd_cache.serve import make_server
+    from pkd_cache.commands.serve import make_server
 
     with pytest.raises(PkdCacheError, match="must be"):
         make_server(str(root), port=0, **kw)

@@ -52,7 +52,8 @@ def assert_light(results: list[dict], codes: dict[int, int]) -> None:
 
 
 @pytest.mark.subprocess
-@pytest.mark.parametrize("module", ["pkd_cache", "pkd_cache.cli", "pkd_cache.serve", "pkd_cache.store.listing"])
+@pytest.mark.parametrize("module", ["pkd_cache", "pkd_cache.cli", "pkd_cache.commands.serve",
+                                    "pkd_cache.store.listing"])
 def test_import_is_light(module):
     r = python(f"import sys, {module}; print([m for m in {HEAVY!r} if m in sys.modules])")
     assert r.returncode == 0, r.stderr
@@ -83,7 +84,7 @@ def test_store_commands_import_no_torch(store_path, tmp_path):
                       ["ls", store_path.parent], ["info", tmp_path / "missing.zarr"])
     assert_light(results, {4: 2})
     # serve's listing reads the same metadata
-    r = python(f"import sys; from pkd_cache.serve import _store_meta; assert _store_meta(__import__('pathlib')"
+    r = python(f"import sys; from pkd_cache.commands.serve import _store_meta; assert _store_meta(__import__('pathlib')"
                f".Path({str(store_path)!r}))['format'] == 'pkd-cache'; "
                f"print([m for m in {HEAVY!r} if m in sys.modules])")
     assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
@@ -91,8 +92,8 @@ def test_store_commands_import_no_torch(store_path, tmp_path):
 
 @pytest.mark.subprocess
 def test_lazy_api_is_the_functions():
-    """`pkd_cache.dump` is the function even once the submodule of that name is imported (which binds the module
-    on the package); every name of __all__ resolves and is listed by dir()."""
+    """`pkd_cache.dump` is the function, also once its command module (`pkd_cache.commands.dump`) is imported;
+    every name of __all__ resolves and is listed by dir()."""
     code = textwrap.dedent("""
         import importlib, inspect, sys
         import pkd_cache
@@ -100,10 +101,10 @@ def test_lazy_api_is_the_functions():
         listed = dir(pkd_cache)
         assert set(pkd_cache.__all__) <= set(listed), set(pkd_cache.__all__) - set(listed)
         assert pkd_cache.dump is pkd_cache.dump and inspect.isfunction(pkd_cache.dump)
-        module = importlib.import_module("pkd_cache.distill")  # first import of the submodule, after the package
+        module = importlib.import_module("pkd_cache.commands.distill")  # first import of the command module
         assert inspect.ismodule(module) and inspect.isfunction(pkd_cache.distill), pkd_cache.distill
         assert pkd_cache.distill is module.distill
-        import pkd_cache.evaluate
+        import pkd_cache.commands.evaluate
         assert inspect.isfunction(pkd_cache.evaluate)
         from pkd_cache import Store, distill_many, finetune, open_store
         from pkd_cache.store import open_store as store_open

@@ -182,7 +182,7 @@ def test_chunk_batches_bucket_by_length_and_cover_the_chunk():
 
 
 def test_sort_windows_are_whole_chunks_that_cover_the_split():
-    from pkd_cache.dump_shares import sort_windows
+    from pkd_cache.commands.dump_shares import sort_windows
 
     assert sort_windows(1000, 64, 200) == [(0, 192), (192, 384), (384, 576), (576, 768), (768, 960), (960, 1000)]
     assert sort_windows(100, 64, 10) == [(0, 64), (64, 100)]  # at least one chunk

@@ -6,7 +6,7 @@ import torch
 import pytest
 
 import pkd_cache
-from pkd_cache.stream import epoch_groups
+from pkd_cache.store.stream import epoch_groups
 
 
 @pytest.mark.parametrize("n,chunk,k", [(160, 64, 8), (1000, 64, 3), (7, 10, 2), (1024, 128, 1)])

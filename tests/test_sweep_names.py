@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from pkd_cache.config import DistillConfig
-from pkd_cache.sweep import SweepConfig, _fmt, parse_grid, plan_runs
+from pkd_cache.commands.sweep import SweepConfig, _fmt, parse_grid, plan_runs
 from test_cli import cli_in_process, show
 
 

@@ -6,7 +6,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .tokenize import trim_padding
+from ..store.stream import trim_padding
 
 
 class ArrayBatches:

@@ -5,10 +5,10 @@ import numpy as np
 import torch
 
 from ..errors import PkdCacheError
+from ..store.format import TOKEN_DTYPES
 from .loading import Examples
 
 # storage dtypes of the token arrays (see docs/FORMAT.md)
-TOKEN_DTYPES = {"input_ids": np.int32, "attention_mask": np.uint8, "token_type_ids": np.uint8}
 
 
 def min_seq_length(tokenizer, pair: bool) -> int:
@@ -48,12 +48,6 @@ def tokenize_lengths(tokenizer, examples: Examples, max_length: int, block: int 
                         return_attention_mask=False, return_token_type_ids=False)
         lengths += [len(ids) for ids in enc["input_ids"]]
     return np.array(lengths, dtype=np.int64)
-
-
-def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cut the token columns of a batch to its longest sequence (dynamic padding)."""
-    width = int(batch["attention_mask"].sum(dim=1).max())
-    return {k: (v[:, :width] if k in TOKEN_DTYPES else v) for k, v in batch.items()}
 
 
 def to_model_inputs(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from typing import Optional
 FORMAT_NAME = "pkd-cache"
 FORMAT_VERSION = 1
 TOKEN_ARRAYS = ("input_ids", "attention_mask", "token_type_ids")
+TOKEN_DTYPES = {"input_ids": "int32", "attention_mask": "uint8", "token_type_ids": "uint8"}  # as stored
 ARRAYS = TOKEN_ARRAYS + ("labels", "logits", "cls")
 CLS_DTYPES = ("float16", "float32", "int8")  # int8: plus `cls_scale` (N x (L+1) float32)
 STORE_FORMATS = ("zarr", "arrow")

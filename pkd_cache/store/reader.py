@@ -265,12 +265,12 @@ class Store:
 
         Token columns are cut to the batch's longest sequence. With `shuffle`, chunks are visited in a random
         order and examples are shuffled within groups of `shuffle_chunks` chunks; the order is a pure
-        function of (seed, epoch) (see `pkd_cache.stream.epoch_groups`). `layers` selects CLS rows
+        function of (seed, epoch) (see `pkd_cache.store.stream.epoch_groups`). `layers` selects CLS rows
         (0 = embeddings, i = layer i); `fields` the arrays. A thread reads `prefetch` groups ahead.
         `start_batch` skips the epoch's first batches (a resumed run continues where it stopped). `shard=(r, W)`
-        gives rank r its part of every batch (`pkd_cache.stream.iter_batches`).
+        gives rank r its part of every batch (`pkd_cache.store.stream.iter_batches`).
         """
-        from ..stream import iter_batches
+        from .stream import iter_batches
 
         if batch_size <= 0:
             raise PkdCacheError(f"batch size must be > 0, got {batch_size}")

@@ -6,7 +6,7 @@ import torch
 from ..data.tasks import TaskSpec
 from ..errors import PkdCacheError
 from ..store.fingerprint import vocab_fingerprint
-from ..teacher.load import LoadedModel, load_config, load_for_task, resolve_model_name
+from ..models import LoadedModel, load_config, load_for_task, resolve_model_name
 
 
 def build_student(init: str, task: TaskSpec, num_layers: int, store_vocab_fingerprint: str | None) -> LoadedModel:

@@ -1,4 +1,2 @@
-"""The teacher: load it (hub name, alias or folder), fine-tune it on a task, run it to get logits and CLS vectors."""
-from .load import MODEL_ALIASES, LoadedModel, load_for_task, resolve_model_name
-
-__all__ = ["MODEL_ALIASES", "LoadedModel", "load_for_task", "resolve_model_name"]
+"""The teacher at work: run it over a chunk of examples for its logits and every layer's [CLS] vector (run.py).
+Loading it (a hub name, an alias or a folder) is pkd_cache/models.py; fine-tuning it is the finetune command."""

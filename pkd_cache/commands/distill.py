@@ -16,22 +16,24 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint
-from .config import DistillConfig, to_dict
-from .data.tasks import get_task
-from .data.tokenize import TOKEN_DTYPES, to_model_inputs, trim_padding
-from .distributed import Ranks, barrier, gather, process_group, rank_device, ranks_from_env
-from .errors import PkdCacheError
+from .. import checkpoint
+from ..config import DistillConfig, to_dict
+from ..data.tasks import get_task
+from ..data.tokenize import to_model_inputs
+from ..store.format import TOKEN_DTYPES
+from ..store.stream import trim_padding
+from ..distributed import Ranks, barrier, gather, process_group, rank_device, ranks_from_env
+from ..errors import PkdCacheError
 from .evaluate import main_metric_key, score
 from .output_lock import OutputLock
 from .paths import check_inputs, check_output_dir, model_inputs, prepare_output, resume_dir, resume_output
-from .progress import log
-from .store.reader import open_store
-from .stream import batch_sizes
-from .student.init import build_student, student_cls
-from .student.layer_map import layer_map
-from .student.losses import LossWeights, pkd_loss
-from .training import Member, resolve_device, total_steps_of, train_many, write_metrics
+from ..progress import log
+from ..store.reader import open_store
+from ..store.stream import batch_sizes
+from ..student.init import build_student, student_cls
+from ..student.layer_map import layer_map
+from ..student.losses import LossWeights, pkd_loss
+from ..training import Member, resolve_device, total_steps_of, train_many, write_metrics
 
 EVAL_FIELDS = tuple(TOKEN_DTYPES) + ("labels",)
 
@@ -171,7 +173,7 @@ GLOBAL_ROWS = "_global_rows"  # under torchrun: the rows of the whole batch this
 @contextlib.contextmanager
 def _quiet(quiet: bool):
     """Log lines and progress bars from rank 0 only."""
-    from .progress import console
+    from ..progress import console
 
     before, console.quiet = console.quiet, quiet or console.quiet
     try:
@@ -199,7 +201,7 @@ def _source(config: DistillConfig, device):
     """Where the batches and the teacher's outputs come from: the store, or (online KD) the teacher itself."""
     if config.teacher is None:
         return open_store(config.store, allow_no_checksums=config.allow_no_checksums)
-    from .online import OnlineSource
+    from ..online import OnlineSource
 
     return OnlineSource(config.teacher, config.task, config.data_dir, config.max_seq_length, config.chunk_size,
                         device, config.max_examples)
@@ -273,7 +275,8 @@ def _member(plan: _Plan, store, device, layers: list[int], named: bool, ranks=Ra
         metrics = {"task": task.name, "store": config.store, "online_teacher": config.teacher,
                    "student_init": plan.init, "student_layers": k,
                    "layer_map": plan.lmap, "alpha": config.alpha, "beta": plan.beta,
-                   "temperature": config.temperature, "cls_projection": [hidden, teacher_hidden] if projection else None,
+                   "temperature": config.temperature,
+                   "cls_projection": [hidden, teacher_hidden] if projection else None,
                    "best_epoch": result.best_epoch, "best_" + main_key: result.best_metric, "history": result.history,
                    "steps": result.steps, "wall_seconds": seconds,
                    "teacher_weights_fingerprint": meta["teacher"].get("weights_fingerprint"), "config": to_dict(config),

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..data.tasks import TaskSpec
-from ..errors import PkdCacheError
+from .data.tasks import TaskSpec
+from .errors import PkdCacheError
 
 MODEL_ALIASES = {
     "bert-base": "google-bert/bert-base-uncased",

@@ -13,13 +13,13 @@ from ..data.batches import ArrayBatches
 from ..data.loading import load_examples
 from ..data.tasks import get_task
 from ..data.tokenize import to_model_inputs, tokenize
-from ..evaluate import main_metric_key, raw_dev_batches, score
-from ..output_lock import OutputLock
-from ..paths import check_output_dir, prepare_output
+from .evaluate import main_metric_key, raw_dev_batches, score
+from .output_lock import OutputLock
+from .paths import check_output_dir, prepare_output
 from ..progress import log
 from ..student.losses import hard_loss
 from ..training import resolve_device, train, write_metrics
-from .load import FINETUNE_INFO, LoadedModel, check_max_length, load_for_task
+from ..models import FINETUNE_INFO, LoadedModel, check_max_length, load_for_task
 
 
 def finetune(config: FinetuneConfig, loaded: LoadedModel | None = None) -> dict:

@@ -1,4 +1,5 @@
-"""`pkd-cache serve DIR`: the stores in DIR over read-only HTTP, so a teammate can distill from `http://host:port/x.zarr`.
+"""`pkd-cache serve DIR`: the stores in DIR over read-only HTTP, so a teammate can distill from
+`http://host:port/x.zarr`.
 
 Only GET and HEAD, only regular files and folders inside the stores of DIR (a real folder directly under DIR whose
 `zarr.json` says it is a pkd-cache store). Nothing outside DIR is ever served: `..` (encoded or not) gets 403, and a
@@ -35,9 +36,9 @@ from typing import Optional
 
 from rich.markup import escape
 
-from .errors import PkdCacheError
-from .progress import log
-from .store.describe import summary_from_meta
+from ..errors import PkdCacheError
+from ..progress import log
+from ..store.describe import summary_from_meta
 
 _RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")  # 18 digits: int() never sees a 5,000-digit number
 _MAX_NAME, _MAX_PATH = 255, 4096  # bytes, as in NAME_MAX and PATH_MAX on Linux
@@ -300,8 +301,8 @@ class _Handler(BaseHTTPRequestHandler):
 def _store_meta(path: Path) -> Optional[dict]:
     """The metadata of the store at `path`, None if it is not one or is not served (a symlinked store folder or
     metadata file: requests never follow symlinks, so neither does the listing). Called on every request."""
-    from .store.format import read_metadata
-    from .store.location import Location
+    from ..store.format import read_metadata
+    from ..store.location import Location
 
     try:
         if not stat.S_ISDIR(os.lstat(path).st_mode):

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .errors import PkdCacheError
-from .version import __version__
+from ..errors import PkdCacheError
+from ..version import __version__
 
 MARKER = "pkd_cache_output.json"
 NEW, OLD = "pkd-new", "pkd-old"

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .errors import PkdCacheError
-from .store.chunks import ChunkReader
-from .store.format import TOKEN_ARRAYS
-from .store.quantize import dequantize_int8
+from ..errors import PkdCacheError
+from .chunks import ChunkReader
+from .format import TOKEN_ARRAYS
+from .quantize import dequantize_int8
 
 if TYPE_CHECKING:
     import torch
@@ -271,11 +271,15 @@ def to_batch(arrays: dict[str, np.ndarray], pin_memory: bool = False) -> dict[st
     """Torch tensors (token ids as int64), cut to the batch's longest sequence; pinned for fast GPU copies."""
     import torch  # here, not at the top: `pkd-cache info` and `verify` read stores without torch (seconds)
 
-    from .data.tokenize import trim_padding
-
     batch = {}
     for k, v in arrays.items():
         t = torch.from_numpy(np.ascontiguousarray(v))
         batch[k] = t.long() if k in TOKEN_ARRAYS else t
     batch = trim_padding(batch)
     return {k: v.pin_memory() for k, v in batch.items()} if pin_memory else batch
+
+
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut the token columns of a batch to its longest sequence (dynamic padding)."""
+    width = int(batch["attention_mask"].sum(dim=1).max())
+    return {k: (v[:, :width] if k in TOKEN_ARRAYS else v) for k, v in batch.items()}

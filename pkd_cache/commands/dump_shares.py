@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .distributed import balanced_shares
-from .teacher.run import chunk_batches
+from ..distributed import balanced_shares
+from ..teacher.run import chunk_batches
 
 
 def sort_windows(n: int, chunk_size: int, sort_window: int) -> list[tuple[int, int]]:

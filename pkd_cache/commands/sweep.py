@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DistillConfig, TrainConfig, to_dict
-from .errors import PkdCacheError
+from ..config import DistillConfig, TrainConfig, to_dict
+from ..errors import PkdCacheError
 from .paths import KIND_NAMES, check_inputs, check_output_dir, entries, mark_folder, model_inputs, output_kind
-from .progress import log
+from ..progress import log
 
 # grid key -> (where it lives, how its values parse)
 GRID_KEYS: dict[str, tuple[str, type]] = {
@@ -197,7 +197,7 @@ def sweep(config: SweepConfig) -> list[dict]:
     config.check()  # before the imports below bring in torch (seconds): a bad value is refused at once
     config.base.check()
     from .distill import _pass_settings, distill_many
-    from .store.reader import open_store
+    from ..store.reader import open_store
     from .sweep_report import write_report
 
     store = open_store(config.base.store, allow_no_checksums=config.base.allow_no_checksums)

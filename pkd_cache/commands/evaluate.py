@@ -6,13 +6,13 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .config import EvalConfig
-from .data.batches import ArrayBatches
-from .data.loading import load_examples
-from .data.metrics import compute_metrics
-from .data.tasks import TaskSpec, get_task
-from .data.tokenize import to_model_inputs, tokenize
-from .training import predict, resolve_device
+from ..config import EvalConfig
+from ..data.batches import ArrayBatches
+from ..data.loading import load_examples
+from ..data.metrics import compute_metrics
+from ..data.tasks import TaskSpec, get_task
+from ..data.tokenize import to_model_inputs, tokenize
+from ..training import predict, resolve_device
 
 
 def main_metric_key(task: TaskSpec, splits: Optional[Iterable[str]] = None) -> str:
@@ -50,7 +50,7 @@ def trained_max_length(loaded) -> int:
 
 def evaluate(config: EvalConfig) -> dict[str, float]:
     """`pkd-cache eval`: load a saved model and score it on the task's dev split(s)."""
-    from .teacher.load import check_max_length, load_for_task
+    from ..models import check_max_length, load_for_task
 
     config.check()
     task = get_task(config.task)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .errors import PkdCacheError
+from ..errors import PkdCacheError
 
 
 @dataclass
@@ -26,7 +26,7 @@ class BenchStudentConfig:
     device: Optional[str] = None
 
     def check(self) -> None:
-        from .config import check_device
+        from ..config import check_device
 
         for name in ("batch_size", "seq_length", "iterations"):
             if getattr(self, name) <= 0:
@@ -37,7 +37,7 @@ class BenchStudentConfig:
 def _load(path: str, device):
     from transformers import AutoModelForSequenceClassification
 
-    from .teacher.load import resolve_model_name
+    from ..models import resolve_model_name
 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(resolve_model_name(path))
@@ -77,7 +77,7 @@ def _timings(model, cfg: BenchStudentConfig, device) -> tuple[float, float]:
 
 def bench_student(cfg: BenchStudentConfig) -> list[dict]:
     """One row per model: layers, hidden, parameters, latency (ms, batch 1), throughput (ex/s), speed-up."""
-    from .training import resolve_device
+    from ..training import resolve_device
 
     cfg.check()
     device = resolve_device(cfg.device)

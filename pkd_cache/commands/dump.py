@@ -19,23 +19,23 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DumpConfig, FinetuneConfig, to_dict
-from .data.loading import load_examples
-from .data.tasks import get_task
-from .data.tokenize import check_seq_length, tokenize, tokenize_lengths
-from .distributed import barrier, broadcast, gather, process_group, rank_device, ranks_from_env
+from ..config import DumpConfig, FinetuneConfig, to_dict
+from ..data.loading import load_examples
+from ..data.tasks import get_task
+from ..data.tokenize import check_seq_length, tokenize, tokenize_lengths
+from ..distributed import barrier, broadcast, gather, process_group, rank_device, ranks_from_env
 from .dump_shares import chunk_ranges, share_windows, sort_windows, window_tokens
-from .errors import Interrupted, PkdCacheError
-from .progress import log, progress_bar
-from .store.cache_key import CACHE_SETTINGS, cache_key, describe_difference, tokenizer_fingerprint
-from .store.fingerprint import vocab_fingerprint, weights_fingerprint
-from .store.format import FORMAT_VERSION, split_arrays
-from .store.location import is_url
-from .store.quantize import quantize_int8
-from .store.writer import BackgroundWriter, attach_writer, check_target, open_writer
-from .teacher.load import FINETUNE_INFO, LoadedModel, check_max_length, load_for_task
-from .teacher.run import run_chunk
-from .training import resolve_device
+from ..errors import Interrupted, PkdCacheError
+from ..progress import log, progress_bar
+from ..store.cache_key import CACHE_SETTINGS, cache_key, describe_difference, tokenizer_fingerprint
+from ..store.fingerprint import vocab_fingerprint, weights_fingerprint
+from ..store.format import FORMAT_VERSION, split_arrays
+from ..store.location import is_url
+from ..store.quantize import quantize_int8
+from ..store.writer import BackgroundWriter, attach_writer, check_target, open_writer
+from ..models import FINETUNE_INFO, LoadedModel, check_max_length, load_for_task
+from ..teacher.run import run_chunk
+from ..training import resolve_device
 
 
 def finetuned_teacher_dir(out: str) -> Path:
@@ -148,7 +148,7 @@ def dump(config: DumpConfig):
             + (f"; {ranks.world} ranks" if ranks.many else ""))
         log(f"next: pkd-cache distill --store {config.out} --student-layers {max(1, num_layers // 2)} "
             f"--output-dir student/")
-    from .store.reader import open_store
+    from ..store.reader import open_store
 
     return open_store(config.out)
 
@@ -304,8 +304,8 @@ def _existing_store(config: DumpConfig):
 
     Anything else at `--out` (not a store, an unfinished store) is refused now unless `--overwrite`.
     """
-    from .store.reader import open_store
-    from .store.writer import is_store
+    from ..store.reader import open_store
+    from ..store.writer import is_store
 
     location = check_target(config.out, overwrite=True)  # refuses to replace what is not a store
     if not location.exists():
@@ -362,7 +362,7 @@ def _finetuned_teacher(config: DumpConfig, task, loaded) -> tuple[LoadedModel, P
                             f"remove it or pass --overwrite")
     log(f"teacher {loaded.name} has no trained {task.name} head: fine-tuning it first "
         f"({config.finetune_train.epochs:g} epochs, lr {config.finetune_train.learning_rate:g}) into {target}")
-    from .teacher.finetune import finetune
+    from .finetune import finetune
 
     ft.overwrite = True  # checked above: what is there is ours to replace
     finetune(ft, loaded=loaded)

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from .errors import PkdCacheError
-from .store.journal import describe_holder, holder_record
+from ..errors import PkdCacheError
+from ..store.journal import describe_holder, holder_record
 
 SUFFIX = ".pkd-lock"
 
