@@ -23,8 +23,7 @@ from pathlib import Path
 
 from common import header, table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import make_bert, write_sst2  # noqa: E402  (the tests' tiny teacher and data)
+from pkd_cache.testing import make_bert, write_sst2  # the tests' tiny teacher and data
 
 
 def files(store: Path) -> dict[str, bytes]:

@@ -20,21 +20,16 @@ from pathlib import Path
 
 from common import header, table
 
+from pkd_cache.testing import make_bert, make_store, write_sst2  # the tests' tiny teacher, data and store
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from conftest import make_bert, write_sst2  # noqa: E402  (the tests' tiny teacher and data)
 
 GOAL_S = 0.5
 
 
 def small_store(tmp: Path) -> Path:
-    import pkd_cache
-
     teacher, data = make_bert(tmp / "teacher", layers=4, head=True), write_sst2(tmp / "SST-2", 64, 16)
-    out = tmp / "small.zarr"
-    pkd_cache.dump(pkd_cache.DumpConfig(teacher=str(teacher), task="sst2", data_dir=str(data), out=str(out),
-                                        max_seq_length=24, batch_size=16, chunk_size=32))
-    return out
+    return make_store(tmp / "small.zarr", teacher, data, chunk_size=32)
 
 
 def wall(argv: list[str], tree: Path) -> float:

@@ -24,8 +24,8 @@ import numpy as np
 from common import header, table
 
 import pkd_cache
-from pkd_cache.store import chunks as chunk_reads
-from pkd_cache.store import reader as reader_module
+from pkd_cache.store import backend as backend_module
+from pkd_cache.store import integrity
 from pkd_cache.store.format import split_arrays
 from pkd_cache.store.writer import open_writer
 
@@ -76,9 +76,9 @@ def unchecked(crc: bool):
     """The reader without the value checks (store/trust.py), and with `crc` also without the checksum checks: the
     same reads, to price the checks side by side."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(reader_module, "value_problem", lambda *a: None))
+        stack.enter_context(mock.patch.object(backend_module, "value_problem", lambda *a: None))
         if crc:
-            stack.enter_context(mock.patch.object(chunk_reads, "check_recorded", lambda *a: None))
+            stack.enter_context(mock.patch.object(integrity, "check_recorded", lambda *a: None))
         yield
 
 

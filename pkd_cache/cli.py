@@ -60,6 +60,9 @@ def user_errors(fn):
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (or set PKD_CACHE_DEBUG=1).")):
     _state["debug"] = debug or _env_debug()  # per invocation: an in-process caller may run several commands
+    from .progress import log_to_stderr
+
+    log_to_stderr()  # a command's progress lines go to stderr, whatever the root logger says
 
 
 def _run(api: str, config):

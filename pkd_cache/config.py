@@ -18,6 +18,8 @@ from typing import Optional
 from .errors import PkdCacheError
 
 INT_MAX = 2**31 - 1  # counts beyond this are typos, and overflow int32 index maths further down
+CLS_DTYPES = ("float16", "float32", "int8")  # how a store keeps [CLS] vectors (int8: plus a per-row `cls_scale`)
+STORE_FORMATS = ("zarr", "arrow")  # the store backends (pkd_cache/store/registry.py)
 
 
 @dataclass(frozen=True)
@@ -183,11 +185,11 @@ class DumpConfig:
 
     def check(self) -> None:
         check_numbers(self)
-        if self.dtype not in ("float16", "float32", "int8"):
+        if self.dtype not in CLS_DTYPES:
             raise PkdCacheError(f"--dtype must be float16, float32 or int8, got {self.dtype!r}")
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise PkdCacheError(f"--precision must be fp32, fp16 or bf16, got {self.precision!r}")
-        if self.format not in ("zarr", "arrow"):
+        if self.format not in STORE_FORMATS:
             raise PkdCacheError(f"--format must be zarr or arrow, got {self.format!r}")
         # checked with or without --finetune: a nonsense value is refused, not silently ignored
         self.finetune_train.check(flag="--finetune-", flags={"seed": "--seed"})

@@ -31,6 +31,44 @@ class Ranks:
         return f"rank {self.rank}/{self.world}"
 
 
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in a run: its ranks (one rank without torchrun) and its device. Whatever trains under
+    torchrun takes one of these rather than the rank, the world and the collectives as loose arguments."""
+
+    ranks: Ranks = Ranks()
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def rank(self) -> int:
+        return self.ranks.rank
+
+    @property
+    def world(self) -> int:
+        return self.ranks.world
+
+    @property
+    def main(self) -> bool:
+        return self.ranks.main
+
+    @property
+    def many(self) -> bool:
+        return self.ranks.many
+
+    def gather(self, value: Any) -> list:
+        """Every rank's `value` (JSON), in rank order, on every rank; `[value]` for one rank."""
+        return gather(self.ranks, value)
+
+    def barrier(self) -> None:
+        barrier(self.ranks)
+
+
+def dist_context(device: torch.device) -> DistContext:
+    """This process's context: its ranks from torchrun's environment, each rank of a node on its own GPU."""
+    ranks = ranks_from_env()
+    return DistContext(ranks, rank_device(ranks, device))
+
+
 def ranks_from_env() -> Ranks:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:

@@ -1,50 +1,27 @@
 """Online KD (`distill --teacher DIR`, no store): the teacher runs on every step, for comparison with the cache.
 
-`OnlineSource` stands where a `Store` stands in `distill`: it tokenises the task's examples into memory and
-serves batches in exactly the order a store of the same examples and chunk size would (the same `epoch_groups`,
-the same reader), then runs the teacher on each training batch to add its logits and [CLS] vectors. So a
-student trained online and one trained from the store see the same batches; only where the teacher's outputs
-come from differs (and their precision: the store keeps float16 CLS, online they stay float32).
+`OnlineSource` is a `BatchSource` (sources.py), as a `Store` is, and `distill` takes either (`open_source`): it
+tokenises the task's examples into memory and serves batches in exactly the order a store of the same examples and
+chunk size would (the same `epoch_groups`, the same reader), then runs the teacher on each training batch to add its
+logits and [CLS] vectors. So a student trained online and one trained from the store see the same batches; only
+where the teacher's outputs come from differs (and their precision: the store keeps float16 CLS, online they stay
+float32).
 """
 from __future__ import annotations
 
 from typing import Iterator, Optional, Sequence
 
-import numpy as np
 import torch
 
 from .data.loading import load_examples
 from .data.tasks import get_task
 from .data.tokenize import to_model_inputs, tokenize
 from .errors import PkdCacheError
-from .store.chunks import ArrayChunks
 from .store.fingerprint import vocab_fingerprint
-from .store.format import TOKEN_DTYPES
+from .store.format import FORMAT_VERSION, TOKEN_DTYPES, SplitMeta, StoreMeta, TaskMeta, TeacherMeta, TokenizerMeta
+from .store.memory import ArrayArray, ArrayChunkReader
 from .models import check_max_length, load_for_task
 from .teacher.run import teacher_outputs
-
-
-class ArrayArray:
-    """An in-memory array with the shape, dtype, chunks and path the chunk readers expect."""
-
-    def __init__(self, values: np.ndarray, rows: int, path: str):
-        self.values, self.path = values, path
-        self.shape, self.dtype, self.fill_value = values.shape, values.dtype, 0
-        self.chunks = (min(rows, len(values)),) + values.shape[1:]
-
-    def __getitem__(self, key):
-        return self.values[key]
-
-
-class ArrayChunkReader(ArrayChunks):
-    """The `ChunkReader` interface over an in-memory array."""
-
-    def read_into(self, coords: tuple[int, ...], out: np.ndarray) -> np.ndarray:
-        rows = self.chunks[0]
-        part = self.array.values[coords[0] * rows:(coords[0] + 1) * rows]
-        out[:len(part)] = part
-        out[len(part):] = 0
-        return out
 
 
 class OnlineSource:
@@ -70,15 +47,24 @@ class OnlineSource:
             tokens = tokenize(loaded.tokenizer, ex, 0, len(ex), max_seq_length)
             self.arrays[split] = {k: ArrayArray(v, chunk_size, f"{split}/{k}")
                                   for k, v in {**tokens, "labels": ex.labels}.items()}
-        self.meta = {"task": {"name": task.name, "label_names": list(task.label_names)},
-                     "teacher": {"name_or_path": teacher, "base_model": loaded.base_model,
-                                 "num_layers": self.teacher_layers, "hidden_size": self.hidden_size,
-                                 "weights_fingerprint": None},
-                     "tokenizer": {"vocab_fingerprint": vocab_fingerprint(loaded.tokenizer)},
-                     "max_seq_length": max_seq_length}
+        vocab_fp = vocab_fingerprint(loaded.tokenizer)
+        self.meta = StoreMeta(  # what distill reads of a store's metadata, for the teacher as it runs here
+            format_version=FORMAT_VERSION, complete=True, chunk_size=chunk_size, max_seq_length=max_seq_length,
+            cls_dtype="float32", store_format="memory",
+            teacher=TeacherMeta(num_layers=self.teacher_layers, hidden_size=self.hidden_size, name_or_path=teacher,
+                                base_model=loaded.base_model),
+            task=TaskMeta(num_labels=task.num_labels, is_regression=task.is_regression, name=task.name,
+                          label_names=tuple(task.label_names)),
+            tokenizer=TokenizerMeta(vocab_size=len(loaded.tokenizer), vocab_fingerprint=vocab_fp),
+            splits={s: SplitMeta(num_examples=len(a["labels"].values)) for s, a in self.arrays.items()},
+            raw={"task": {"name": task.name, "label_names": list(task.label_names)},
+                 "teacher": {"name_or_path": teacher, "base_model": loaded.base_model,
+                             "num_layers": self.teacher_layers, "hidden_size": self.hidden_size,
+                             "weights_fingerprint": None},
+                 "tokenizer": {"vocab_fingerprint": vocab_fp}, "max_seq_length": max_seq_length})
 
     def info(self) -> dict:
-        return dict(self.meta)
+        return self.meta.to_dict()
 
     @property
     def splits(self) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from .config import TrainConfig, check_device
+from .distributed import DistContext
 from .errors import PkdCacheError
 from .progress import log, progress_bar
 
@@ -53,6 +54,29 @@ def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainConf
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
 
+@dataclass(frozen=True)
+class Accumulation:
+    """Gradient accumulation (under torchrun, or with --per-device-batch-size): `split` cuts this rank's part of a
+    batch into (micro-batch, loss weight); `no_sync` is the DDP wrapper's, so that only the last micro-batch
+    all-reduces."""
+
+    split: Callable[[dict], list[tuple[dict, float]]]
+    no_sync: Optional[Callable[[], Any]] = None
+
+    def backward(self, batch: dict, loss_fn: Callable[[dict], tuple[torch.Tensor, dict]]):
+        """Backward over every micro-batch; (the last micro-batch's loss parts, each value summed over them)."""
+        micros = self.split(batch)
+        watched: dict[str, torch.Tensor] = {}
+        for i, (micro, weight) in enumerate(micros):
+            last = i == len(micros) - 1
+            with contextlib.nullcontext() if last or self.no_sync is None else self.no_sync():
+                loss, parts = loss_fn(micro)
+                (loss * weight).backward()  # the weights make the all-reduced gradient the batch's mean
+            for k, v in {"loss": loss.detach(), **parts}.items():  # a nan in any micro-batch stays a nan
+                watched[k] = watched[k] + v if k in watched else v
+        return parts, watched
+
+
 def total_steps_of(cfg: TrainConfig, steps_per_epoch: int) -> int:
     total = math.ceil(cfg.epochs * steps_per_epoch)
     return min(total, cfg.max_steps) if cfg.max_steps > 0 else total
@@ -67,17 +91,13 @@ class Member:
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, total_steps: int,
                  loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], evaluate: Callable[[], dict], main_metric: str,
-                 save_best: Callable[[], None], extra_params: Optional[list[tuple[str, torch.nn.Parameter]]] = None,
-                 name: str = "", output_dir: Optional[Path] = None,
-                 micro_batches: Optional[Callable[[dict], list[tuple[dict, float]]]] = None,
-                 no_sync: Optional[Callable] = None, rank: int = 0,
-                 gather: Optional[Callable[[Any], list]] = None):
-        """Under torchrun: `micro_batches` cuts this rank's part of a batch into (micro-batch, loss weight) for
-        gradient accumulation, `no_sync` is the DDP wrapper's (no all-reduce before the last micro-batch), only
-        rank 0 evaluates, saves and writes checkpoints, and `gather` (every rank's value, on every rank) brings the
-        other ranks' RNG states into rank 0's checkpoint, so a resumed run keeps each rank's dropout stream."""
-        self.micro_batches, self.no_sync, self.rank, self.gather = micro_batches, no_sync, rank, gather
-        self.main = rank == 0
+                 save_best: Callable[[], None], extra_params: Optional[list[tuple[str, torch.nn.Parameter]]] = None, *,
+                 name: str = "", output_dir: Optional[Path] = None, accumulation: Optional[Accumulation] = None,
+                 dist: DistContext = DistContext()):
+        """Under torchrun (`dist`): `accumulation` cuts this rank's part of a batch into micro-batches, only rank 0
+        evaluates, saves and writes checkpoints, and the other ranks' RNG states are gathered into rank 0's
+        checkpoint, so a resumed run keeps each rank's dropout stream."""
+        self.accumulation, self.dist, self.rank, self.main = accumulation, dist, dist.rank, dist.main
         self.model, self.cfg, self.total_steps, self.name = model, cfg, total_steps, name
         self.output_dir, self.extra = output_dir, list(extra_params or [])
         self.loss_fn, self.evaluate, self.main_metric, self.save_best = loss_fn, evaluate, main_metric, save_best
@@ -96,20 +116,12 @@ class Member:
     def step(self, batch: dict) -> None:
         _set_rng_state(self.rng)
         self.opt.zero_grad(set_to_none=True)
-        if self.micro_batches is None:
+        if self.accumulation is None:
             loss, parts = self.loss_fn(batch)  # forward + loss (the caller's single loss seam)
             loss.backward()
             watched = {"loss": loss.detach(), **parts}
         else:
-            micros = self.micro_batches(batch)
-            watched = {}
-            for i, (micro, weight) in enumerate(micros):
-                last = i == len(micros) - 1
-                with contextlib.nullcontext() if last or self.no_sync is None else self.no_sync():
-                    loss, parts = self.loss_fn(micro)
-                    (loss * weight).backward()  # the weights make the all-reduced gradient the batch's mean
-                for k, v in {"loss": loss.detach(), **parts}.items():  # a nan in any micro-batch stays a nan
-                    watched[k] = watched[k] + v if k in watched else v
+            parts, watched = self.accumulation.backward(batch, self.loss_fn)
         if self.cfg.max_grad_norm > 0:  # clip; the norm is non-finite when a gradient is
             watched["grad_norm"] = torch.nn.utils.clip_grad_norm_([p for _, p in self.params],
                                                                   self.cfg.max_grad_norm)
@@ -182,7 +194,7 @@ class Member:
 
     def other_ranks_rng(self) -> list[dict]:
         """Ranks 1..W-1's RNG states (JSON), gathered: a collective, so every rank calls it at the same step."""
-        return self.gather(_rng_to_json(self.rng))[1:] if self.gather is not None else []
+        return self.dist.gather(_rng_to_json(self.rng))[1:]
 
     def state(self, other_ranks_rng: list[dict] = ()) -> tuple[dict[str, torch.Tensor], dict]:
         """Everything needed to continue bit for bit: weights, optimiser, schedule, RNG (this rank's and, under
@@ -257,8 +269,6 @@ def train_many(members: list[Member], steps_per_epoch: int, epoch_batches: Calla
     With an `output_dir` per member, a checkpoint is written every `save_steps` steps and after each epoch, and
     `resume` continues from it: `epoch_batches(epoch, start_batch)` must then skip the batches already seen.
     """
-    from . import checkpoint
-
     total_steps = members[0].total_steps
     if any(m.total_steps != total_steps for m in members):
         raise ValueError("members of one pass must train for the same number of steps")
@@ -267,17 +277,6 @@ def train_many(members: list[Member], steps_per_epoch: int, epoch_batches: Calla
         step, start_epoch, start_batch = _resume(members)
     t0 = time.perf_counter()
     n_epochs = math.ceil(total_steps / steps_per_epoch)
-
-    def save(epoch: int, batch: int) -> None:
-        for m in members:
-            if m.output_dir is not None:
-                m.check_weights()  # never a checkpoint of a non-finite model
-                others = m.other_ranks_rng()  # on every rank; only rank 0 builds and writes the checkpoint
-                if m.main:
-                    tensors, meta = m.state(others)
-                    checkpoint.save(m.output_dir, tensors, {**meta, "position": {"epoch": epoch, "batch": batch,
-                                                                                  "step": step}})
-
     for epoch in range(start_epoch, n_epochs):
         for m in members:
             m.model.train()
@@ -294,13 +293,26 @@ def train_many(members: list[Member], steps_per_epoch: int, epoch_batches: Calla
                 step += 1
                 bar.advance(1)
                 if save_steps > 0 and step % save_steps == 0 and bar.done < steps_this_epoch:
-                    save(epoch, bar.done)
+                    _save_checkpoints(members, {"epoch": epoch, "batch": bar.done, "step": step})
         for m in members:
             m.end_epoch(epoch)
-        save(epoch + 1, 0)
+        _save_checkpoints(members, {"epoch": epoch + 1, "batch": 0, "step": step})
     for m in members:
         m.result.steps, m.result.train_seconds = step, time.perf_counter() - t0
     return [m.result for m in members]
+
+
+def _save_checkpoints(members: list[Member], position: dict) -> None:
+    """Every member's checkpoint at `position` (epoch, batch in epoch, step), where `resume` continues."""
+    from . import checkpoint
+
+    for m in members:
+        if m.output_dir is not None:
+            m.check_weights()  # never a checkpoint of a non-finite model
+            others = m.other_ranks_rng()  # on every rank; only rank 0 builds and writes the checkpoint
+            if m.main:
+                tensors, meta = m.state(others)
+                checkpoint.save(m.output_dir, tensors, {**meta, "position": position})
 
 
 def _resume(members: list[Member]) -> tuple[int, int, int]:

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from test_cli import cli_in_process, show
+from pkd_cache.testing import cli_in_process, show
 
 import pkd_cache
 from pkd_cache.store.verify import verify_store

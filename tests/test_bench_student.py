@@ -1,8 +1,8 @@
 """`pkd-cache bench-student`: sizes and speed of a student next to its teacher."""
 import json
 
-from conftest import make_bert
-from test_cli import cli_in_process, show
+from pkd_cache.testing import make_bert
+from pkd_cache.testing import cli_in_process, show
 
 
 def test_student_against_teacher(tmp_path, teacher_dir):

@@ -3,11 +3,10 @@ import csv
 import shutil
 
 import pytest
-from conftest import make_bert
-from test_cli import cli_in_process, show, tree_digest
 
 import pkd_cache
 from pkd_cache.errors import PkdCacheError
+from pkd_cache.testing import cli_in_process, make_bert, show, tree_digest
 
 ARGS = dict(task="sst2", max_seq_length=24, batch_size=16, chunk_size=64)
 

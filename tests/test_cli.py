@@ -1,69 +1,37 @@
 """The `pkd-cache` command line, run as a real subprocess (`python -m pkd_cache ...`).
 
-A subprocess pays ~2 s (more on a busy machine) for importing torch before it does anything, so one module
-fixture runs them all together in a small thread pool: the end-to-end chain (finetune -> dump -> info ->
-distill -> eval), `--debug` and every bad input of docs/ERRORS.md, whose messages are checked against that
-document. PKD_CACHE_TEST_IN_PROCESS=1 runs the bad inputs in this process instead (faster while developing:
-typer's CliRunner, the traceback a crash would print added to stderr); PKD_CACHE_WRITE_ERRORS_DOC=1 rewrites
-docs/ERRORS.md from what the commands print. Subprocesses get OMP_NUM_THREADS=1: on a
-busy machine torch's spinning worker threads make even tiny models very slow.
+The end-to-end chain (finetune -> dump -> info -> distill -> eval), `--debug`, and every bad input of
+docs/ERRORS.md, whose messages are checked against that document: each case is a test of its own, so that
+`-k one_case` runs one process. A subprocess pays ~2 s (more on a busy machine) for importing torch before it
+does anything, so the processes of the tests selected in this module start ahead, WORKERS at a time, and each test
+waits for its own. PKD_CACHE_TEST_IN_PROCESS=1 runs the bad inputs in this process instead (faster while
+developing: typer's CliRunner, the traceback a crash would print added to stderr); PKD_CACHE_WRITE_ERRORS_DOC=1
+rewrites docs/ERRORS.md from what the commands print.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
-import sys
-import traceback
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import pytest
-from conftest import make_bert
-from tamper import decode, edit_array, edit_attributes, rewrite_chunk
+from pkd_cache.testing.tamper import decode, edit_array, edit_attributes, rewrite_chunk
 
-pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # one fixture runs ~60 CLI processes
+from pkd_cache.testing import cli, cli_env, cli_in_process, make_bert, show, tree_digest
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-       "COLUMNS": "200"}  # `info` is a rich table: wide enough not to wrap long temp paths
-ENV.pop("PKD_CACHE_DEBUG", None)
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # ~60 CLI processes in all
+
+ENV = cli_env()  # what a CLI subprocess gets
 WORKERS = 2
 SEQ = "24"
 ALL_IN_SUBPROCESS = os.environ.get("PKD_CACHE_TEST_IN_PROCESS", "") in ("", "0")  # docs/ERRORS.md: subprocesses
-
-
-def cli(*args, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pkd_cache", *map(str, args)], env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def cli_in_process(*args) -> subprocess.CompletedProcess:
-    """The same `app` in this process; an exception that escaped it appears in stderr as Python would print it."""
-    from typer.testing import CliRunner
-
-    from pkd_cache.cli import app
-
-    r = CliRunner().invoke(app, [str(a) for a in args], env={"PKD_CACHE_DEBUG": ""})
-    err = r.stderr
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        err += "".join(traceback.format_exception(r.exception))
-    return subprocess.CompletedProcess(["pkd-cache (in process)", *map(str, args)], r.exit_code, r.stdout, err)
-
-
-def show(p: subprocess.CompletedProcess) -> str:
-    return f"exit {p.returncode}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}"
-
-
-def tree_digest(path: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file below `path` (to prove nothing was touched)."""
-    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(path.rglob("*")) if f.is_file()}
 
 
 def attributes(store: Path) -> dict:
@@ -144,10 +112,6 @@ def no_store(c: Ctx) -> None:
 
 def no_student(c: Ctx) -> None:
     assert not (c.tmp / "student").exists() or not any((c.tmp / "student").iterdir())
-
-
-def no_store(c: Ctx) -> None:
-    assert not (c.tmp / "out.zarr").exists()
 
 
 def no_teacher(c: Ctx) -> None:
@@ -406,34 +370,80 @@ def corrupt_store(c: Ctx) -> Path:
             data[len(data) // 2] ^= 0xFF
             chunk.write_bytes(bytes(data))
     return dst
+
+
+class Ahead:
+    """The CLI runs of the tests selected in this module, started ahead in a small pool; each test waits only for
+    its own, and a run nobody started ahead runs when its test asks for it."""
+
+    def __init__(self, workers: int):
+        self.pool = ThreadPoolExecutor(workers)
+        self.futures: dict[str, Future] = {}
+        self.cases: dict[str, tuple[Ctx, subprocess.CompletedProcess]] = {}  # the bad inputs run so far
+
+    def start(self, key: str, run: Callable, *args) -> None:
+        self.futures[key] = self.pool.submit(run, *args)
+
+    def result(self, key: str, run: Callable, *args):
+        future = self.futures.pop(key, None)
+        return future.result() if future is not None else run(*args)
+
+
 @pytest.fixture(scope="module")
-def runs(request, tmp_path_factory, data_dir, backbone_dir):
-    """Every CLI run of this module: {"pipeline": ..., "debug": process, "cases": {name: (ctx, process)}}."""
+def world(tmp_path_factory, data_dir, backbone_dir, teacher_dir, store_path) -> Callable[[str], Ctx]:
+    """`world(case)`: a fresh Ctx for a bad-input case."""
     root = tmp_path_factory.mktemp("cli")
-    (root / "e2e").mkdir()
-    out = {"cases": {}}
-    with ThreadPoolExecutor(WORKERS) as pool:
-        pipeline = pool.submit(run_pipeline, root / "e2e", backbone_dir, data_dir)  # the longest chain starts first
-        debug = pool.submit(cli, "--debug", "info", root / "nothing.zarr")
-        teacher_dir, store_path = request.getfixturevalue("teacher_dir"), request.getfixturevalue("store_path")
-        teacher3 = make_bert(root / "teacher3", layers=2, head=True, num_labels=3)
-        ctxs = {}
-        for name, case in CASES.items():
-            (root / name).mkdir()
-            c = Ctx(root / name, data_dir, backbone_dir, teacher_dir, teacher3, store_path)
-            ctxs[name] = (c, case.setup(c))
-        futures = {n: pool.submit(cli, *args) for n, (c, args) in ctxs.items()
-                   if CASES[n].subprocess or ALL_IN_SUBPROCESS}
-        for n, (c, args) in ctxs.items():  # meanwhile, here
-            if n not in futures:
-                out["cases"][n] = (c, cli_in_process(*args))
-        out["cases"].update({n: (ctxs[n][0], f.result()) for n, f in futures.items()})
-        out["pipeline"], out["debug"] = pipeline.result(), debug.result()
-    return out
+    teacher3 = make_bert(root / "teacher3", layers=2, head=True, num_labels=3)
+
+    def ctx(name: str) -> Ctx:
+        (root / name).mkdir()
+        return Ctx(root / name, data_dir, backbone_dir, teacher_dir, teacher3, store_path)
+
+    return ctx
 
 
-def test_end_to_end(runs, backbone_dir):
-    pipe = runs["pipeline"]
+def runs_in_subprocess(case: Case) -> bool:
+    return case.subprocess or ALL_IN_SUBPROCESS
+
+
+@pytest.fixture(scope="module")
+def ahead(request, tmp_path_factory, data_dir, backbone_dir):
+    """Starts the processes of the tests selected in this module, the longest chain first (with `-k one_case`: one)."""
+    selected = {item.name for item in request.session.items if getattr(item, "module", None) is request.module}
+    cases = list(CASES) if "test_errors_doc_lists_every_bad_input_with_its_exact_message" in selected else \
+        [n for n in CASES if f"test_bad_input[{n}]" in selected]
+    runs = Ahead(WORKERS)
+    try:
+        root = tmp_path_factory.mktemp("cli-runs")
+        if "test_end_to_end" in selected:
+            (root / "e2e").mkdir()
+            runs.start("pipeline", run_pipeline, root / "e2e", backbone_dir, data_dir)
+        if "test_debug_shows_the_traceback" in selected:
+            runs.start("debug", cli, "--debug", "info", root / "nothing.zarr")
+        world = request.getfixturevalue("world") if cases else None
+        for name in cases:
+            if runs_in_subprocess(CASES[name]):
+                c = world(name)
+                runs.start(name, lambda c, args: (c, cli(*args)), c, CASES[name].setup(c))
+        yield runs
+    finally:
+        runs.pool.shutdown(cancel_futures=True)
+
+
+def run_case(ahead: Ahead, world, name: str) -> tuple[Ctx, subprocess.CompletedProcess]:
+    """The case's Ctx and finished command: started ahead, or run now (in this process unless it must not be)."""
+    if name not in ahead.cases:
+        def now() -> tuple[Ctx, subprocess.CompletedProcess]:
+            c = world(name)
+            args = CASES[name].setup(c)
+            return c, (cli if runs_in_subprocess(CASES[name]) else cli_in_process)(*args)
+
+        ahead.cases[name] = ahead.result(name, now)
+    return ahead.cases[name]
+
+
+def test_end_to_end(ahead, tmp_path, data_dir, backbone_dir):
+    pipe = ahead.result("pipeline", run_pipeline, tmp_path, backbone_dir, data_dir)
     res = pipe["results"]
     for step in ("finetune", "dump", "info", "distill", "eval"):
         assert step in res, f"{step} not run: a step it needs failed"
@@ -497,16 +507,16 @@ def assert_user_error(p: subprocess.CompletedProcess, expect: tuple[str, ...]) -
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input(runs, name):
-    c, p = runs["cases"][name]
+def test_bad_input(ahead, world, name):
+    c, p = run_case(ahead, world, name)
     case = CASES[name]
     assert_user_error(p, case.expect)
     if case.check:
         case.check(c)
 
 
-def test_debug_shows_the_traceback(runs):
-    p = runs["debug"]
+def test_debug_shows_the_traceback(ahead, tmp_path):
+    p = ahead.result("debug", cli, "--debug", "info", tmp_path / "nothing.zarr")
     assert p.returncode != 0
     assert "Traceback" in p.stderr and "PkdCacheError" in p.stderr and "does not exist" in p.stderr
 
@@ -536,9 +546,10 @@ def documented_message(c: Ctx, p: subprocess.CompletedProcess, case: Case) -> st
     return line
 
 
-def test_errors_doc_lists_every_bad_input_with_its_exact_message(runs):
-    """docs/ERRORS.md and the CLI agree: every case is documented with the message the command really prints."""
-    actual = {n: documented_message(c, p, CASES[n]) for n, (c, p) in runs["cases"].items()}
+def test_errors_doc_lists_every_bad_input_with_its_exact_message(ahead, world):
+    """docs/ERRORS.md and the CLI agree: every case is documented with the message the command really prints
+    (the cases run by test_bad_input are not run again)."""
+    actual = {n: documented_message(*run_case(ahead, world, n), CASES[n]) for n in CASES}
     rows = {m["id"]: m for m in map(DOC_ROW.match, ERRORS_DOC.read_text().splitlines()) if m}
     if os.environ.get("PKD_CACHE_WRITE_ERRORS_DOC"):
         head = ERRORS_DOC.read_text().split("\n| id |")[0]

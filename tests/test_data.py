@@ -6,27 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from conftest import GLUE
 from pkd_cache.data.loading import load_examples
 from pkd_cache.data.tasks import get_task
 from pkd_cache.errors import PkdCacheError
+from pkd_cache.testing import GLUE, write_jsonl, write_tsv
 
 SST2 = get_task("sst2")
 RTE = get_task("rte")
-
-
-def tsv(path, rows, header=None, bom=False, newline="\n"):
-    lines = ([header] if header else []) + rows
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes((("\ufeff" if bom else "") + newline.join("\t".join(map(str, r)) for r in lines)
-                      + newline).encode("utf-8"))
-    return path
-
-
-def jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def load(task, split, folder):
@@ -47,7 +33,7 @@ RTE_ROWS = [("A man sleeps.", "Someone sleeps.", "entailment"),
 
 
 def test_rte_original_layout_string_labels(tmp_path):
-    tsv(tmp_path / "dev.tsv", [(i, a, b, y) for i, (a, b, y) in enumerate(RTE_ROWS)],
+    write_tsv(tmp_path / "dev.tsv", [(i, a, b, y) for i, (a, b, y) in enumerate(RTE_ROWS)],
         header=("index", "sentence1", "sentence2", "label"))
     ex = load("rte", "validation", tmp_path)
     assert ex.text_a == [r[0] for r in RTE_ROWS]
@@ -57,7 +43,7 @@ def test_rte_original_layout_string_labels(tmp_path):
 
 
 def test_rte_hf_layout_int_labels(tmp_path):
-    tsv(tmp_path / "dev.tsv", [(a, b, RTE.label_names.index(y), i) for i, (a, b, y) in enumerate(RTE_ROWS)],
+    write_tsv(tmp_path / "dev.tsv", [(a, b, RTE.label_names.index(y), i) for i, (a, b, y) in enumerate(RTE_ROWS)],
         header=("sentence1", "sentence2", "label", "idx"))
     ex = load("rte", "validation", tmp_path)
     assert ex.text_a == [r[0] for r in RTE_ROWS] and ex.text_b == [r[1] for r in RTE_ROWS]
@@ -65,9 +51,10 @@ def test_rte_hf_layout_int_labels(tmp_path):
 
 
 def test_both_layouts_give_the_same_examples(tmp_path):
-    tsv(tmp_path / "orig" / "dev.tsv", [(i, a, b, y) for i, (a, b, y) in enumerate(RTE_ROWS)],
+    write_tsv(tmp_path / "orig" / "dev.tsv", [(i, a, b, y) for i, (a, b, y) in enumerate(RTE_ROWS)],
         header=("index", "sentence1", "sentence2", "label"))
-    tsv(tmp_path / "hf" / "dev.tsv", [(a, b, RTE.label_names.index(y), i) for i, (a, b, y) in enumerate(RTE_ROWS)],
+    write_tsv(tmp_path / "hf" / "dev.tsv",
+              [(a, b, RTE.label_names.index(y), i) for i, (a, b, y) in enumerate(RTE_ROWS)],
         header=("sentence1", "sentence2", "label", "idx"))
     a, b = load("rte", "validation", tmp_path / "orig"), load("rte", "validation", tmp_path / "hf")
     assert (a.text_a, a.text_b, a.labels.tolist()) == (b.text_a, b.text_b, b.labels.tolist())
@@ -76,7 +63,7 @@ def test_both_layouts_give_the_same_examples(tmp_path):
 
 def test_mrpc_original_layout_with_bom(tmp_path):
     rows = [(1, 11, 12, "The cat sat.", '"The cat sat," he said.'), (0, 21, 22, "Rain today.", "Sun tomorrow.")]
-    tsv(tmp_path / "dev.tsv", rows, header=("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"), bom=True)
+    write_tsv(tmp_path / "dev.tsv", rows, header=("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"), bom=True)
     ex = load("mrpc", "validation", tmp_path)
     assert ex.text_a == ["The cat sat.", "Rain today."]
     assert ex.text_b == ['"The cat sat," he said.', "Sun tomorrow."]
@@ -84,14 +71,14 @@ def test_mrpc_original_layout_with_bom(tmp_path):
 
 
 def test_mrpc_hf_layout(tmp_path):
-    tsv(tmp_path / "dev.tsv", [("a b", "b a", 1, 0), ("c", "d", 0, 1)],
+    write_tsv(tmp_path / "dev.tsv", [("a b", "b a", 1, 0), ("c", "d", 0, 1)],
         header=("sentence1", "sentence2", "label", "idx"))
     ex = load("mrpc", "validation", tmp_path)
     assert ex.text_a == ["a b", "c"] and ex.text_b == ["b a", "d"] and ex.labels.tolist() == [1, 0]
 
 
 def test_crlf_line_endings(tmp_path):
-    tsv(tmp_path / "dev.tsv", [("good film", 1), ("bad film", 0)], header=("sentence", "label"), newline="\r\n")
+    write_tsv(tmp_path / "dev.tsv", [("good film", 1), ("bad film", 0)], header=("sentence", "label"), newline="\r\n")
     ex = load("sst2", "validation", tmp_path)
     assert ex.text_a == ["good film", "bad film"] and ex.labels.tolist() == [1, 0]
 
@@ -110,14 +97,14 @@ def test_other_file_formats(tmp_path, fmt):
             w.writerow(["sentence", "label"])
             w.writerows(SST_ROWS)  # commas and quotes inside fields get quoted
     elif fmt in ("jsonl", "json"):
-        jsonl(path, [{"sentence": s, "label": y} for s, y in SST_ROWS])
+        write_jsonl(path, [{"sentence": s, "label": y} for s, y in SST_ROWS])
     elif fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         pq.write_table(pa.table({"sentence": [s for s, _ in SST_ROWS], "label": [y for _, y in SST_ROWS]}), path)
     else:
-        tsv(path, SST_ROWS, header=("sentence", "label"))
+        write_tsv(path, SST_ROWS, header=("sentence", "label"))
     ex = load("sst2", "validation", tmp_path)
     assert ex.text_a == [s for s, _ in SST_ROWS]
     assert ex.text_b is None
@@ -126,7 +113,8 @@ def test_other_file_formats(tmp_path, fmt):
 
 
 def test_jsonl_label_names_and_hf_export_names(tmp_path):
-    jsonl(tmp_path / "validation.jsonl", [{"question": "q1", "sentence": "s1", "label": "not_entailment", "idx": 0},
+    write_jsonl(tmp_path / "validation.jsonl",
+                [{"question": "q1", "sentence": "s1", "label": "not_entailment", "idx": 0},
                                           {"question": "q2", "sentence": "s2", "label": "entailment", "idx": 1}])
     ex = load("qnli", "validation", tmp_path)  # `validation` is the Hugging Face name of the dev split
     assert ex.text_a == ["q1", "q2"] and ex.text_b == ["s1", "s2"] and ex.labels.tolist() == [1, 0]
@@ -148,16 +136,16 @@ def test_stsb_original_layout_score_column(tmp_path):
               "score")
     rows = [(0, "main-captions", "MSRvid", "2012test", 0, "none", "none", "A man.", "A guy.", "5.000"),
             (1, "main-news", "headlines", "2013", 3, "none", "none", "Up.", "Down.", "0.4")]
-    tsv(tmp_path / "dev.tsv", rows, header=header)
+    write_tsv(tmp_path / "dev.tsv", rows, header=header)
     ex = load("stsb", "validation", tmp_path)
     assert ex.text_a == ["A man.", "Up."] and ex.text_b == ["A guy.", "Down."]
     assert ex.labels.tolist() == pytest.approx([5.0, 0.4])
 
 
 def test_glue_root_with_task_subfolders(tmp_path):
-    tsv(tmp_path / "SST-2" / "train.tsv", [("fine", 1), ("dull", 0)], header=("sentence", "label"))
-    tsv(tmp_path / "SST-2" / "dev.tsv", [("great", 1)], header=("sentence", "label"))
-    tsv(tmp_path / "RTE" / "dev.tsv", [(0, "a", "b", "entailment")],
+    write_tsv(tmp_path / "SST-2" / "train.tsv", [("fine", 1), ("dull", 0)], header=("sentence", "label"))
+    write_tsv(tmp_path / "SST-2" / "dev.tsv", [("great", 1)], header=("sentence", "label"))
+    write_tsv(tmp_path / "RTE" / "dev.tsv", [(0, "a", "b", "entailment")],
         header=("index", "sentence1", "sentence2", "label"))
     assert load("sst2", "train", tmp_path).text_a == ["fine", "dull"]
     assert load("SST-2", "validation", tmp_path).text_a == ["great"]  # GLUE's own task name works too
@@ -166,8 +154,10 @@ def test_glue_root_with_task_subfolders(tmp_path):
 
 def test_mnli_matched_and_mismatched_file_names(tmp_path):
     header = ("index", "promptID", "pairID", "genre", "sentence1", "sentence2", "label1", "gold_label")
-    tsv(tmp_path / "dev_matched.tsv", [(0, 1, "1e", "fiction", "p m", "h m", "neutral", "neutral")], header=header)
-    tsv(tmp_path / "dev_mismatched.tsv", [(0, 2, "2c", "letters", "p mm", "h mm", "contradiction", "contradiction"),
+    write_tsv(tmp_path / "dev_matched.tsv", [(0, 1, "1e", "fiction", "p m", "h m", "neutral", "neutral")],
+              header=header)
+    write_tsv(tmp_path / "dev_mismatched.tsv",
+              [(0, 2, "2c", "letters", "p mm", "h mm", "contradiction", "contradiction"),
                                           (1, 3, "3e", "letters", "p2", "h2", "entailment", "entailment")],
         header=header)
     m = load("mnli", "validation_matched", tmp_path)
@@ -179,13 +169,13 @@ def test_mnli_matched_and_mismatched_file_names(tmp_path):
 
 
 def test_mnli_hf_export_names(tmp_path):
-    jsonl(tmp_path / "validation_mismatched.jsonl", [{"premise": "p", "hypothesis": "h", "label": 2, "idx": 0}])
+    write_jsonl(tmp_path / "validation_mismatched.jsonl", [{"premise": "p", "hypothesis": "h", "label": 2, "idx": 0}])
     ex = load("mnli", "validation_mismatched", tmp_path)
     assert (ex.text_a, ex.text_b, ex.labels.tolist()) == (["p"], ["h"], [2])
 
 
 def test_cola_headerless_original_layout(tmp_path):
-    tsv(tmp_path / "dev.tsv", [("gj04", 1, "", "Our friends won't buy this analysis."),
+    write_tsv(tmp_path / "dev.tsv", [("gj04", 1, "", "Our friends won't buy this analysis."),
                                ("gj04", 0, "*", "They drank the pub.")])
     ex = load("cola", "validation", tmp_path)
     assert ex.text_a == ["Our friends won't buy this analysis.", "They drank the pub."]
@@ -193,19 +183,19 @@ def test_cola_headerless_original_layout(tmp_path):
 
 
 def test_cola_hf_layout_with_header(tmp_path):
-    tsv(tmp_path / "dev.tsv", [("A fine sentence.", 1, 0)], header=("sentence", "label", "idx"))
+    write_tsv(tmp_path / "dev.tsv", [("A fine sentence.", 1, 0)], header=("sentence", "label", "idx"))
     assert load("cola", "validation", tmp_path).text_a == ["A fine sentence."]
 
 
 def test_max_examples_takes_the_head(tmp_path):
-    tsv(tmp_path / "dev.tsv", [(f"s{i}", i % 2) for i in range(10)], header=("sentence", "label"))
+    write_tsv(tmp_path / "dev.tsv", [(f"s{i}", i % 2) for i in range(10)], header=("sentence", "label"))
     ex = load_examples(SST2, "validation", str(tmp_path), max_examples=3)
     assert ex.text_a == ["s0", "s1", "s2"] and ex.labels.tolist() == [0, 1, 0]
 
 
 @pytest.mark.parametrize("n", [0, -3])
 def test_max_examples_must_be_positive(tmp_path, n):
-    tsv(tmp_path / "dev.tsv", [(f"s{i}", i % 2) for i in range(10)], header=("sentence", "label"))
+    write_tsv(tmp_path / "dev.tsv", [(f"s{i}", i % 2) for i in range(10)], header=("sentence", "label"))
     with pytest.raises(PkdCacheError, match=f"must be > 0, got {n}"):  # not rows[:-3], 7 of the 10 examples
         load_examples(SST2, "validation", str(tmp_path), max_examples=n)
 
@@ -263,7 +253,7 @@ def test_real_qnli_dev_string_labels():
 # --- bad input -------------------------------------------------------------------------------------------------------
 
 def test_ragged_tsv_row_names_the_line(tmp_path):
-    tsv(tmp_path / "dev.tsv", [("fine", 1), ("a\tstray tab", 0), ("ok", 1)], header=("sentence", "label"))
+    write_tsv(tmp_path / "dev.tsv", [("fine", 1), ("a\tstray tab", 0), ("ok", 1)], header=("sentence", "label"))
     msg = error_of("sst2", "validation", tmp_path)
     assert "line 3" in msg and "3 fields" in msg and "header has 2" in msg and str(tmp_path / "dev.tsv") in msg
 
@@ -281,32 +271,33 @@ def test_ragged_csv_row_after_multiline_field_names_the_file_line(tmp_path):
 
 
 def test_missing_column(tmp_path):
-    tsv(tmp_path / "dev.tsv", [("fine", 1)], header=("text", "label"))
+    write_tsv(tmp_path / "dev.tsv", [("fine", 1)], header=("text", "label"))
     msg = error_of("sst2", "validation", tmp_path)
     assert "no text column" in msg and "sentence" in msg and "found: text, label" in msg
 
 
 def test_misnamed_second_text_column(tmp_path):
-    tsv(tmp_path / "dev.tsv", [("a", "b", 0)], header=("sentence1", "sentence_2", "label"))
+    write_tsv(tmp_path / "dev.tsv", [("a", "b", 0)], header=("sentence1", "sentence_2", "label"))
     msg = error_of("rte", "validation", tmp_path)
     assert "no second text column" in msg and "sentence2" in msg
 
 
 def test_missing_label_column(tmp_path):
-    jsonl(tmp_path / "dev.jsonl", [{"sentence": "a", "labels": 1}])
+    write_jsonl(tmp_path / "dev.jsonl", [{"sentence": "a", "labels": 1}])
     msg = error_of("sst2", "validation", tmp_path)
     assert "no label column" in msg and "labels" in msg
 
 
 def test_column_missing_in_a_later_jsonl_row(tmp_path):
-    jsonl(tmp_path / "dev.jsonl", [{"sentence": "a", "label": 1}, {"sentence": "b", "label": 0}, {"sentence": "c"}])
+    write_jsonl(tmp_path / "dev.jsonl",
+                [{"sentence": "a", "label": 1}, {"sentence": "b", "label": 0}, {"sentence": "c"}])
     msg = error_of("sst2", "validation", tmp_path)
     assert "example 2" in msg and "label" in msg
 
 
 @pytest.mark.parametrize("row", [{"sentence": None, "label": 1}, {"sentence": "b", "label": None}])
 def test_null_text_or_label(tmp_path, row):
-    jsonl(tmp_path / "dev.jsonl", [{"sentence": "a", "label": 0}, row])
+    write_jsonl(tmp_path / "dev.jsonl", [{"sentence": "a", "label": 0}, row])
     msg = error_of("sst2", "validation", tmp_path)
     assert "example 1" in msg and "no value" in msg
 
@@ -325,13 +316,13 @@ def test_jsonl_with_bom(tmp_path):
 
 @pytest.mark.parametrize("label", ["2", "-1", 5, 1.5, True])
 def test_label_outside_the_label_set(tmp_path, label):
-    jsonl(tmp_path / "dev.jsonl", [{"sentence": "a", "label": 0}, {"sentence": "b", "label": label}])
+    write_jsonl(tmp_path / "dev.jsonl", [{"sentence": "a", "label": 0}, {"sentence": "b", "label": label}])
     msg = error_of("sst2", "validation", tmp_path)
     assert "example 1" in msg and "label" in msg and "0..1" in msg
 
 
 def test_label_outside_the_label_set_tsv(tmp_path):
-    tsv(tmp_path / "dev.tsv", [(0, "a", "b", "entailment"), (1, "c", "d", "2")],
+    write_tsv(tmp_path / "dev.tsv", [(0, "a", "b", "entailment"), (1, "c", "d", "2")],
         header=("index", "sentence1", "sentence2", "label"))
     msg = error_of("rte", "validation", tmp_path)
     assert "example 1: label 2 is outside" in msg and "entailment, not_entailment" in msg
@@ -343,14 +334,14 @@ def test_text_label_that_is_not_a_label_name(tmp_path, task, label):
     cols = (t.text_a[0],) + ((t.text_b[0],) if t.text_b else ()) + ("label",)
     row = ("x",) * (len(cols) - 1) + (label,)
     name = "dev_matched.tsv" if task == "mnli" else "dev.tsv"
-    tsv(tmp_path / name, [row], header=cols)
+    write_tsv(tmp_path / name, [row], header=cols)
     msg = error_of(task, t.dev_splits[0], tmp_path)
     assert repr(label) in msg and "label set" in msg
     assert all(n in msg for n in t.label_names)
 
 
 def test_regression_label_not_a_number(tmp_path):
-    tsv(tmp_path / "dev.tsv", [("a", "b", "high")], header=("sentence1", "sentence2", "score"))
+    write_tsv(tmp_path / "dev.tsv", [("a", "b", "high")], header=("sentence1", "sentence2", "score"))
     assert "not a number" in error_of("stsb", "validation", tmp_path)
 
 
@@ -361,7 +352,7 @@ def test_empty_tsv(tmp_path, content):
 
 
 def test_header_only(tmp_path):
-    tsv(tmp_path / "dev.tsv", [], header=("sentence", "label"))
+    write_tsv(tmp_path / "dev.tsv", [], header=("sentence", "label"))
     assert "no examples" in error_of("sst2", "validation", tmp_path)
 
 
@@ -400,17 +391,17 @@ def test_task_aliases(name, expected):
 
 
 def test_missing_split_file(tmp_path):
-    tsv(tmp_path / "train.tsv", [("a", 1)], header=("sentence", "label"))
+    write_tsv(tmp_path / "train.tsv", [("a", 1)], header=("sentence", "label"))
     msg = error_of("sst2", "validation", tmp_path)
     assert "no file for split 'validation'" in msg and "dev.tsv" in msg and str(tmp_path) in msg
 
 
 def test_unknown_split(tmp_path):
-    tsv(tmp_path / "dev.tsv", [("a", 1)], header=("sentence", "label"))
+    write_tsv(tmp_path / "dev.tsv", [("a", 1)], header=("sentence", "label"))
     assert "has no split 'test'" in error_of("sst2", "test", tmp_path)
 
 
 def test_data_dir_not_a_directory(tmp_path):
-    path = tsv(tmp_path / "dev.tsv", [("a", 1)], header=("sentence", "label"))
+    path = write_tsv(tmp_path / "dev.tsv", [("a", 1)], header=("sentence", "label"))
     assert "is not a directory" in error_of("sst2", "validation", path)
     assert "is not a directory" in error_of("sst2", "validation", tmp_path / "missing")

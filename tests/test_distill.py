@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import pkd_cache
 from pkd_cache.errors import PkdCacheError
-from conftest import make_bert
+from pkd_cache.testing import make_bert
 
 
 def _cfg(store, out, init, **kw):
@@ -169,9 +169,11 @@ def test_online_kd_sees_the_store_batches_and_agrees_with_it(tmp_path, store_pat
     """distill --teacher (no store): the same batches in the same order, the teacher run on each; the student
     matches the one trained from the store up to float16 storage of the CLS vectors."""
     from pkd_cache.online import OnlineSource
+    from pkd_cache.sources import BatchSource
 
     source = OnlineSource(str(teacher_dir), "sst2", str(data_dir), 24, 64, torch.device("cpu"))
     store = pkd_cache.open_store(str(store_path))
+    assert isinstance(source, BatchSource) and isinstance(store, BatchSource)  # distill takes either
     for a, b in zip(source.batches("train", 16, seed=3, epoch=1, layers=[2, 4], fields=pkd_cache.store.ARRAYS),
                     store.batches("train", 16, seed=3, epoch=1, layers=[2, 4]), strict=True):
         for k in ("input_ids", "attention_mask", "labels"):

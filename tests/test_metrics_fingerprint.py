@@ -6,10 +6,12 @@ import math
 import numpy as np
 import pytest
 
-from pkd_cache.data.loading import Examples
+from pkd_cache.data.loading import Examples, load_examples
 from pkd_cache.data.metrics import compute_metrics
 from pkd_cache.data.tasks import get_task
-from test_data import SST2, jsonl, load, tsv
+from pkd_cache.testing import write_jsonl, write_tsv
+
+SST2 = get_task("sst2")
 
 
 # --- metrics ---------------------------------------------------------------------------------------------------------
@@ -71,16 +73,16 @@ def test_pearson_spearman_stsb():
 
 def test_fingerprint_depends_on_content_only(tmp_path):
     rows = [("a good film ", 1), ("bad", 0), ('"quoted"', 1)]
-    tsv(tmp_path / "tsv" / "dev.tsv", rows, header=("sentence", "label"))
-    jsonl(tmp_path / "jsonl" / "validation.jsonl",
+    write_tsv(tmp_path / "tsv" / "dev.tsv", rows, header=("sentence", "label"))
+    write_jsonl(tmp_path / "jsonl" / "validation.jsonl",
           [{"idx": i, "label": SST2.label_names[y], "sentence": s} for i, (s, y) in enumerate(rows)])
-    a, b = load("sst2", "validation", tmp_path / "tsv"), load("sst2", "validation", tmp_path / "jsonl")
+    a, b = (load_examples(SST2, "validation", str(tmp_path / name)) for name in ("tsv", "jsonl"))
     assert a.source != b.source
     assert a.fingerprint() == b.fingerprint()
     assert len(a.fingerprint()) == 64
 
-    tsv(tmp_path / "changed" / "dev.tsv", [rows[0], (rows[1][0], 1), rows[2]], header=("sentence", "label"))
-    assert load("sst2", "validation", tmp_path / "changed").fingerprint() != a.fingerprint()
+    write_tsv(tmp_path / "changed" / "dev.tsv", [rows[0], (rows[1][0], 1), rows[2]], header=("sentence", "label"))
+    assert load_examples(SST2, "validation", str(tmp_path / "changed")).fingerprint() != a.fingerprint()
 
 
 def test_fingerprint_sees_texts_order_and_pairs():

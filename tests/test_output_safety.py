@@ -11,7 +11,7 @@ import pytest
 import pkd_cache
 from pkd_cache.commands import paths
 from pkd_cache.commands.output_lock import OutputLock, lock_path
-from test_cli import ENV, cli_in_process, show, tree_digest
+from pkd_cache.testing import cli_env, cli_in_process, show, tree_digest
 
 
 def distill_args(store, out, init, *extra):
@@ -186,7 +186,7 @@ def test_a_folder_being_written_is_refused(tmp_path, store_path, backbone_dir):
 def test_two_distills_into_one_folder_at_once_never_both_succeed(tmp_path, store_path, backbone_dir):
     out = tmp_path / "student"
     procs = [subprocess.Popen([sys.executable, "-m", "pkd_cache", *map(str, distill_args(
-        store_path, out, backbone_dir, "--seed", str(seed)))], env=ENV, stdout=subprocess.PIPE,
+        store_path, out, backbone_dir, "--seed", str(seed)))], env=cli_env(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)

@@ -8,13 +8,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
-from test_cli import cli_in_process, show
 
 import pkd_cache
+from pkd_cache.testing import cli_in_process, show, wait_until
 
 
 def batches_of(store, **kw):
@@ -49,6 +48,14 @@ def test_memory_url_round_trip(store_path, teacher_dir, data_dir):
 
 # --- S3: moto's server in a subprocess, reached through s3fs like any S3-compatible endpoint -----------------------
 
+def accepts_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -68,15 +75,7 @@ def s3(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    pytest.fail("moto server did not start")
-                time.sleep(0.2)
+        wait_until(lambda: accepts_connections(port), "the moto server accepts connections", timeout=30, proc=server)
         import s3fs
 
         s3fs.S3FileSystem.clear_instance_cache()

@@ -6,14 +6,12 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import write_sst2
-from test_cli import ENV, cli_in_process, show
 
 import pkd_cache
+from pkd_cache.testing import cli_env, cli_in_process, show, wait_until, write_sst2
 from pkd_cache.store.location import Location
 
 pytestmark = pytest.mark.slow  # kills and resumes real processes: minutes in all
@@ -30,8 +28,9 @@ def big_data(tmp_path_factory):
 def long_data(tmp_path_factory):
     """For the tests that kill a dump from outside: 188 chunks of train, about 4 s of teacher on one slow core.
 
-    Every kill lands by the 30th chunk plus 0.3 s, so the dump still has seconds of work left when the signal
-    arrives, even on a machine several times faster (3,000 examples left 0.3 s, and a fast CI run finished first).
+    Every kill lands as the journal records the 30th chunk at the latest, so the dump still has seconds of work
+    left when the signal arrives, even on a machine several times faster (3,000 examples left 0.3 s, and a fast CI
+    run finished first).
     """
     return write_sst2(tmp_path_factory.mktemp("long") / "SST-2", n_train=12000, n_dev=200)
 
@@ -75,17 +74,18 @@ def assert_identical(store: Path, reference: Path) -> None:
 
 
 def start_dump(teacher, data, out):
-    return subprocess.Popen([sys.executable, "-m", "pkd_cache", *dump_args(teacher, data, out)], env=ENV,
+    return subprocess.Popen([sys.executable, "-m", "pkd_cache", *dump_args(teacher, data, out)], env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_progress(out: Path, proc, records: int = 1) -> None:
+def journal_records(out: Path) -> int:
+    """How many chunks of train the dump's journal says are durable."""
     progress = out / ".pkd_cache" / "progress" / "train"
-    deadline = time.monotonic() + 120
-    while not (progress.is_dir() and len(list(progress.iterdir())) >= records):
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, "the dump never made progress"
-        time.sleep(0.01)
+    return len(list(progress.iterdir())) if progress.is_dir() else 0
+
+
+def wait_for_progress(out: Path, proc, records: int = 1) -> None:
+    wait_until(lambda: journal_records(out) >= records, f"{records} chunk(s) of train durable", proc=proc)
 
 
 def kill(proc, sig=signal.SIGKILL) -> None:
@@ -99,8 +99,7 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(tmp_path, teach
     for i in range(5):
         out = tmp_path / f"killed{i}.zarr"
         proc = start_dump(teacher_dir, long_data, out)
-        wait_for_progress(out, proc, records=rng.randint(1, 30))
-        time.sleep(rng.uniform(0, 0.3))
+        wait_for_progress(out, proc, records=rng.randint(1, 30))  # then at once: the writer may be mid-chunk
         kill(proc)
         proc.wait(timeout=30)
         assert not json.loads((out / "zarr.json").read_text())["attributes"]["complete"]
@@ -181,35 +180,35 @@ def _student_files(folder: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in folder.iterdir() if f.suffix == ".safetensors"}
 
 
+def checkpoint_position(out: Path) -> tuple[int, int]:
+    """(epoch, batch) of the distill's last checkpoint; (0, 0) before one is complete."""
+    state = out / "checkpoint" / "state.json"
+    try:
+        pos = json.loads(state.read_text())["position"]
+    except (OSError, ValueError, KeyError):  # none yet, or being replaced
+        return 0, 0
+    return pos["epoch"], pos["batch"]
+
+
 @pytest.mark.kill
 def test_a_killed_distill_resumes_to_the_same_student_bit_for_bit(tmp_path, reference, backbone_dir):
     base = ["distill", "--store", str(reference), "--student-init", str(backbone_dir), "--student-layers", "3",
             "--epochs", "3", "--batch-size", "8", "--learning-rate", "1e-3", "--seed", "5", "--logging-steps", "0"]
     # every run in a subprocess with one thread: bit-identity needs the same float reduction order throughout
-    p = subprocess.run([sys.executable, "-m", "pkd_cache", *base, "--output-dir", str(tmp_path / "whole")], env=ENV,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-m", "pkd_cache", *base, "--output-dir", str(tmp_path / "whole")],
+                       env=cli_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, show(p)
     assert not (tmp_path / "whole" / "checkpoint").exists()  # removed once finished
 
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "pkd_cache", *base, "--output-dir", str(out), "--save-steps", "7"],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while True:  # kill it mid-epoch 2, after a mid-epoch checkpoint
-        state = out / "checkpoint" / "state.json"
-        if state.is_file():
-            try:
-                pos = json.loads(state.read_text())["position"]
-            except (ValueError, KeyError):
-                pos = {"epoch": 0, "batch": 0}
-            if pos["epoch"] == 1 and pos["batch"] > 0:
-                break
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.01)
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: checkpoint_position(out)[0] == 1 and checkpoint_position(out)[1] > 0, "a checkpoint mid-epoch 2",
+               proc=proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (out / "metrics.json").exists()
-    p = subprocess.run([sys.executable, "-m", "pkd_cache", *base, "--output-dir", str(out), "--resume"], env=ENV,
+    p = subprocess.run([sys.executable, "-m", "pkd_cache", *base, "--output-dir", str(out), "--resume"], env=cli_env(),
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and "resuming at step" in p.stderr, show(p)
     assert _student_files(out) == _student_files(tmp_path / "whole")
@@ -228,7 +227,7 @@ def test_a_real_full_disk_in_a_subprocess(tmp_path, teacher_dir, big_data, refer
         pytest.skip("tmpfs cannot be mounted here")
     try:
         out = mount / "full.zarr"
-        p = subprocess.run([sys.executable, "-m", "pkd_cache", *dump_args(teacher_dir, big_data, out)], env=ENV,
+        p = subprocess.run([sys.executable, "-m", "pkd_cache", *dump_args(teacher_dir, big_data, out)], env=cli_env(),
                            capture_output=True, text=True, timeout=300)
         assert p.returncode == 2, show(p)
         assert p.stderr.strip().splitlines()[-1].startswith("error: No space left on device"), show(p)
@@ -249,7 +248,7 @@ def test_many_readers_at_once_and_reading_never_writes(tmp_path, reference, back
               if f.is_file()}
     procs = [subprocess.Popen([sys.executable, "-m", "pkd_cache", "distill", "--store", str(reference),
                                "--student-init", str(backbone_dir), "--student-layers", "2", "--max-steps", "3",
-                               "--batch-size", "16", "--output-dir", str(tmp_path / f"s{i}")], env=ENV,
+                               "--batch-size", "16", "--output-dir", str(tmp_path / f"s{i}")], env=cli_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(8)]
     for p in procs:
         _, err = p.communicate(timeout=600)

@@ -19,6 +19,7 @@ import time
 import pytest
 
 from pkd_cache.errors import PkdCacheError
+from pkd_cache.testing import wait_until
 
 META = {"zarr_format": 3, "node_type": "group",
         "attributes": {"format": "pkd-cache", "task": {"name": "sst2"}, "complete": True}}
@@ -173,20 +174,15 @@ def test_idle_connections_are_closed(root):
 def test_connections_are_capped_with_a_503(root):
     with running(root, quiet=True, idle_timeout=30, max_connections=2) as server:
         idle = [connect(server), connect(server)]
-        deadline = time.monotonic() + 10
-        while server._slots._value and time.monotonic() < deadline:  # until both are accepted and hold a slot
-            time.sleep(0.01)
+        wait_until(lambda: not server._slots._value, "both connections accepted, each holding a slot", timeout=10)
         extra = connect(server)  # turned away at once, before it even sends a request
         reply = read_all(extra)
         extra.close()
         assert reply.startswith(b"HTTP/1.0 503") and b"Retry-After" in reply, reply[:200]
         assert get(server, "/a.zarr/zarr.json")[0] == 503  # a client that sends first sees the 503 too
         idle[0].close()
-        deadline, status = time.monotonic() + 10, None
-        while status != 200 and time.monotonic() < deadline:  # the freed slot takes a new connection
-            status = get(server, "/a.zarr/zarr.json")[0]
-            time.sleep(0.02)
-        assert status == 200
+        wait_until(lambda: get(server, "/a.zarr/zarr.json")[0] == 200, "the freed slot takes a new connection",
+                   timeout=10)
         idle[1].close()
 
 

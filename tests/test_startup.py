@@ -73,6 +73,7 @@ def test_help_and_bad_flags_import_no_torch():
            ["finetune", "--model", "m", "--task", "sst2", "--output-dir", "o", "--max-steps", "0"],
            ["eval", "--model", "m", "--task", "sst2", "--batch-size", "0"],
            ["sweep", "--store", "x", "--output-dir", "y", "--epochs", "0"],
+           ["bench-student", "--model", "m", "--batch-size", "0"],
            ["info", "--no-such-flag", "x"], ["no-such-command"]]
     results = run_cli(*helps, *bad)
     assert_light(results, {len(helps) + i: 2 for i in range(len(bad))})

@@ -196,7 +196,7 @@ def test_sort_window_changes_only_the_batches_never_the_rows(tmp_path, teacher_d
                                                 chunk_size=64, sort_window=64))
     whole = pkd_cache.open_store(str(store_path))
     assert small.info()["settings"]["sort_window"] == 64 and whole.info()["settings"]["sort_window"] == 8192
-    assert small.meta["cache_key"] != whole.meta["cache_key"]
+    assert small.meta.cache_key != whole.meta.cache_key
     assert small.num_examples("train") > 64  # several chunks, so the windows differ
     for split in ("train", "validation"):
         np.testing.assert_array_equal(small.array(split, "input_ids")[:], whole.array(split, "input_ids")[:])
@@ -206,12 +206,12 @@ def test_sort_window_changes_only_the_batches_never_the_rows(tmp_path, teacher_d
 
 
 def test_a_write_error_in_the_background_writer_reaches_the_caller(tmp_path, teacher_dir, data_dir, monkeypatch):
-    from pkd_cache.store import writer as writer_module
+    from pkd_cache.store import zarr_backend
 
     def broken(self, split, start, arrays):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(writer_module.StoreWriter, "write", broken)
+    monkeypatch.setattr(zarr_backend.StoreWriter, "write", broken)
     out = tmp_path / "full.zarr"
     with pytest.raises(OSError, match="No space left"):
         pkd_cache.dump(pkd_cache.DumpConfig(teacher=str(teacher_dir), task="sst2", data_dir=str(data_dir),

@@ -42,7 +42,7 @@ def test_reader_yields_the_planned_order(store_path, prefetch):
 
 
 def test_reader_errors_reach_the_consumer(store_path, monkeypatch):
-    from pkd_cache.store.chunks import ChunkReader
+    from pkd_cache.store.zarr_backend import ChunkReader
 
     store = pkd_cache.open_store(str(store_path))
 
@@ -99,7 +99,7 @@ def test_stores_with_all_layers_in_one_chunk_read_the_same(store_path, tmp_path)
 
     import zarr
 
-    from pkd_cache.store.chunks import crc32c
+    from pkd_cache.store.integrity import crc32c
     from pkd_cache.store.format import compressor
 
     copy = tmp_path / "whole.zarr"
@@ -142,3 +142,38 @@ def test_ranks_batches_together_are_the_one_process_batches(store_path, world, s
             width = p["input_ids"].shape[1]  # each part is cut to its own longest sequence
             torch.testing.assert_close(p["input_ids"], batch["input_ids"][rows, :width])
             assert not batch["input_ids"][rows, width:].any()
+
+
+def test_every_chunk_source_reads_the_same_chunks(store_path):
+    """The one source protocol (store/backend.py): the store's checked source and the in-memory one (online KD)
+    hand out the same chunks, names aside, for every array; the stream reads either alike."""
+    from pkd_cache.store.memory import ArrayArray, ArrayChunkReader
+    from pkd_cache.store.stream import iter_batches
+
+    store = pkd_cache.open_store(str(store_path))
+    for name in ("input_ids", "labels", "logits"):
+        stored = store.chunk_reader("train", name)
+        memory = ArrayChunkReader(ArrayArray(store.array("train", name)[:], stored.chunks[0], f"train/{name}"))
+        assert (memory.shape, memory.chunks, memory.dtype) == (stored.shape, stored.chunks, stored.dtype)
+        for c in range(-(-stored.shape[0] // stored.chunks[0])):
+            coords = (c,) + (0,) * (len(stored.shape) - 1)
+            np.testing.assert_array_equal(memory.read_into(coords, memory.buffer()),
+                                          stored.read_into(coords, stored.buffer()))
+
+    class InMemory:  # what the stream needs of a source: its example count and chunk sources
+        def num_examples(self, split):
+            return store.num_examples(split)
+
+        def chunk_reader(self, split, name):
+            rows = store.chunk_reader(split, name).chunks[0]
+            return ArrayChunkReader(ArrayArray(store.array(split, name)[:], rows, f"{split}/{name}"))
+
+        def array(self, split, name):
+            return store.array(split, name)
+
+    fields = ("input_ids", "attention_mask", "labels", "logits")
+    a = list(iter_batches(store, "train", 24, seed=4, fields=fields, shuffle_chunks=2))
+    b = list(iter_batches(InMemory(), "train", 24, seed=4, fields=fields, shuffle_chunks=2))
+    for x, y in zip(a, b, strict=True):
+        for k in fields:
+            torch.testing.assert_close(x[k], y[k], rtol=0, atol=0)

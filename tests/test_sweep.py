@@ -2,7 +2,7 @@
 import csv
 
 import pytest
-from test_cli import cli_in_process, show
+from pkd_cache.testing import cli_in_process, show
 
 
 def sweep_args(store, out, init, *grid, extra=()):
@@ -67,7 +67,7 @@ def test_shards_split_the_grid_and_collect_merges_them(store_path, backbone_dir,
     import subprocess
     import sys
 
-    from test_cli import ENV
+    from pkd_cache.testing import cli_env
 
     out = tmp_path / "runs"
     grid = ("alpha=0,0.5", "paper_beta=0,100")
@@ -81,7 +81,7 @@ def test_shards_split_the_grid_and_collect_merges_them(store_path, backbone_dir,
     assert "alpha=0_paper_beta=100 (shard 1/2)" in p.stderr and "alpha=0.5_paper_beta=100 (shard 1/2)" in p.stderr
 
     (out / "alpha=0_paper_beta=0" / "metrics.json").unlink()  # shard 0 must redo it, shard 1 must not touch it
-    procs = [subprocess.Popen([sys.executable, "-m", "pkd_cache", *map(str, args), "--shard", s], env=ENV,
+    procs = [subprocess.Popen([sys.executable, "-m", "pkd_cache", *map(str, args), "--shard", s], env=cli_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in ("0/2", "1/2")]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs

@@ -6,8 +6,8 @@ import struct
 import pytest
 
 from pkd_cache.config import DistillConfig
-from pkd_cache.commands.sweep import SweepConfig, _fmt, parse_grid, plan_runs
-from test_cli import cli_in_process, show
+from pkd_cache.commands.sweep import SweepConfig, parse_grid, plan_runs, value_name
+from pkd_cache.testing import cli_in_process, show
 
 
 def plan(tmp_path, *specs):
@@ -36,8 +36,8 @@ def test_formatting_is_injective_on_random_floats():
     values += [x * 10.0 ** e for x in (1, 1.5, 2) for e in range(-8, 9)]
     values += [v + v * 1e-7 for v in values[:500]]  # neighbours that agree in 6 significant digits
     distinct = set(values)
-    assert len({_fmt(v) for v in distinct}) == len(distinct)
-    assert all(float(_fmt(v)) == v for v in distinct)  # the name reads back as the exact value
+    assert len({value_name(v) for v in distinct}) == len(distinct)
+    assert all(float(value_name(v)) == v for v in distinct)  # the name reads back as the exact value
 
 
 def test_repeats_are_dropped_by_value_as_named():

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tamper import chunk_files, decode, edit_array, edit_attributes, read_json, record_file, rewrite_chunk, write_json
+from pkd_cache.testing.tamper import chunk_files, decode, edit_array, edit_attributes, read_json, record_file, rewrite_chunk, write_json
 
 import pkd_cache
 from pkd_cache.store.verify import verify_store

@@ -4,7 +4,7 @@ import re
 import shutil
 
 import pytest
-from test_cli import cli_in_process, show
+from pkd_cache.testing import cli_in_process, show
 
 import pkd_cache
 from pkd_cache.store.verify import verify_store
@@ -59,7 +59,7 @@ def test_missing_chunks_manifest_and_completeness_are_all_reported(copy):
 
 def test_bad_values_and_unrecorded_chunks(copy, tmp_path):
     import numpy as np
-    from tamper import decode, rewrite_chunk
+    from pkd_cache.testing.tamper import decode, rewrite_chunk
 
     store = pkd_cache.open_store(str(copy))
     labels = decode(copy / "train/labels/c/0", (64,), np.int64)

@@ -3,17 +3,19 @@
 Both models run the same random token batches under `inference_mode`, after warm-up: latency is the median time
 of a batch of one, throughput the examples per second of a full batch. On GPU the clock is read after a
 synchronise. The ratios are what to compare (a 6-of-12-layer student is about 1.9x faster, 3-of-12 about 3.7x).
+torch and transformers are imported only once the config has passed its check, so a bad option fails at once.
 """
 from __future__ import annotations
 
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Optional
-
-import torch
+from typing import TYPE_CHECKING, Optional
 
 from ..errors import PkdCacheError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -47,9 +49,17 @@ def _load(path: str, device):
     return model.to(device).eval()
 
 
-@torch.inference_mode()
-def _timings(model, cfg: BenchStudentConfig, device) -> tuple[float, float]:
+def _timings(model, cfg: BenchStudentConfig, device: torch.device) -> tuple[float, float]:
     """(median seconds of a batch of 1, examples/s at cfg.batch_size)."""
+    import torch
+
+    with torch.inference_mode():
+        return _timed_runs(model, cfg, device)
+
+
+def _timed_runs(model, cfg: BenchStudentConfig, device: torch.device) -> tuple[float, float]:
+    import torch
+
     vocab = model.config.vocab_size
     seq = min(cfg.seq_length, getattr(model.config, "max_position_embeddings", cfg.seq_length))
     gen = torch.Generator().manual_seed(0)
@@ -77,9 +87,9 @@ def _timings(model, cfg: BenchStudentConfig, device) -> tuple[float, float]:
 
 def bench_student(cfg: BenchStudentConfig) -> list[dict]:
     """One row per model: layers, hidden, parameters, latency (ms, batch 1), throughput (ex/s), speed-up."""
+    cfg.check()  # before torch is imported (seconds)
     from ..training import resolve_device
 
-    cfg.check()
     device = resolve_device(cfg.device)
     rows = []
     for role, path in (("teacher", cfg.teacher), ("student", cfg.model)):
@@ -100,6 +110,7 @@ def bench_student(cfg: BenchStudentConfig) -> list[dict]:
 
 
 def print_rows(rows: list[dict], cfg: BenchStudentConfig) -> None:
+    import torch
     from rich.console import Console
     from rich.table import Table
 

@@ -1,4 +1,5 @@
-"""Stage 2: train a k-layer student from a store alone. The teacher is never constructed or loaded.
+"""Stage 2: train a k-layer student from a store alone. The teacher is never constructed or loaded here: the batches
+come from a `BatchSource` (sources.py), a store or, for online KD (`--teacher`), online.py's teacher-labelled batches.
 
 Under `torchrun`, DistributedDataParallel: every rank reads only its part of each batch from the store
 (`stream.iter_batches(shard=...)`), accumulates it in steps of `--per-device-batch-size` rows, and the all-reduced
@@ -8,7 +9,6 @@ logs and saves.
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,31 +20,30 @@ from .. import checkpoint
 from ..config import DistillConfig, to_dict
 from ..data.tasks import get_task
 from ..data.tokenize import to_model_inputs
-from ..store.format import TOKEN_DTYPES
-from ..store.stream import trim_padding
-from ..distributed import Ranks, barrier, gather, process_group, rank_device, ranks_from_env
+from ..distributed import DistContext, dist_context, process_group
 from ..errors import PkdCacheError
-from .evaluate import main_metric_key, score
-from .output_lock import OutputLock
-from .paths import check_inputs, check_output_dir, model_inputs, prepare_output, resume_dir, resume_output
-from ..progress import log
-from ..store.reader import open_store
-from ..store.stream import batch_sizes
+from ..progress import log, quiet
+from ..sources import BatchSource, open_source
+from ..store.format import TOKEN_DTYPES, StoreMeta
+from ..store.stream import batch_sizes, trim_padding
 from ..student.init import build_student, student_cls
 from ..student.layer_map import layer_map
 from ..student.losses import LossWeights, pkd_loss
-from ..training import Member, resolve_device, total_steps_of, train_many, write_metrics
+from ..training import Accumulation, Member, TrainResult, resolve_device, total_steps_of, train_many, write_metrics
+from .evaluate import main_metric_key, score
+from .output_lock import OutputLock
+from .paths import check_inputs, check_output_dir, model_inputs, prepare_output, resume_dir, resume_output
 
 EVAL_FIELDS = tuple(TOKEN_DTYPES) + ("labels",)
 
 
-def _store_task(meta: dict, config: DistillConfig):
+def _store_task(meta: StoreMeta, config: DistillConfig):
     """The store's task; it must be the one `--task` names (if given) and have the label set pkd-cache knows."""
-    name = meta["task"]["name"]
+    name = meta.task.name
     if config.task is not None and get_task(config.task).name != name:
         raise PkdCacheError(f"--task {config.task} does not match the store's task {name} ({config.store})")
     task = get_task(name)
-    stored = list(meta["task"].get("label_names") or [])
+    stored = list(meta.task.label_names)
     if stored != list(task.label_names):
         raise PkdCacheError(f"the store's {name} labels {stored} differ from the task's {list(task.label_names)}; "
                             f"its label ids would mean other classes")
@@ -74,21 +73,22 @@ class _Plan:
         return self.beta > 0 and self.k > 1
 
 
-def _plan(config: DistillConfig, store) -> _Plan:
+def _plan(config: DistillConfig, source: BatchSource) -> _Plan:
     config.check()
-    meta = store.info()
+    meta = source.meta
     task = _store_task(meta, config)
     k = config.student_layers
-    lmap = layer_map(store.teacher_layers, k, config.strategy, config.layer_map)
-    store.num_examples(config.train_split)  # names the store's splits if this one is missing
-    eval_splits = config.eval_splits or [s for s in store.splits if s != config.train_split]
+    lmap = layer_map(source.teacher_layers, k, config.strategy, config.layer_map)
+    source.num_examples(config.train_split)  # names the store's splits if this one is missing
+    eval_splits = config.eval_splits or [s for s in source.splits if s != config.train_split]
     if not eval_splits:
-        raise PkdCacheError(f"store {config.store} has no dev split to evaluate on (splits: {', '.join(store.splits)})")
-    init = config.student_init or meta["teacher"].get("base_model")
+        raise PkdCacheError(f"store {config.store} has no dev split to evaluate on "
+                            f"(splits: {', '.join(source.splits)})")
+    init = config.student_init or meta.teacher.base_model
     if not init:
         raise PkdCacheError("the store does not record the teacher's base model; pass --student-init")
-    beta = config.beta if config.beta is not None else 100.0 / store.hidden_size
-    inputs = model_inputs(config.store, meta, ("the teacher", config.teacher), ("--student-init", init),
+    beta = config.beta if config.beta is not None else 100.0 / source.hidden_size
+    inputs = model_inputs(config.store, meta.teacher, ("the teacher", config.teacher), ("--student-init", init),
                           ("--data-dir", config.data_dir))
     if not config.resume:
         check_output_dir(config.output_dir, config.overwrite, "student", inputs=inputs)
@@ -99,7 +99,9 @@ def _plan(config: DistillConfig, store) -> _Plan:
     return _Plan(config, task, k, lmap, beta, init, eval_splits, inputs)
 
 
-def _pass_settings(config: DistillConfig) -> dict:
+def pass_settings(config: DistillConfig) -> dict:
+    """The settings (PASS_KEYS) that fix a student's batches: students with equal ones can train in one pass over
+    the store (`distill_many`); `sweep` groups its runs by them."""
     flat = {**to_dict(config), **to_dict(config.train)}
     return {k: flat.get(k) for k in PASS_KEYS}
 
@@ -115,9 +117,29 @@ def distill_many(configs: list[DistillConfig], description: str = "distill") -> 
     checkpoint, metrics.json); they must share the store, batch size, seed, epochs and max steps."""
     if not configs:
         return []
-    first = _pass_settings(configs[0])
+    resume = _check_pass(configs)
+    dist = dist_context(resolve_device(configs[0].device))
+    # log lines and bars from rank 0 only
+    with process_group(dist.ranks, dist.device), quiet(not dist.main), contextlib.ExitStack() as locks:
+        source = open_source(configs[0], dist.device)
+        plans = [_plan(c, source) for c in configs]  # every check before any model is built or folder written
+        if dist.main:  # one run writes an output folder at a time: held until the students are in place
+            for p in plans:
+                locks.enter_context(OutputLock(Path(p.config.output_dir), p.config.output_dir))
+        dist.barrier()  # every rank has checked the output folders before rank 0 prepares them
+        layers = sorted({layer for p in plans if p.need_cls for layer in p.lmap})
+        students = [_Student(p, source, layers, len(plans) > 1, dist) for p in plans]
+        metrics = _train_pass(students, _PassBatches(source, configs[0], layers, dist), description, resume)
+        dist.barrier()  # every rank returns once rank 0 has written the students
+    return metrics
+
+
+def _check_pass(configs: list[DistillConfig]) -> bool:
+    """The students of one pass share their batches, not their folders, and all resume or all start; whether
+    they resume."""
+    first = pass_settings(configs[0])
     for c in configs[1:]:
-        diff = [k for k, v in _pass_settings(c).items() if v != first[k]]
+        diff = [k for k, v in pass_settings(c).items() if v != first[k]]
         if diff:
             raise PkdCacheError(f"students trained in one pass must share {', '.join(PASS_KEYS)}; "
                                 f"{c.output_dir} differs in {', '.join(diff)}")
@@ -129,57 +151,45 @@ def distill_many(configs: list[DistillConfig], description: str = "distill") -> 
     resume = {c.resume for c in configs}
     if len(resume) != 1:
         raise PkdCacheError("the students of one pass must all resume or all start")
-    ranks = ranks_from_env()
-    device = rank_device(ranks, resolve_device(configs[0].device))
-    with process_group(ranks, device), _quiet(not ranks.main), contextlib.ExitStack() as locks:
-        store = _source(configs[0], device)
-        plans = [_plan(c, store) for c in configs]  # every check before any model is built or folder written
-        if ranks.main:  # one run writes an output folder at a time: held until the students are in place
-            for p in plans:
-                locks.enter_context(OutputLock(Path(p.config.output_dir), p.config.output_dir))
-        barrier(ranks)  # every rank has checked the output folders before rank 0 prepares them
-        layers = sorted({layer for p in plans if p.need_cls for layer in p.lmap})
-        members, finishers = zip(*(_member(p, store, device, layers, len(plans) > 1, ranks) for p in plans))
-        train_cfg = configs[0].train
-        fields = ("input_ids", "attention_mask", "token_type_ids", "labels", "logits") + (("cls",) if layers else ())
-        n, size = store.num_examples(configs[0].train_split), train_cfg.batch_size
-        sizes = batch_sizes(n, size, ranks.world)  # rows of each batch
+    return resume.pop()
 
-        def epoch_batches(epoch: int, start_batch: int = 0):
-            batches = store.batches(configs[0].train_split, size, shuffle=True, seed=train_cfg.seed, epoch=epoch,
-                                    layers=layers or None, fields=fields, pin_memory=device.type == "cuda",
-                                    start_batch=start_batch, shard=(ranks.rank, ranks.world))
-            if not (ranks.many or configs[0].per_device_batch_size):
-                return batches
-            return ({**b, GLOBAL_ROWS: sizes[start_batch + i]} for i, b in enumerate(batches))
 
-        t0 = time.perf_counter()
-        try:
-            results = train_many(list(members), len(sizes), epoch_batches, description=description,
-                                 save_steps=train_cfg.save_steps, resume=resume.pop())
-            metrics = [finish(result, time.perf_counter() - t0) for finish, result in zip(finishers, results)]
-        except BaseException:
-            for finish in finishers:  # a failed run: the old output stays, a resumable checkpoint too
-                if finish.output is not None:
-                    finish.output.abandon()
-            raise
-        barrier(ranks)  # every rank returns once rank 0 has written the students
-    return metrics
+def _train_pass(students: list[_Student], batches: _PassBatches, description: str, resume: bool) -> list[dict]:
+    """Train every student on the same batches; write each one's metrics and put it in place."""
+    train_cfg = students[0].plan.config.train
+    t0 = time.perf_counter()
+    try:
+        results = train_many([s.member for s in students], len(batches.sizes), batches, description=description,
+                             save_steps=train_cfg.save_steps, resume=resume)
+        return [s.finish(result, time.perf_counter() - t0) for s, result in zip(students, results)]
+    except BaseException:
+        for s in students:  # a failed run: the old output stays, a resumable checkpoint too
+            if s.output is not None:
+                s.output.abandon()
+        raise
 
 
 GLOBAL_ROWS = "_global_rows"  # under torchrun: the rows of the whole batch this rank's part belongs to
 
 
-@contextlib.contextmanager
-def _quiet(quiet: bool):
-    """Log lines and progress bars from rank 0 only."""
-    from ..progress import console
+class _PassBatches:
+    """`epoch_batches` of a pass: this rank's part of each training batch, with the CLS rows of `layers`."""
 
-    before, console.quiet = console.quiet, quiet or console.quiet
-    try:
-        yield
-    finally:
-        console.quiet = before
+    def __init__(self, source: BatchSource, config: DistillConfig, layers: list[int], dist: DistContext):
+        self.source, self.config, self.layers, self.dist = source, config, layers, dist
+        self.fields = ("input_ids", "attention_mask", "token_type_ids", "labels", "logits") + \
+            (("cls",) if layers else ())
+        self.sizes = batch_sizes(source.num_examples(config.train_split), config.train.batch_size, dist.world)
+
+    def __call__(self, epoch: int, start_batch: int = 0):
+        cfg, dist = self.config, self.dist
+        batches = self.source.batches(cfg.train_split, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                                      epoch=epoch, layers=self.layers or None, fields=self.fields,
+                                      pin_memory=dist.device.type == "cuda", start_batch=start_batch,
+                                      shard=(dist.rank, dist.world))
+        if not (dist.many or cfg.per_device_batch_size):
+            return batches
+        return ({**b, GLOBAL_ROWS: self.sizes[start_batch + i]} for i, b in enumerate(batches))
 
 
 class _Trainable(torch.nn.Module):
@@ -197,100 +207,104 @@ class _Trainable(torch.nn.Module):
         return outputs.logits, s_cls
 
 
-def _source(config: DistillConfig, device):
-    """Where the batches and the teacher's outputs come from: the store, or (online KD) the teacher itself."""
-    if config.teacher is None:
-        return open_store(config.store, allow_no_checksums=config.allow_no_checksums)
-    from ..online import OnlineSource
+class _Student:
+    """The student of a plan: built, trained as `member` (its loss, evaluation and best checkpoint below), and
+    finished by `finish`, which writes its metrics and puts it in place."""
 
-    return OnlineSource(config.teacher, config.task, config.data_dir, config.max_seq_length, config.chunk_size,
-                        device, config.max_examples)
+    def __init__(self, plan: _Plan, source: BatchSource, layers: list[int], named: bool, dist: DistContext):
+        config = plan.config
+        self.plan, self.source, self.dist, self.meta = plan, source, dist, source.meta
+        torch.manual_seed(config.train.seed)
+        self.student = build_student(plan.init, plan.task, plan.k, self.meta.tokenizer.vocab_fingerprint)
+        self.model = self.student.model
+        self.widths = self.model.config.hidden_size, source.hidden_size  # student's, teacher's
+        self.projection = None
+        if plan.need_cls and self.widths[0] != self.widths[1]:  # a narrower (or wider) student: learn a map
+            self.projection = torch.nn.Linear(*self.widths, bias=False)
+        # everything has loaded: start the output (aside, when it replaces one), or continue the interrupted one
+        self.output = None if not dist.main else resume_output(config.output_dir, "student", "distill") \
+            if config.resume else prepare_output(config.output_dir, config.overwrite, "student", "distill",
+                                                 inputs=plan.inputs)
+        self.out = self.output.work if self.output is not None else resume_dir(config.output_dir)  # others read
+        self.model.to(dist.device)
+        if self.projection is not None:
+            self.projection.to(dist.device)
+        self.weights = LossWeights(alpha=config.alpha, beta=plan.beta, temperature=config.temperature)
+        self.positions = [layers.index(layer) for layer in plan.lmap] if plan.need_cls else []
+        self.all_layers = self.positions == list(range(len(layers)))  # the batch's CLS rows are this student's
+        self._log_start()
+        self.forward, accumulation = self._wrap(_Trainable(self.model, self.projection, plan.k, plan.need_cls))
+        self.student.tokenizer.model_max_length = self.meta.max_seq_length  # `eval` scores at this length
+        self.main_key = main_metric_key(plan.task, plan.eval_splits)
+        steps_per_epoch = len(batch_sizes(source.num_examples(config.train_split), config.train.batch_size,
+                                          dist.world))
+        extra = list(self.projection.named_parameters(prefix="cls_projection")) if self.projection is not None \
+            else None
+        self.member = Member(self.model, config.train, total_steps_of(config.train, steps_per_epoch), self.loss,
+                             self.evaluate, self.main_key, self.save_best, extra,
+                             name=Path(config.output_dir).name if named else "", output_dir=self.out,
+                             accumulation=accumulation, dist=dist)
 
+    def _log_start(self) -> None:
+        plan, config = self.plan, self.plan.config
+        log(f"distilling a {plan.k}-layer student from {plan.init} on {plan.task.name} into {config.output_dir}: "
+            f"layer map {plan.lmap} of {self.source.teacher_layers} teacher layers, alpha {config.alpha:g}, "
+            f"beta {plan.beta:g}, T {config.temperature:g}"
+            + (f", CLS projected {self.widths[0]} -> {self.widths[1]}" if self.projection is not None else ""))
 
-def _member(plan: _Plan, store, device, layers: list[int], named: bool, ranks=Ranks()):
-    """The student of `plan` as a training `Member`, and a function that writes its metrics when training ends."""
-    config, task, k = plan.config, plan.task, plan.k
-    meta = store.info()
-    torch.manual_seed(config.train.seed)
-    student = build_student(plan.init, task, k, meta["tokenizer"].get("vocab_fingerprint"))
-    model = student.model
-    hidden, teacher_hidden = model.config.hidden_size, store.hidden_size
-    projection = None
-    if plan.need_cls and hidden != teacher_hidden:  # a narrower (or wider) student: learn a map to the teacher's width
-        projection = torch.nn.Linear(hidden, teacher_hidden, bias=False)
-    # everything has loaded: start the output (aside, when it replaces one), or continue the interrupted one
-    output = None if not ranks.main else resume_output(config.output_dir, "student", "distill") if config.resume \
-        else prepare_output(config.output_dir, config.overwrite, "student", "distill", inputs=plan.inputs)
-    out = output.work if output is not None else resume_dir(config.output_dir)  # other ranks only read checkpoints
-    model.to(device)
-    if projection is not None:
-        projection.to(device)
-    weights = LossWeights(alpha=config.alpha, beta=plan.beta, temperature=config.temperature)
-    positions = [layers.index(layer) for layer in plan.lmap] if plan.need_cls else []
-    log(f"distilling a {k}-layer student from {plan.init} on {task.name} into {config.output_dir}: layer map "
-        f"{plan.lmap} of {store.teacher_layers} teacher layers, alpha {config.alpha:g}, beta {plan.beta:g}, "
-        f"T {config.temperature:g}"
-        + (f", CLS projected {hidden} -> {teacher_hidden}" if projection is not None else ""))
-
-    trainable = _Trainable(model, projection, k, plan.need_cls)
-    forward, no_sync, micro_batches = trainable, None, None
-    if ranks.many or config.per_device_batch_size:
-        micro_batches = _micro_batches(config.per_device_batch_size, ranks.world)
-    if ranks.many:
+    def _wrap(self, trainable: _Trainable) -> tuple[torch.nn.Module, Optional[Accumulation]]:
+        """The module a step calls (DDP's wrapper under torchrun) and how a rank accumulates its part of a batch."""
+        config, dist = self.plan.config, self.dist
+        if not (dist.many or config.per_device_batch_size):
+            return trainable, None
+        split = _micro_batches(config.per_device_batch_size, dist.world)
+        if not dist.many:
+            return trainable, Accumulation(split)
         from torch.nn.parallel import DistributedDataParallel
 
-        forward = DistributedDataParallel(trainable, device_ids=[device] if device.type == "cuda" else None)
-        no_sync = forward.no_sync
-        torch.manual_seed(config.train.seed + ranks.rank)  # dropout differs across ranks; rank 0's is a 1-rank run's
+        device = dist.device
+        ddp = DistributedDataParallel(trainable, device_ids=[device] if device.type == "cuda" else None)
+        torch.manual_seed(config.train.seed + dist.rank)  # dropout differs across ranks; rank 0's is a 1-rank run's
+        return ddp, Accumulation(split, ddp.no_sync)
 
-    def loss_fn(batch):
-        logits, s_cls = forward(**to_model_inputs(batch, device))
+    def loss(self, batch: dict):
+        """The PKD loss of a batch (the single loss seam, student/losses.py)."""
+        device = self.dist.device
+        logits, s_cls = self.forward(**to_model_inputs(batch, device))
         on_device = {key: batch[key].to(device, non_blocking=True) for key in ("labels", "logits")}
-        if plan.need_cls:
-            cls = batch["cls"] if positions == list(range(len(layers))) else batch["cls"][:, positions]
+        if self.plan.need_cls:
+            cls = batch["cls"] if self.all_layers else batch["cls"][:, self.positions]
             on_device["cls"] = cls.to(device, non_blocking=True)
-        return pkd_loss(logits, s_cls, on_device, weights, task.is_regression)
+        return pkd_loss(logits, s_cls, on_device, self.weights, self.plan.task.is_regression)
 
-    def evaluate():
-        return score(model, {s: store.batches(s, 128, shuffle=False, fields=EVAL_FIELDS) for s in plan.eval_splits},
-                     task, device)
+    def evaluate(self) -> dict:
+        batches = {s: self.source.batches(s, 128, shuffle=False, fields=EVAL_FIELDS) for s in self.plan.eval_splits}
+        return score(self.model, batches, self.plan.task, self.dist.device)
 
-    student.tokenizer.model_max_length = int(meta["max_seq_length"])  # `eval` scores at the trained length
+    def save_best(self) -> None:  # the projection is a training aid: not part of the saved student
+        self.model.save_pretrained(self.out)
+        self.student.tokenizer.save_pretrained(self.out)
+        self.output.record()  # these files are pkd-cache's: a later --overwrite may replace them
 
-    def save_best():  # the projection is a training aid: not part of the saved student
-        model.save_pretrained(out)
-        student.tokenizer.save_pretrained(out)
-        output.record()  # these files are pkd-cache's: a later --overwrite may replace them
-
-    n, size = store.num_examples(config.train_split), config.train.batch_size
-    steps_per_epoch = len(batch_sizes(n, size, ranks.world))
-    main_key = main_metric_key(task, plan.eval_splits)
-    extra = list(projection.named_parameters(prefix="cls_projection")) if projection is not None else None
-    member = Member(model, config.train, total_steps_of(config.train, steps_per_epoch), loss_fn, evaluate, main_key,
-                    save_best, extra, name=Path(config.output_dir).name if named else "", output_dir=out,
-                    micro_batches=micro_batches, no_sync=no_sync, rank=ranks.rank,
-                    gather=functools.partial(gather, ranks) if ranks.many else None)
-
-    def finish(result, seconds: float) -> dict:
-        metrics = {"task": task.name, "store": config.store, "online_teacher": config.teacher,
-                   "student_init": plan.init, "student_layers": k,
+    def finish(self, result: TrainResult, seconds: float) -> dict:
+        """The student's metrics; on rank 0 also written, and the student put in place."""
+        plan, config = self.plan, self.plan.config
+        metrics = {"task": plan.task.name, "store": config.store, "online_teacher": config.teacher,
+                   "student_init": plan.init, "student_layers": plan.k,
                    "layer_map": plan.lmap, "alpha": config.alpha, "beta": plan.beta,
                    "temperature": config.temperature,
-                   "cls_projection": [hidden, teacher_hidden] if projection else None,
-                   "best_epoch": result.best_epoch, "best_" + main_key: result.best_metric, "history": result.history,
-                   "steps": result.steps, "wall_seconds": seconds,
-                   "teacher_weights_fingerprint": meta["teacher"].get("weights_fingerprint"), "config": to_dict(config),
-                   "ranks": ranks.world}
-        if not ranks.main:
+                   "cls_projection": list(self.widths) if self.projection else None,
+                   "best_epoch": result.best_epoch, "best_" + self.main_key: result.best_metric,
+                   "history": result.history, "steps": result.steps, "wall_seconds": seconds,
+                   "teacher_weights_fingerprint": self.meta.teacher.weights_fingerprint,
+                   "config": to_dict(config), "ranks": self.dist.world}
+        if not self.dist.main:
             return metrics
-        write_metrics(out, metrics)
-        checkpoint.remove(out)  # finished: the resume aid goes
-        final = output.commit()  # in place only now: the student it replaces was kept until here
-        log(f"best {main_key} {result.best_metric:.4f} (epoch {result.best_epoch}); student saved to {final}")
+        write_metrics(self.out, metrics)
+        checkpoint.remove(self.out)  # finished: the resume aid goes
+        final = self.output.commit()  # in place only now: the student it replaces was kept until here
+        log(f"best {self.main_key} {result.best_metric:.4f} (epoch {result.best_epoch}); student saved to {final}")
         return metrics
-
-    finish.output = output
-    return member, finish
 
 
 def _micro_batches(per_device: Optional[int], world: int):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from ..errors import PkdCacheError
+from ..store.format import TeacherMeta
 from ..version import __version__
 
 MARKER = "pkd_cache_output.json"
@@ -109,12 +110,10 @@ def check_inputs(out: Path, inputs: Iterable[tuple[str, Optional[str]]], flag: s
             raise PkdCacheError(f"{flag} {shown} is inside {label} ({value}); choose another {flag}")
 
 
-def model_inputs(store: Optional[str], meta: dict, *extra: tuple[str, Optional[str]]) -> list:
+def model_inputs(store: Optional[str], teacher: TeacherMeta, *extra: tuple[str, Optional[str]]) -> list:
     """The inputs of a run that trains from a store: the store, the teacher it recorded, and `extra` ones."""
-    teacher = meta.get("teacher") or {}
-    recorded = [teacher.get(k) for k in ("name_or_path", "resolved", "finetuned_by_dump")]
-    return [("the store", store), *(("the store's teacher", t) for t in recorded if isinstance(t, str)),
-            *extra]
+    recorded = (teacher.name_or_path, teacher.resolved, teacher.finetuned_by_dump)
+    return [("the store", store), *(("the store's teacher", t) for t in recorded if t is not None), *extra]
 
 
 def check_output_dir(path: str, overwrite: bool, kind: str = "student", flag: str = "--output-dir",

@@ -91,7 +91,7 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
             raise PkdCacheError(f"--grid {spec!r}: no values")
         unique: dict[str, Any] = {}
         for v in parsed:  # drop repeats (by name, so nan,nan is one value), keep order
-            unique.setdefault(_fmt(v), v)
+            unique.setdefault(value_name(v), v)
         grid[key] = list(unique.values())
     return grid
 
@@ -117,7 +117,7 @@ def plan_runs(sweep: SweepConfig, hidden_size: int) -> list[Run]:
                 setattr(cfg.train, k, v)
             else:
                 setattr(cfg, k, v)
-        name = "_".join(f"{k}={_fmt(v)}" for k, v in values.items()) or "run"
+        name = "_".join(f"{k}={value_name(v)}" for k, v in values.items()) or "run"
         # the sweep owns its run folders (finished ones are skipped before this matters); --overwrite only ever
         # replaces a student folder pkd-cache wrote there (paths.py), never anything else
         cfg.overwrite = True
@@ -132,7 +132,7 @@ def plan_runs(sweep: SweepConfig, hidden_size: int) -> list[Run]:
 SAFE = re.compile(r"[A-Za-z0-9.+-]+")
 
 
-def _fmt(v) -> str:
+def value_name(v) -> str:
     """A grid value as it appears in a run name; different values never read the same (the name is a folder)."""
     if isinstance(v, float):
         short = f"{v:g}"  # 0.5, 1e-05, 5: as the value was typed, when that is exact
@@ -196,16 +196,16 @@ def sweep(config: SweepConfig) -> list[dict]:
     grid (see sweep_report.result_rows)."""
     config.check()  # before the imports below bring in torch (seconds): a bad value is refused at once
     config.base.check()
-    from .distill import _pass_settings, distill_many
+    from .distill import distill_many, pass_settings
     from ..store.reader import open_store
     from .sweep_report import write_report
 
     store = open_store(config.base.store, allow_no_checksums=config.base.allow_no_checksums)
     runs = plan_runs(config, store.hidden_size)
     out = Path(config.base.output_dir).expanduser()
-    meta = store.info()
+    teacher = store.meta.teacher
     _check_folder(out, config.base.output_dir, model_inputs(
-        config.base.store, meta, ("--student-init", config.base.student_init or meta["teacher"].get("base_model"))))
+        config.base.store, teacher, ("--student-init", config.base.student_init or teacher.base_model)))
     out.mkdir(parents=True, exist_ok=True)
     mark_folder(out, "sweep", "sweep")
     write_plan(out, config, store.hidden_size)
@@ -219,14 +219,14 @@ def sweep(config: SweepConfig) -> list[dict]:
         f"({config.students_per_pass} per pass over the store)")
     groups: dict[str, list[Run]] = {}
     for r in pending:
-        groups.setdefault(json.dumps(_pass_settings(r.config), sort_keys=True, default=str), []).append(r)
+        groups.setdefault(json.dumps(pass_settings(r.config), sort_keys=True, default=str), []).append(r)
     passes = [g[k:k + config.students_per_pass] for g in groups.values()
               for k in range(0, len(g), config.students_per_pass)]
     for k, group in enumerate(passes):
         log(f"sweep pass {k + 1}/{len(passes)}: {', '.join(r.name for r in group)}")
         distill_many([r.config for r in group], description=f"sweep {k + 1}/{len(passes)}")
-        write_report(out, runs, config.top, quiet=True)
-    return write_report(out, runs, config.top)
+        write_report(out, finished(runs), config.top, quiet=True)
+    return write_report(out, finished(runs), config.top)
 
 
 PLAN_FILE = "sweep.json"
@@ -265,6 +265,11 @@ def write_plan(out: Path, config: SweepConfig, hidden_size: int) -> None:
     tmp.replace(path)
 
 
+def finished(runs: list) -> list:
+    """The runs whose results are theirs (not missing, torn, or another run's settings): what a report shows."""
+    return [r for r in runs if is_done(r)]
+
+
 def collect(folder: str, top: int = 10) -> list[dict]:
     """`sweep --collect DIR`: results.csv, the table and the plot over every finished run of the sweep in DIR
     (written by any number of shards); logs the runs not finished yet."""
@@ -285,7 +290,7 @@ def collect(folder: str, top: int = 10) -> list[dict]:
         raise PkdCacheError(f"--collect {folder}: {PLAN_FILE} is not a sweep plan this version reads ({e})") from None
     shards = int(plan.get("shards", 1))
     missing = [(k, r) for k, r in enumerate(runs) if not is_done(r)]
-    rows = write_report(out, runs, top)
+    rows = write_report(out, finished(runs), top)
     if missing:
         names = ", ".join(f"{r.name} (shard {shard_of(k, shards)}/{shards})" for k, r in missing[:10])
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""

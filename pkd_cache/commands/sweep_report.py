@@ -15,13 +15,10 @@ SETTINGS = ("student_layers", "strategy", "alpha", "beta", "temperature", "learn
 
 
 def result_rows(runs) -> list[dict]:
-    """One dict per finished run: its name, grid values, settings and results (metric, epoch, wall time)."""
-    from .sweep import is_done
-
+    """One dict per finished run (the caller passes only those: sweep.finished): its name, grid values, settings
+    and results (metric, epoch, wall time)."""
     rows = []
     for run in runs:
-        if not is_done(run):  # missing, torn, or another run's settings: not this run's result
-            continue
         m = json.loads((Path(run.config.output_dir) / "metrics.json").read_text())
         cfg, train = m.get("config", {}), m.get("config", {}).get("train", {})
         metric_key = next((k for k in m if k.startswith("best_") and k != "best_epoch"), None)

@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .format import ARRAYS, FORMAT_NAME, FORMAT_VERSION
     from .reader import Store, open_store
-    from .writer import StoreWriter, check_target, open_writer
+    from .writer import check_target, open_writer
+    from .zarr_backend import StoreWriter
 
 _LAZY = {"ARRAYS": "format", "FORMAT_NAME": "format", "FORMAT_VERSION": "format", "Store": "reader",
-         "open_store": "reader", "StoreWriter": "writer", "check_target": "writer", "open_writer": "writer"}
+         "open_store": "reader", "StoreWriter": "zarr_backend", "check_target": "writer", "open_writer": "writer"}
 
 __all__ = ["ARRAYS", "FORMAT_NAME", "FORMAT_VERSION", "Store", "open_store", "StoreWriter", "check_target", "open_writer"]
 

@@ -4,9 +4,9 @@ zarr-python creates the arrays (their `zarr.json`), but the chunk bytes go throu
 through `array[a:b]` costs several times the Blosc decode itself (store access, the async codec pipeline, copies
 into the output; benchmarks/RESULTS.md, B3). The arrays pkd-cache writes have one layout (docs/FORMAT.md): a
 regular chunk grid, the default `c/<i>/<j>/...` chunk keys, and the codecs `bytes` (little endian) then `blosc`,
-so a chunk is one Blosc frame: `ChunkReader` fetches it (a local file read or one fsspec request), checks its
-CRC-32C against the store's manifest and decompresses it straight into the destination buffer in one call that
-releases the GIL. An array in any other layout is refused when the store is opened (store/trust.py): another
+so a chunk is one Blosc frame: the Zarr backend's reader (store/zarr_backend.py) fetches it through the checksum
+check (store/integrity.py) and `decode_frame` decompresses it straight into the destination buffer in one call
+that releases the GIL. An array in any other layout is refused when the store is opened (store/trust.py): another
 codec chain could make the checksummed bytes mean other values.
 """
 from __future__ import annotations
@@ -16,33 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import PkdCacheError
-
-
-class ChunkError(PkdCacheError):
-    """A chunk that is missing, corrupt or undecodable: names the store and the chunk; `reason` says what."""
-
-    def __init__(self, location, key: str, reason: str):
-        self.key, self.reason = key, reason
-        super().__init__(f"store {location}: chunk {key} {reason}; run `pkd-cache verify {location}`")
-
-
-CHECKSUMS_KEY = "checksums.json"  # {"algorithm": "crc32c", "chunks": {"train/cls/c/0/3/0": [nbytes, crc32c]}}
-
-
-def write_manifest(location, checksums: dict, metadata: dict) -> None:
-    """Write `checksums.json` and record it in the metadata (before the complete flag is set)."""
-    import json
-
-    manifest = {"algorithm": "crc32c", "chunks": dict(sorted(checksums.items()))}
-    location.write(CHECKSUMS_KEY, json.dumps(manifest, separators=(",", ":")).encode())
-    metadata["checksums"] = {"file": CHECKSUMS_KEY, "algorithm": "crc32c", "chunks": len(checksums)}
-
-
-def crc32c(data: bytes) -> int:
-    import google_crc32c  # a zarr dependency; hardware CRC-32C (>10 GB/s)
-
-    return int(google_crc32c.value(bytes(data) if not isinstance(data, (bytes, bytearray)) else data))
+from .integrity import ChunkError
 
 
 def blosc_params(array) -> Optional[dict]:
@@ -83,72 +57,6 @@ def encode_chunk(values: np.ndarray, params: dict) -> bytes:
                                     params["blocksize"], values.dtype.itemsize)
 
 
-class ArrayChunks:
-    """What the stream needs of an array's chunk reader, for sources other than Zarr (Arrow shards, memory):
-    `chunks`, `shape`, `dtype`, `buffer()` and `read_into(coords, out)`."""
-
-    direct = True
-
-    def __init__(self, array):
-        self.array, self.chunks, self.shape = array, tuple(array.chunks), tuple(array.shape)
-        self.dtype, self.fill_value = np.dtype(array.dtype), 0
-
-    def buffer(self) -> np.ndarray:
-        return np.empty(self.chunks, self.dtype)
-
-    def read_into(self, coords: tuple[int, ...], out: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-
-class ChunkReader:
-    """Chunks of one Zarr array of a store, each fetched as one file, checked and decoded into a C-contiguous buffer
-    of the chunk's full shape. No zarr here: `Store` has checked the array's `zarr.json` against the metadata
-    (store/trust.py), so the layout is pkd-cache's own (default chunk keys, `bytes` little endian then `blosc`)."""
-
-    direct = True
-
-    def __init__(self, location, key: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype,
-                 checksums: Optional[dict] = None):
-        self.location, self.key = location, key
-        self.shape, self.chunks, self.dtype = tuple(shape), tuple(chunks), np.dtype(dtype)
-        self.fill_value = 0
-        self.checksums = checksums  # None: a store without a manifest, opened with --allow-no-checksums
-
-    def buffer(self) -> np.ndarray:
-        return np.empty(self.chunks, self.dtype)
-
-    def chunk_name(self, coords: tuple[int, ...]) -> str:
-        """How messages name a chunk: its key inside the array (`c/3/5/0`)."""
-        return "c/" + "/".join(map(str, coords))
-
-    def file_key(self, coords: tuple[int, ...]) -> str:
-        """The chunk's path in the store and in the checksum manifest (`train/cls/c/3/5/0`)."""
-        return f"{self.key}/{self.chunk_name(coords)}"
-
-    def read_into(self, coords: tuple[int, ...], out: np.ndarray) -> np.ndarray:
-        """Chunk `coords` (chunk-grid indices) into `out` (the full chunk shape). Every chunk must exist (pkd-cache
-        writes them all), match the manifest, and decode to exactly the buffer's size."""
-        import numcodecs.blosc
-
-        key = self.file_key(coords)
-        try:
-            data = self.location.read(key)
-        except FileNotFoundError:
-            raise ChunkError(self.location, key, "is missing") from None
-        check_recorded(self.location, key, data, self.checksums)
-        nbytes, cbytes = blosc_sizes(data)
-        if cbytes != len(data):
-            raise ChunkError(self.location, key, "is not a whole Blosc frame: the store is damaged")
-        if nbytes != out.nbytes:
-            raise ChunkError(self.location, key, f"decodes to {nbytes:,} bytes where its array's chunk holds "
-                                                 f"{out.nbytes:,}: the store is damaged")
-        try:
-            numcodecs.blosc.decompress(data, out)
-        except Exception as e:  # a truncated or altered chunk in a store without checksums
-            raise ChunkError(self.location, key, f"cannot be decoded ({e}): the store is damaged") from e
-        return out
-
-
 def blosc_sizes(data: bytes) -> tuple[int, int]:
     """(decoded bytes, frame bytes) from a Blosc frame's 16-byte header (both little-endian uint32, at offsets 4 and
     12): read before decoding, so a chunk never decodes into a buffer of another size."""
@@ -157,12 +65,19 @@ def blosc_sizes(data: bytes) -> tuple[int, int]:
     return int.from_bytes(data[4:8], "little"), int.from_bytes(data[12:16], "little")
 
 
-def check_recorded(location, key: str, data: bytes, checksums: Optional[dict]) -> None:
-    """A chunk file's bytes against the manifest (nothing to compare with when the store has none)."""
-    if checksums is None:
-        return
-    recorded = checksums.get(key)
-    if recorded is None:
-        raise ChunkError(location, key, "is not in the store's checksum manifest")
-    if len(data) != recorded[0] or crc32c(data) != recorded[1]:
-        raise ChunkError(location, key, "is corrupt (its checksum does not match the one recorded at dump time)")
+def decode_frame(location, key: str, data: bytes, out: np.ndarray) -> np.ndarray:
+    """A chunk file's Blosc frame (already checked against the manifest) into `out`: it must be one whole frame that
+    decodes to exactly the buffer's size, checked from its header before anything is decoded."""
+    import numcodecs.blosc
+
+    nbytes, cbytes = blosc_sizes(data)
+    if cbytes != len(data):
+        raise ChunkError(location, key, "is not a whole Blosc frame: the store is damaged")
+    if nbytes != out.nbytes:
+        raise ChunkError(location, key, f"decodes to {nbytes:,} bytes where its array's chunk holds "
+                                        f"{out.nbytes:,}: the store is damaged")
+    try:
+        numcodecs.blosc.decompress(data, out)
+    except Exception as e:  # a truncated or altered chunk in a store without checksums
+        raise ChunkError(location, key, f"cannot be decoded ({e}): the store is damaged") from e
+    return out

@@ -10,7 +10,7 @@ if TYPE_CHECKING:  # `ls` and `serve` only summarise metadata: no reader, no num
     from .reader import Store
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:,.1f} {unit}" if unit != "B" else f"{n} B"
@@ -37,7 +37,7 @@ def print_info(store: Store) -> None:
         ("cls dtype", str(m.get("cls_dtype"))),
         ("created", str(m.get("created_at"))),
         ("completed", str(m.get("completed_at", "-"))),
-        ("size on disk", _human(store.size_bytes())),
+        ("size on disk", human_bytes(store.size_bytes())),
     ]
     for k, v in rows:
         head.add_row(f"[bold]{k}", v)

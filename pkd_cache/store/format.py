@@ -13,27 +13,67 @@ Arrays per split (N examples, S = max_seq_length, C labels, L teacher layers, H 
     cls             N x (L+1) x H  float16 (default), float32 or int8: [CLS] hidden state; index 0 = embedding
                                    output, index i = output of encoder layer i
     cls_scale       N x (L+1)    float32  only with int8 `cls`: cls ≈ cls * cls_scale[..., None]
+
+The metadata is a JSON object (`StoreMeta` below reads it once it has been checked, store/trust.py).
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
+from dataclasses import dataclass, field
 from typing import Optional
+
+from ..config import CLS_DTYPES, STORE_FORMATS  # noqa: F401 - defined with the dump settings that choose them
 
 FORMAT_NAME = "pkd-cache"
 FORMAT_VERSION = 1
 TOKEN_ARRAYS = ("input_ids", "attention_mask", "token_type_ids")
 TOKEN_DTYPES = {"input_ids": "int32", "attention_mask": "uint8", "token_type_ids": "uint8"}  # as stored
 ARRAYS = TOKEN_ARRAYS + ("labels", "logits", "cls")
-CLS_DTYPES = ("float16", "float32", "int8")  # int8: plus `cls_scale` (N x (L+1) float32)
-STORE_FORMATS = ("zarr", "arrow")
 ARROW_META = "pkd_cache.json"  # the metadata of an Arrow store (a Zarr store's is the attributes of its zarr.json)
+# {store format: (the file holding the metadata, the key inside it, None = the whole document)}; here, not in the
+# backends, because `ls` and `serve` read metadata and import neither numpy nor zarr
+META_FILES = {"zarr": ("zarr.json", "attributes"), "arrow": (ARROW_META, None)}
+JOURNAL = ".pkd_cache"  # an unfinished store's progress records and writer lock (store/integrity.py, journal.py)
+
+# `cls` is stored one layer per chunk (Zarr) or per column (Arrow): a student reads only the layers its map names.
+# The helpers below are the only place that knows it.
+LAYERED = "cls"
+LAYER_AXIS_ARRAYS = ("cls", "cls_scale")  # arrays whose axis 1 is the layer (0 = embeddings): `layers` selects
+
+
+def is_layered(name: str) -> bool:
+    """Whether array `name` is stored one layer per chunk / column."""
+    return name == LAYERED
+
+
+def layer_part(name: str, layer: int) -> str:
+    """What holds layer `layer` of array `name` in an Arrow shard: `cls_3` for a layered array, else the name."""
+    return f"{name}_{layer}" if is_layered(name) else name
+
+
+def layer_parts(name: str, width: int) -> list[str]:
+    """Every column holding array `name`, whose axis 1 is `width` long."""
+    return [layer_part(name, i) for i in range(width)] if is_layered(name) else [name]
+
+
+def part_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of one row of one part (layer column) of array `name` of `shape`."""
+    return tuple(shape[2:]) if is_layered(name) else tuple(shape[1:])
+
+
+def chunk_shape(name: str, shape: tuple[int, ...], chunk_size: int) -> tuple[int, ...]:
+    """The chunk shape pkd-cache writes: `chunk_size` rows, whole along every other axis but a layered array's
+    layer axis (one layer per chunk)."""
+    rows = min(chunk_size, shape[0])
+    return (rows, 1) + tuple(shape[2:]) if is_layered(name) else (rows,) + tuple(shape[1:])
 
 
 def read_metadata(location) -> Optional[dict]:
     """The metadata of the store at `location` (Zarr or Arrow flavour), None if there is no store there.
 
     Here rather than in the writer: `ls` and `serve` call it, and this module imports neither numpy nor zarr."""
-    for key, inner in (("zarr.json", "attributes"), (ARROW_META, None)):
+    for key, inner in META_FILES.values():
         try:
             meta = json.loads(location.read(key))
         except (OSError, ValueError):
@@ -71,10 +111,112 @@ def split_arrays(n: int, seq_len: int, num_labels: int, layers: int, hidden: int
     return shapes
 
 
-def expected_arrays(meta: dict) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
-    """{split: {array: (shape, dtype)}} that the metadata promises; KeyError/TypeError/ValueError if malformed."""
-    layers, hidden = int(meta["teacher"]["num_layers"]), int(meta["teacher"]["hidden_size"])
-    seq, labels = int(meta["max_seq_length"]), int(meta["task"]["num_labels"])
-    label_dtype = "float32" if meta["task"].get("is_regression") else "int64"
-    return {s: split_arrays(int(v["num_examples"]), seq, labels, layers, hidden, str(meta["cls_dtype"]), label_dtype)
-            for s, v in meta["splits"].items()}
+def now() -> str:
+    """A timestamp as the metadata records it (UTC, seconds)."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_metadata(metadata: dict, store_format: str, package_version: str) -> dict:
+    """The metadata a new store starts with (`complete` false until the writer's last write): the one place the
+    format's own entries are written; `metadata` adds the dump's (teacher, task, tokenizer, settings, ...)."""
+    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "complete": False,
+            "package_version": package_version, "created_at": now(), "store_format": store_format, **metadata,
+            "splits": {}}
+
+
+def _str(value) -> Optional[str]:
+    """A recorded name or path: a string, or None for anything else (nothing downstream trusts another type)."""
+    return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class TeacherMeta:
+    num_layers: int
+    hidden_size: int
+    name_or_path: Optional[str] = None
+    base_model: Optional[str] = None
+    weights_fingerprint: Optional[str] = None
+    resolved: Optional[str] = None  # the hub name or folder the teacher was loaded from
+    finetuned_by_dump: Optional[str] = None  # the folder dump fine-tuned the teacher into, if it did
+    config: dict = field(default_factory=dict)  # the teacher's model config entries a reader checks values with
+
+
+@dataclass(frozen=True)
+class TaskMeta:
+    num_labels: int
+    is_regression: bool
+    name: Optional[str] = None
+    label_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenizerMeta:
+    vocab_size: int
+    name_or_path: Optional[str] = None
+    vocab_fingerprint: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class SplitMeta:
+    num_examples: int
+    source: Optional[str] = None
+    data_fingerprint: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """A store's metadata, typed. Built by `from_dict` only after `trust.meta_problems` found nothing wrong with the
+    entries that size the arrays, so every field here has the type it says. `raw` is the dict as stored (entries
+    this class does not name, such as `settings` or `resumptions`, are read from it)."""
+
+    format_version: int
+    complete: bool
+    chunk_size: int
+    max_seq_length: int
+    cls_dtype: str
+    teacher: TeacherMeta
+    task: TaskMeta
+    tokenizer: TokenizerMeta
+    splits: dict[str, SplitMeta]
+    store_format: str = "zarr"
+    cache_key: Optional[str] = None
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, meta: dict) -> "StoreMeta":
+        """The one place a store's metadata dict is read into fields (after `trust.meta_problems`)."""
+        t, k, tok = meta["teacher"], meta["task"], meta["tokenizer"]
+        config = t.get("config")
+        return cls(
+            format_version=int(meta["format_version"]), complete=bool(meta.get("complete")),
+            chunk_size=int(meta["chunk_size"]), max_seq_length=int(meta["max_seq_length"]),
+            cls_dtype=str(meta["cls_dtype"]), store_format=str(meta.get("store_format") or "zarr"),
+            cache_key=_str(meta.get("cache_key")),
+            teacher=TeacherMeta(num_layers=int(t["num_layers"]), hidden_size=int(t["hidden_size"]),
+                                name_or_path=t.get("name_or_path"), base_model=t.get("base_model"),
+                                weights_fingerprint=_str(t.get("weights_fingerprint")), resolved=_str(t.get("resolved")),
+                                finetuned_by_dump=_str(t.get("finetuned_by_dump")),
+                                config=dict(config) if isinstance(config, dict) else {}),
+            task=TaskMeta(num_labels=int(k["num_labels"]), is_regression=bool(k["is_regression"]), name=k.get("name"),
+                          label_names=tuple(k.get("label_names") or ())),
+            tokenizer=TokenizerMeta(vocab_size=int(tok["vocab_size"]), name_or_path=tok.get("name_or_path"),
+                                    vocab_fingerprint=tok.get("vocab_fingerprint")),
+            splits={name: SplitMeta(num_examples=int(s["num_examples"]), source=s.get("source"),
+                                    data_fingerprint=s.get("data_fingerprint")) for name, s in meta["splits"].items()},
+            raw=dict(meta))
+
+    def to_dict(self) -> dict:
+        """The metadata as stored (the dict it was read from)."""
+        return dict(self.raw)
+
+    @property
+    def label_dtype(self) -> str:
+        return "float32" if self.task.is_regression else "int64"
+
+    def split_arrays(self, split: str) -> dict[str, tuple[tuple[int, ...], str]]:
+        """{array: (shape, dtype)} the metadata promises for `split`."""
+        return split_arrays(self.splits[split].num_examples, self.max_seq_length, self.task.num_labels,
+                            self.teacher.num_layers, self.teacher.hidden_size, self.cls_dtype, self.label_dtype)
+
+    def expected_arrays(self) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
+        return {s: self.split_arrays(s) for s in self.splits}

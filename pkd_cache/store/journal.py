@@ -1,13 +1,10 @@
-"""A dump's durable progress and its single-writer lock, kept inside the unfinished store.
+"""A dump's single-writer lock, kept inside the unfinished store, and the clean-up of what a killed writer left.
 
-    <store>/.pkd_cache/progress/<split>/<chunk>.json   {file key: [nbytes, crc32c]} of one chunk's files, written
-                                                       (atomically) only after all of them are in place
     <store>/.pkd_cache/lock.json                       {host, pid, proc_start, started} of the dump writing the
                                                        store (proc_start: the process's start time)
 
-A chunk counts as durable only if its record exists and every file it lists is there with the recorded size and
-CRC; anything else a crash left behind is redone. `finish` folds the records into `checksums.json` and removes
-the folder once the store is complete.
+The same folder holds the dump's durable progress (store/integrity.py); `finish` folds it into `checksums.json`
+and removes the folder once the store is complete.
 """
 from __future__ import annotations
 
@@ -19,40 +16,10 @@ import socket
 from typing import Optional
 
 from ..errors import PkdCacheError
-from .chunks import crc32c
+from .format import JOURNAL as FOLDER
 from .location import Location
 
-FOLDER = ".pkd_cache"
-PROGRESS = f"{FOLDER}/progress"
 LOCK = f"{FOLDER}/lock.json"
-
-
-def record_chunk(location: Location, split: str, chunk: int, checksums: dict[str, list[int]]) -> None:
-    location.write(f"{PROGRESS}/{split}/{chunk:06d}.json", json.dumps(checksums).encode())
-
-
-def durable_chunks(location: Location, split: str) -> dict[int, dict[str, list[int]]]:
-    """{chunk: its files' checksums} for the chunks of `split` whose record and files check out."""
-    out = {}
-    for name in location.list(f"{PROGRESS}/{split}"):
-        if not name.endswith(".json"):
-            continue
-        try:
-            record = json.loads(location.read(f"{PROGRESS}/{split}/{name}"))
-            ok = all(_matches(location, key, n, crc) for key, (n, crc) in record.items())
-        except (OSError, ValueError, TypeError):
-            ok = False
-        if ok:
-            out[int(name[:-5])] = record
-    return out
-
-
-def _matches(location: Location, key: str, n: int, crc: int) -> bool:
-    try:
-        data = location.read(key)
-    except FileNotFoundError:
-        return False
-    return len(data) == n and crc32c(data) == crc
 
 
 class WriterLock:

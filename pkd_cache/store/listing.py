@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import PkdCacheError
-from .describe import _human, summary_from_meta
+from .describe import human_bytes, summary_from_meta
 from .format import read_metadata
 from .location import Location, is_url
 
@@ -71,6 +71,6 @@ def print_stores(url: str, stores: list[dict]) -> None:
     for s in stores:
         splits = ", ".join(f"{k} {v:,}" for k, v in (s.get("splits") or {}).items())
         table.add_row(s["name"], str(s.get("task")), str(s.get("teacher")), f"{s.get('layers')} x {s.get('hidden')}",
-                      splits, str(s.get("cls_dtype")), _human(s["bytes"]) if s.get("bytes") is not None else "?",
+                      splits, str(s.get("cls_dtype")), human_bytes(s["bytes"]) if s.get("bytes") is not None else "?",
                       "yes" if s.get("complete") else "NO", str(s.get("created_at") or "-"))
     Console().print(table)

@@ -103,7 +103,7 @@ class Location:
 
     def remove(self, key: str) -> None:
         """Delete `key` (a file or a folder) if it exists."""
-        self._writable()
+        self.check_writable()
         if not self.url:
             import shutil
 
@@ -130,7 +130,7 @@ class Location:
 
     def write(self, key: str, data: bytes) -> None:
         """Write `key` whole; a local file appears only once complete (written aside, then renamed)."""
-        self._writable()
+        self.check_writable()
         if not self.url:
             target = self.local / key
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +144,7 @@ class Location:
 
     def remove_all(self) -> None:
         """Delete the whole store (used by --overwrite after the caller checked it is a store)."""
-        self._writable()
+        self.check_writable()
         if not self.url:
             import shutil
 
@@ -165,7 +165,8 @@ class Location:
         return FsspecStore.from_url(self.path, storage_options=self.storage_options,
                                     read_only=read_only or self.read_only)
 
-    def _writable(self) -> None:
+    def check_writable(self) -> None:
+        """Refuse to write where the store can only be read."""
         if self.read_only:
             raise PkdCacheError(f"{self.path} is read-only (http(s) stores can be read, not written)")
 

@@ -1,19 +1,23 @@
-"""Reading a store: its metadata, and shuffled or ordered batches of torch tensors."""
+"""Reading a store: its metadata, and shuffled or ordered batches of torch tensors.
+
+`Store` picks its backend when it opens (store/registry.py, by the metadata file the store holds) and is the one
+place every read passes through: the metadata checked before it is used (`meta`), the layout against the manifest
+at open (`layout_problems`), and each array handed out only as a checked source (`chunk_reader`, store/backend.py)
+whose chunk files are compared with the manifest and whose values are checked."""
 from __future__ import annotations
 
-import json
-import math
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import numpy as np
 
 from ..errors import PkdCacheError
-from .chunks import ChunkError, ChunkReader
-from .format import ARRAYS, ARROW_META, FORMAT_NAME, FORMAT_VERSION, expected_arrays
+from .backend import Backend, ChunkedArray, CheckedChunks, LayoutProblem, checked_source
+from .format import ARRAYS, FORMAT_NAME, FORMAT_VERSION, LAYERED, StoreMeta
+from .integrity import NO_MANIFEST, ChunkFiles, file_problems, load_manifest, manifest_problems
 from .location import Location
 from .quantize import dequantize_int8
-from .trust import (MAX_CHUNK_BYTES, NO_MANIFEST, chunk_count, chunk_keys, load_manifest, manifest_problems, meta_problems,
-                    value_problem, zarr_array_problem)
+from .registry import backend_at
+from .trust import meta_problems
 
 if TYPE_CHECKING:  # only `batches` makes tensors (stream.to_batch imports torch): `info` and `verify` never do
     import torch
@@ -32,24 +36,7 @@ class Store:
                  allow_no_checksums: bool = False):
         self.path = str(path)
         self.location = Location(self.path, storage_options)
-        self.root = None  # the Zarr group (None for an Arrow store)
-        if self.location.exists("zarr.json"):
-            try:
-                doc = json.loads(self.location.read("zarr.json"))
-                attrs = doc.get("attributes") if isinstance(doc, dict) and doc.get("node_type") == "group" else None
-            except ValueError as e:
-                raise PkdCacheError(f"{path} is not a pkd-cache store (zarr.json is not valid JSON: {e})") from e
-            self._zarr = True
-        elif self.location.exists(ARROW_META):
-            try:
-                attrs = json.loads(self.location.read(ARROW_META))
-            except ValueError as e:
-                raise PkdCacheError(f"{path} is not a pkd-cache store ({ARROW_META} is not valid JSON: {e})") from e
-            self._zarr = False
-        else:
-            what = "is not a pkd-cache store (no zarr.json or pkd_cache.json)" if self.location.exists() \
-                else "does not exist"
-            raise PkdCacheError(f"store {path} {what}")
+        backend, attrs = backend_at(self.location, self.path)
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
             raise PkdCacheError(f"{path} is not a pkd-cache store (no 'format: {FORMAT_NAME}' attribute)")
         version = attrs.get("format_version")
@@ -58,10 +45,12 @@ class Store:
                                 f"{FORMAT_VERSION}: upgrade pkd-cache")
         if require_complete and not attrs.get("complete"):
             raise PkdCacheError(f"store {path} is not complete (its dump did not finish); re-run the dump")
-        self.meta = attrs
+        self._raw = attrs  # the metadata as stored; `meta` is it typed, once checked
+        self._meta: Optional[StoreMeta] = None
+        self._backend_type, self._backend = backend, None
         self.allow_no_checksums = allow_no_checksums
         self._manifest: Optional[tuple] = None  # (checksums or None,) once loaded
-        self._arrow = None
+        self._files: Optional[ChunkFiles] = None
         self._chunks: dict[tuple[str, str], tuple[int, ...]] = {}  # chunk shapes, once the layout is checked
         self._values_checked: set[str] = set()  # chunks whose values passed (CheckedChunks)
         self._expected: Optional[dict] = None  # {split: {array: (shape, dtype)}} once the metadata is checked
@@ -74,30 +63,41 @@ class Store:
                 raise PkdCacheError(f"store {path} is damaged or was altered: {problems[0]}{more}; run "
                                     f"`pkd-cache verify {path}`")
 
+    @property
+    def backend(self) -> Backend:
+        """The store's format (store/registry.py), given the metadata once it is checked."""
+        if self._backend is None:
+            self._backend = self._backend_type(self.location, self.meta)
+        return self._backend
+
+    @property
+    def meta(self) -> StoreMeta:
+        """The metadata, typed (`info()` is the dict as stored); refused while `trust.meta_problems` finds any."""
+        if self._meta is None:
+            problems = meta_problems(self._raw)
+            if problems:
+                raise PkdCacheError(f"store {self.path}: {problems[0]}; run `pkd-cache verify {self.path}`")
+            self._meta = StoreMeta.from_dict(self._raw)
+        return self._meta
+
     def layout_problems(self, check_files: bool = False) -> list[str]:
         """What disagrees between the metadata, each array's `zarr.json` and the manifest (store/trust.py), with
         `check_files` also each chunk file's presence and size (local stores: one stat per chunk). Empty when the
         store is sound enough to read chunk by chunk; nothing here allocates in proportion to a claimed size."""
-        problems = meta_problems(self.meta)
+        problems = meta_problems(self._raw)
         if problems:
             return problems
         grids: dict[str, tuple] = {}  # "train/cls" -> (shape, chunk shape)
-        for split, arrays in expected_arrays(self.meta).items():
+        for split, arrays in self.meta.expected_arrays().items():
             for name, (shape, dtype) in arrays.items():
-                chunks = self._array_chunks(split, name, shape, dtype, problems)
-                if chunks is not None:
-                    grids[f"{split}/{name}"] = (shape, chunks)
-        counts = {a: chunk_count(shape, chunks) for a, (shape, chunks) in grids.items()}
+                try:
+                    grids[f"{split}/{name}"] = (shape, self._chunks_of(split, name, shape, dtype))
+                except LayoutProblem as e:
+                    problems.append(str(e))
         if problems:
             return problems
+        counts, keys = self.backend.file_keys(grids)
         manifest = self.checksums
-        if self._zarr:
-            keys = lambda: (k for a, (shape, chunks) in grids.items() for k in chunk_keys(a, shape, chunks))  # noqa: E731
-        else:  # one shard file per chunk of rows holds every array of the split
-            from .arrow import shard_key
-
-            counts = {s: -(-v["num_examples"] // self.meta["chunk_size"]) for s, v in self.meta["splits"].items()}
-            keys = lambda: (shard_key(s, c) for s, n in counts.items() for c in range(n))  # noqa: E731
         if manifest is None:
             if not self.allow_no_checksums:
                 return [f"checksums: the store {NO_MANIFEST}"]
@@ -112,58 +112,24 @@ class Store:
             return problems
         problems += manifest_problems(counts, keys, manifest)
         if not problems and check_files and not self.location.url:
-            problems += self._file_problems(manifest)
+            problems += file_problems(self.location, manifest)
         return problems
 
-    def _array_chunks(self, split: str, name: str, shape, dtype, problems: list) -> Optional[tuple[int, ...]]:
-        """The chunk shape of an array once its `zarr.json` is checked against the metadata (Arrow: implied)."""
-        if not self._zarr:
-            rows = min(self.meta["chunk_size"], shape[0])
-            chunks = (rows, 1, shape[2]) if name == "cls" else (rows,) + tuple(shape[1:])
-            if math.prod(chunks) * np.dtype(dtype).itemsize > MAX_CHUNK_BYTES:
-                problems.append(f"{split}/{name}: chunks of {chunks} {dtype} exceed {MAX_CHUNK_BYTES:,} bytes")
-                return None
-        else:
-            try:
-                doc = json.loads(self.location.read(f"{split}/{name}/zarr.json"))
-            except FileNotFoundError:
-                problems.append(f"{split}/{name}: array missing")
-                return None
-            except ValueError as e:
-                problems.append(f"{split}/{name}: zarr.json is not valid JSON ({e})")
-                return None
-            why = zarr_array_problem(doc, shape, dtype, self.meta["chunk_size"], name)
-            if why:
-                problems.append(f"{split}/{name}: array {why}")
-                return None
-            chunks = tuple(doc["chunk_grid"]["configuration"]["chunk_shape"])
-        self._chunks[split, name] = chunks
-        return chunks
-
-    def _file_problems(self, manifest: dict) -> list[str]:
-        """Every chunk the manifest records is a file of the recorded size (a stat each: cheap, and it finds a
-        half-written store before training starts rather than mid-epoch)."""
-        missing, wrong = [], []
-        for key, (nbytes, _) in manifest.items():
-            try:
-                size = (self.location.local / key).stat().st_size
-            except FileNotFoundError:
-                missing.append(key)
-                continue
-            if size != nbytes:
-                wrong.append(f"{key} has {size:,} bytes, the manifest records {nbytes:,}")
-        out = [f"{len(missing)} chunk(s) the manifest records are missing, e.g. {missing[0]}"] if missing else []
-        return out + ([f"{len(wrong)} chunk(s) differ in size from the manifest, e.g. {wrong[0]}"] if wrong else [])
+    def _chunks_of(self, split: str, name: str, shape, dtype) -> tuple[int, ...]:
+        """The chunk shape of an array once the backend has checked its stored description; raises LayoutProblem."""
+        if (split, name) not in self._chunks:
+            self._chunks[split, name] = self.backend.chunks_of(split, name, shape, dtype)
+        return self._chunks[split, name]
 
     @property
     def store_format(self) -> str:
-        return "zarr" if self._zarr else "arrow"
+        return self._backend_type.name
 
     @property
     def checksums(self) -> Optional[dict]:
         """The manifest's {chunk key: [nbytes, crc32c]}, or None for a store that has none (and records none)."""
         if self._manifest is None:
-            self._manifest = (load_manifest(self.location, self.meta),)
+            self._manifest = (load_manifest(self.location, self._raw),)
         return self._manifest[0]
 
     def size_bytes(self) -> int:
@@ -173,71 +139,58 @@ class Store:
             return sum(n for n, _ in self.checksums.values())
         return self.location.size()
 
-    def chunk_reader(self, split: str, name: str) -> "CheckedChunks":
+    def chunk_reader(self, split: str, name: str) -> CheckedChunks:
         """Chunk by chunk reads of one array: each chunk checked against the manifest, its decoded size and its
         values (store/trust.py), whatever the backend."""
         shape, dtype = self._spec(split, name)
-        if (split, name) not in self._chunks:
-            problems: list[str] = []
-            if self._array_chunks(split, name, shape, dtype, problems) is None:
-                raise PkdCacheError(f"store {self.path}: {problems[0]}; run `pkd-cache verify {self.path}`")
-        if not self._zarr:
-            reader = self._arrow_backend().chunk_reader(split, name)
-        else:
-            reader = ChunkReader(self.location, f"{split}/{name}", shape, self._chunks[split, name], dtype,
-                                 self.checksums)
-        # with a manifest, a chunk that passed once is passed again: every later read of it is checked against the
-        # same size and CRC, so its values are the ones already checked
-        return CheckedChunks(reader, name, self.meta, self.location,
-                             self._values_checked if self.checksums is not None else None)
+        try:
+            chunks = self._chunks_of(split, name, shape, dtype)
+        except LayoutProblem as e:
+            raise PkdCacheError(f"store {self.path}: {e}; run `pkd-cache verify {self.path}`") from None
+        if self._files is None:  # one per store: the Arrow backend keeps one shard cache for all its arrays
+            self._files = ChunkFiles(self.location, self.checksums)
+        return checked_source(self.backend, split, name, shape, dtype, chunks, self._files, self.meta,
+                              self._values_checked)
 
     def _spec(self, split: str, name: str) -> tuple[tuple[int, ...], str]:
         self._split_meta(split)
         if self._expected is None:  # once per open store: every chunk reader of every epoch asks
-            problems = meta_problems(self.meta)
-            if problems:
-                raise PkdCacheError(f"store {self.path}: {problems[0]}; run `pkd-cache verify {self.path}`")
-            self._expected = expected_arrays(self.meta)
+            self._expected = self.meta.expected_arrays()
         try:
             return self._expected[split][name]
         except KeyError:
             raise PkdCacheError(f"store {self.path}: split {split} has no array {name}") from None
 
-    def _arrow_backend(self):
-        from .arrow import ArrowBackend
-
-        if self._arrow is None:
-            self._arrow = ArrowBackend(self.location, self.meta, self.checksums)
-        return self._arrow
-
     def info(self) -> dict:
-        return dict(self.meta)
+        """The metadata as stored, a dict (`meta` is it typed)."""
+        return dict(self._raw)
 
     @property
     def complete(self) -> bool:
-        return bool(self.meta.get("complete"))
+        return bool(self._raw.get("complete"))
 
     @property
     def splits(self) -> list[str]:
-        return list(self.meta.get("splits", {}))
+        splits = self._raw.get("splits")
+        return list(splits) if isinstance(splits, dict) else []
 
     @property
     def teacher_layers(self) -> int:
-        return int(self.meta["teacher"]["num_layers"])
+        return self.meta.teacher.num_layers
 
     @property
     def hidden_size(self) -> int:
-        return int(self.meta["teacher"]["hidden_size"])
+        return self.meta.teacher.hidden_size
 
     def num_examples(self, split: str) -> int:
-        return int(self._split_meta(split)["num_examples"])
+        return self._split_meta(split).num_examples
 
-    def _split_meta(self, split: str) -> dict:
-        if split not in self.meta.get("splits", {}):
+    def _split_meta(self, split: str):
+        if split not in self.splits:
             raise PkdCacheError(f"store {self.path} has no split {split!r}; it has {', '.join(self.splits)}")
-        return self.meta["splits"][split]
+        return self.meta.splits[split]
 
-    def array(self, split: str, name: str) -> "ChunkedArray":
+    def array(self, split: str, name: str) -> ChunkedArray:
         """One array of a split, with `shape`, `dtype`, `chunks` and `[start:stop, ...]` slicing; every read goes
         through the checked chunk reader."""
         return ChunkedArray(self.chunk_reader(split, name))
@@ -247,7 +200,7 @@ class Store:
         """Examples [start, stop) of `fields` as numpy arrays; `cls` restricted to `layers` (indices into L+1)."""
         out = {}
         for name in fields:
-            out[name] = self._rows(self.array(split, name), start, stop, layers if name == "cls" else None)
+            out[name] = self._rows(self.array(split, name), start, stop, layers if name == LAYERED else None)
         if "cls" in out and out["cls"].dtype == np.int8:  # dequantised on read (see store/quantize.py)
             out["cls"] = dequantize_int8(out["cls"], self._rows(self.array(split, "cls_scale"), start, stop, layers))
         return out
@@ -277,59 +230,6 @@ class Store:
         self._split_meta(split)
         return iter_batches(self, split, batch_size, shuffle, seed, epoch, layers, fields, shuffle_chunks,
                             prefetch=prefetch, pin_memory=pin_memory, start_batch=start_batch, shard=shard)
-
-
-class CheckedChunks:
-    """A backend's chunk reader whose every chunk also has its values checked (`trust.value_problem`) once
-    decoded: verify, distill and `Store.array` all read through this, so none of them trusts a chunk unchecked."""
-
-    def __init__(self, reader, name: str, meta: dict, location, passed: Optional[set] = None):
-        """`passed`: names of the chunks whose values were checked, shared by the store's readers, when every read
-        is checked against the manifest (so a chunk read again is byte for byte the one checked); None: always."""
-        self.reader, self.name, self.meta, self.location, self.passed = reader, name, meta, location, passed
-
-    def __getattr__(self, attr):  # chunks, shape, dtype, buffer, chunk_name, file_key, ...
-        return getattr(self.reader, attr)
-
-    def read_into(self, coords: tuple[int, ...], out: np.ndarray) -> np.ndarray:
-        out = self.reader.read_into(coords, out)
-        seen = f"{self.name}:{self.reader.file_key(coords)}:{self.reader.chunk_name(coords)}"
-        if self.passed is not None and seen in self.passed:
-            return out
-        rows = min(self.reader.chunks[0], self.reader.shape[0] - coords[0] * self.reader.chunks[0])
-        why = value_problem(self.name, out[:rows], self.meta)
-        if why:
-            raise ChunkError(self.location, self.reader.file_key(coords), why)
-        if self.passed is not None:
-            self.passed.add(seen)
-        return out
-
-
-class ChunkedArray:
-    """Row slices of one array, read chunk by chunk through a (checked) chunk reader, for either backend."""
-
-    def __init__(self, reader):
-        self.reader, self.shape, self.dtype, self.chunks = reader, reader.shape, reader.dtype, reader.chunks
-
-    def __getitem__(self, key) -> np.ndarray:
-        rows = key[0] if isinstance(key, tuple) else key
-        if not isinstance(rows, slice):
-            rows = slice(rows, rows + 1) if rows >= 0 else slice(rows, (rows + 1) or None)
-        start, stop, step = rows.indices(self.shape[0])
-        r, parts = self.chunks[0], []
-        for c in range(start // r, -(-stop // r)) if stop > start else ():
-            parts.append(self._whole_chunk(c)[max(0, start - c * r):stop - c * r])
-        out = np.concatenate(parts)[::step] if parts else np.empty((0,) + tuple(self.shape[1:]), self.dtype)
-        return out[(slice(None),) + key[1:]] if isinstance(key, tuple) else out
-
-    def _whole_chunk(self, c: int) -> np.ndarray:
-        """Chunk row `c` with every chunk along axis 1 (the per-layer `cls` chunks) side by side."""
-        if len(self.shape) == 1:
-            return self.reader.read_into((c,), self.reader.buffer()).copy()
-        width = self.chunks[1]
-        blocks = [self.reader.read_into((c, j) + (0,) * (len(self.shape) - 2), self.reader.buffer()).copy()
-                  for j in range(-(-self.shape[1] // width))]
-        return np.concatenate(blocks, axis=1)
 
 
 def open_store(path: str, require_complete: bool = True, storage_options: Optional[dict] = None,

@@ -7,7 +7,6 @@ sequential and decompression amortised; the group shuffle mixes examples across 
 from __future__ import annotations
 
 import os
-import queue
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -17,12 +16,14 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 import numpy as np
 
 from ..errors import PkdCacheError
-from .chunks import ChunkReader
-from .format import TOKEN_ARRAYS
+from .format import LAYER_AXIS_ARRAYS, TOKEN_ARRAYS
 from .quantize import dequantize_int8
+from .worker import produce
 
 if TYPE_CHECKING:
     import torch
+
+    from .backend import ChunkSource
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,9 @@ def iter_batches(store, split: str, batch_size: int, shuffle: bool = True, seed:
     buffers = BufferPool()
     pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1), thread_name_prefix="pkd-cache-decode")
     try:
-        loaded = _prefetch((_load_group(readers, g, chunk, layers, pool, buffers) for g in groups), prefetch)
+        # a thread reads `prefetch` groups ahead; its exception is raised here
+        loaded = produce((_load_group(readers, g, chunk, layers, pool, buffers) for g in groups), prefetch,
+                         "pkd-cache-reader")
         todo = iter(sizes)
         need = next(todo, None)
         carry: Optional[dict[str, np.ndarray]] = None
@@ -138,14 +141,14 @@ def _stored_arrays(store, split: str, fields: Sequence[str]) -> list[str]:
     return names
 
 
-def _load_group(readers: dict[str, ChunkReader], group: Group, chunk: int, layers, pool,
+def _load_group(readers: dict[str, ChunkSource], group: Group, chunk: int, layers, pool,
                 buffers: "BufferPool") -> dict[str, np.ndarray]:
     """The group's examples in yield order, gathered straight from decoded chunks (decoded in parallel)."""
     chunk_of_row, local = group.rows // chunk, group.rows % chunk
     where = {c: np.flatnonzero(chunk_of_row == c) for c in group.chunks}
     out, jobs = {}, []
     for name, reader in readers.items():
-        picks = list(layers) if layers is not None and name in ("cls", "cls_scale") else None
+        picks = list(layers) if layers is not None and name in LAYER_AXIS_ARRAYS else None
         dest = buffers.get(_gathered_shape(reader, len(group.rows), picks), reader.dtype)
         out[name] = dest
         for c in group.chunks:
@@ -159,12 +162,12 @@ def _load_group(readers: dict[str, ChunkReader], group: Group, chunk: int, layer
     return out
 
 
-def _gathered_shape(reader: ChunkReader, rows: int, picks) -> tuple[int, ...]:
+def _gathered_shape(reader: ChunkSource, rows: int, picks) -> tuple[int, ...]:
     shape = (rows,) + reader.shape[1:]
     return shape if picks is None else shape[:1] + (len(picks),) + shape[2:]
 
 
-def _axis1_chunks(reader: ChunkReader, picks) -> list[tuple[int, Optional[list[tuple[int, int]]]]]:
+def _axis1_chunks(reader: ChunkSource, picks) -> list[tuple[int, Optional[list[tuple[int, int]]]]]:
     """[(chunk index along axis 1, [(position in the output, index inside that chunk), ...] or None = all)]."""
     if len(reader.shape) < 2:
         return [(0, None)]
@@ -180,7 +183,7 @@ def _axis1_chunks(reader: ChunkReader, picks) -> list[tuple[int, Optional[list[t
     return sorted(by_chunk.items())
 
 
-def _gather_chunk(reader: ChunkReader, coords: tuple[int, ...], pairs, dest: np.ndarray, rows: np.ndarray,
+def _gather_chunk(reader: ChunkSource, coords: tuple[int, ...], pairs, dest: np.ndarray, rows: np.ndarray,
                   local: np.ndarray) -> None:
     """Decode one chunk into this thread's buffer and copy its selected rows (and layers) into `dest[rows]`."""
     buf = reader.read_into(coords, _thread_buffer(reader))
@@ -218,7 +221,7 @@ class BufferPool:
 _buffers = threading.local()
 
 
-def _thread_buffer(reader: ChunkReader) -> np.ndarray:
+def _thread_buffer(reader: ChunkSource) -> np.ndarray:
     """A decode buffer per thread and chunk shape, reused chunk after chunk: no fresh pages (faults) per read.
 
     A thread finishes with a buffer (the gather) before its next chunk, so arrays of one shape can share it.
@@ -228,43 +231,6 @@ def _thread_buffer(reader: ChunkReader) -> np.ndarray:
     if key not in cache:
         cache[key] = reader.buffer()
     return cache[key]
-
-
-def _prefetch(items: Iterator, depth: int) -> Iterator:
-    """Run the `items` generator `depth` items ahead on a thread; exceptions surface in the consumer.
-
-    A consumer that stops early (max steps, a fractional epoch) releases the thread and what it holds.
-    """
-    if depth <= 0:
-        yield from items
-        return
-    q: "queue.Queue" = queue.Queue(maxsize=depth)
-    stop, done = threading.Event(), object()
-
-    def work():
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                q.put(item)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            q.put(e)
-        q.put(done)
-
-    thread = threading.Thread(target=work, name="pkd-cache-reader", daemon=True)
-    thread.start()
-    try:
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get(timeout=0.1)
-            except queue.Empty:
-                pass
 
 
 def to_batch(arrays: dict[str, np.ndarray], pin_memory: bool = False) -> dict[str, torch.Tensor]:

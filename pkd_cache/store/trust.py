@@ -12,27 +12,26 @@ model):
   or bypass the checksums;
 - the manifest must list every chunk of that layout and nothing else. Its size bounds everything: a crafted size of
   10^12 rows would need 10^9 manifest entries, so it is refused by arithmetic before any list or buffer is made;
-- every chunk is checked against the manifest on every read (chunks.ChunkReader), its decoded size against the
-  buffer, and its values (`value_problem`: finite floats, labels in range, 0/1 masks, ids inside the vocabulary).
+- every chunk is checked against the manifest on every read (integrity.ChunkFiles), its decoded size against the
+  buffer (chunks.decode_frame; the Arrow reader checks each column's rows and type), and its values
+  (`value_problem`, applied to every read by backend.CheckedChunks: finite floats, labels in range, 0/1 masks, ids
+  inside the vocabulary). The manifest itself is loaded and checked against the layout in store/integrity.py.
 
 A store without a manifest (pkd-cache 0.1.0 wrote such stores before checksums existed, and removing
 checksums.json is the easiest tampering) is refused unless the caller explicitly allows it.
 """
 from __future__ import annotations
 
-import json
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from .format import CLS_DTYPES
+from .format import CLS_DTYPES, chunk_shape
 
-NO_MANIFEST = ("has no checksum manifest (checksums.json): it was written before pkd-cache recorded checksums, or "
-               "the manifest was removed; re-dump it, or pass --allow-no-checksums to read it without checking its "
-               "chunks against checksums")
-NO_MANIFEST_NOTE = ("no checksum manifest (--allow-no-checksums): every chunk was decoded and its values checked, but "
-                    "corruption that still decodes to plausible values goes unseen")
+if TYPE_CHECKING:
+    from .format import StoreMeta
+
 # the layout pkd-cache writes (docs/FORMAT.md); anything else could make the same bytes mean other values
 DEFAULT_KEYS = {"name": "default", "configuration": {"separator": "/"}}
 
@@ -88,7 +87,8 @@ def chunk_shapes(name: str, shape: tuple[int, ...], chunk_size: int) -> list[tup
     """The chunk shapes pkd-cache writes for an array: whole along every axis but N; `cls` one layer per chunk, or
     (stores of 0.1.0) every layer in one chunk."""
     whole = (min(chunk_size, shape[0]),) + tuple(shape[1:])
-    return [whole[:1] + (1,) + whole[2:], whole] if name == "cls" else [whole]
+    written = chunk_shape(name, shape, chunk_size)
+    return [written, whole] if written != whole else [whole]
 
 
 def zarr_array_problem(doc: dict, shape: tuple[int, ...], dtype: str, chunk_size: int, name: str) -> Optional[str]:
@@ -131,56 +131,6 @@ def chunk_keys(prefix: str, shape: tuple[int, ...], chunks: tuple[int, ...]):
         yield f"{prefix}/c/" + "/".join(map(str, coords))
 
 
-def manifest_problems(expected: dict[str, int], keys, manifest: dict) -> list[str]:
-    """The manifest against the layout: `expected` is {array: chunk count}, `keys()` yields every expected key.
-    The counts are compared first, so a crafted size never makes a list of 10^9 keys."""
-    need, have = sum(expected.values()), len(manifest)
-    if need > have:
-        return [f"checksums: the layout needs {need:,} chunks but the manifest records {have:,} (the metadata "
-                f"promises more data than the store holds)"]
-    missing, seen = [], 0
-    for key in keys():
-        if key in manifest:
-            seen += 1
-        else:
-            missing.append(key)
-    problems = []
-    if missing:
-        problems.append(f"checksums: {len(missing)} chunk(s) of the layout are not in the manifest, e.g. {missing[0]}")
-    if have > seen:
-        extra = sorted(set(manifest) - set(keys()))
-        problems.append(f"checksums: {len(extra)} recorded chunk(s) belong to no array, e.g. {extra[0]}")
-    return problems
-
-
-def load_manifest(location, meta: dict) -> Optional[dict]:
-    """{chunk key: [nbytes, crc32c]} from checksums.json, or None when the store has none and its metadata
-    records none. A manifest the metadata records but that is missing or malformed raises."""
-    from ..errors import PkdCacheError
-    from .chunks import CHECKSUMS_KEY
-
-    recorded = meta.get("checksums")
-    key = recorded.get("file", CHECKSUMS_KEY) if isinstance(recorded, dict) else CHECKSUMS_KEY
-    if key != CHECKSUMS_KEY:
-        raise PkdCacheError(f"store {location}: its checksum manifest is recorded as {key!r}; pkd-cache reads only "
-                            f"{CHECKSUMS_KEY}")
-    try:
-        doc = json.loads(location.read(key))
-    except FileNotFoundError:
-        if recorded:
-            raise PkdCacheError(f"store {location}: its checksum manifest {key} is missing; the store is damaged "
-                                f"(run `pkd-cache verify {location}`)") from None
-        return None  # and none recorded: a store of 0.1.0, or one whose record was removed too
-    except ValueError as e:
-        raise PkdCacheError(f"store {location}: its checksum manifest {key} is not valid JSON ({e})") from e
-    chunks = doc.get("chunks") if isinstance(doc, dict) else None
-    if doc.get("algorithm") != "crc32c" or not isinstance(chunks, dict) or not all(
-            isinstance(v, list) and len(v) == 2 and all(_int(x, 0) for x in v) for v in chunks.values()):
-        raise PkdCacheError(f"store {location}: its checksum manifest {key} is malformed (expected crc32c and "
-                            f"{{chunk: [nbytes, crc32c]}})")
-    return chunks
-
-
 # for a float of each size: the exponent bits of inf and NaN. Read as a signed int, a positive inf or NaN is
 # >= these bits (every positive finite float is below); read as unsigned, a negative one is >= these bits with the
 # sign bit set (every negative finite float is below, and every positive one too)
@@ -206,7 +156,7 @@ def _outlier(v: np.ndarray) -> int:
     return int(v.min()) if v.min() < 0 else int(v.max())
 
 
-def value_problem(name: str, v: np.ndarray, meta: dict) -> Optional[str]:
+def value_problem(name: str, v: np.ndarray, meta: StoreMeta) -> Optional[str]:
     """Why decoded values cannot be what a dump wrote (non-finite floats, labels or ids out of range), or None.
 
     About as cheap as the CRC (benchmarks/RESULTS.md, B3): read-only integer max passes over the bits, no float
@@ -219,15 +169,15 @@ def value_problem(name: str, v: np.ndarray, meta: dict) -> Optional[str]:
     if name == "attention_mask" and _unsigned_max(v) > 1:
         return "holds attention mask values other than 0/1"
     if name == "input_ids":
-        vocab = int(meta["tokenizer"]["vocab_size"])
+        vocab = meta.tokenizer.vocab_size
         if _unsigned_max(v) >= vocab:
             return f"holds token ids outside the vocabulary [0, {vocab}) (e.g. {_outlier(v)})"
     if name == "token_type_ids":
-        types = (meta["teacher"].get("config") or {}).get("type_vocab_size")
+        types = meta.teacher.config.get("type_vocab_size")
         if _int(types, 1) and _unsigned_max(v) >= types:
             return f"holds token type ids outside [0, {types})"
-    if name == "labels" and not meta["task"]["is_regression"]:
-        k = int(meta["task"]["num_labels"])
+    if name == "labels" and not meta.task.is_regression:
+        k = meta.task.num_labels
         if _unsigned_max(v) >= k:
             return f"holds labels outside [0, {k}) (e.g. {_outlier(v)})"
     return None

@@ -13,8 +13,7 @@ from typing import Optional
 
 from ..errors import PkdCacheError
 from ..progress import progress_bar
-from .format import expected_arrays
-from .trust import NO_MANIFEST_NOTE
+from .integrity import NO_MANIFEST_NOTE, ChunkError
 
 
 @dataclass
@@ -40,8 +39,7 @@ def verify_store(path: str, storage_options: Optional[dict] = None, allow_no_che
     report = Report(path)
     store = Store(path, require_complete=False, storage_options=storage_options,
                   allow_no_checksums=allow_no_checksums)  # format errors raise here
-    meta = store.meta
-    if not meta.get("complete"):
+    if not store.complete:
         report.problems.append("store: not complete (its dump did not finish or was interrupted)")
     try:
         layout = store.layout_problems()
@@ -55,7 +53,7 @@ def verify_store(path: str, storage_options: Optional[dict] = None, allow_no_che
         report.checksummed = False
         report.notes.append(NO_MANIFEST_NOTE)
     jobs = []
-    for split, arrays in expected_arrays(meta).items():
+    for split, arrays in store.meta.expected_arrays().items():
         for name in arrays:
             reader = store.chunk_reader(split, name)
             grid = [range(-(-s // c)) for s, c in zip(reader.shape, reader.chunks)]
@@ -69,8 +67,6 @@ def verify_store(path: str, storage_options: Optional[dict] = None, allow_no_che
 
 def _check_chunk(split, name, reader, coords, report: Report) -> None:
     """One chunk read as distill reads it: its checksum, decoded size and values (the reader raises a ChunkError)."""
-    from .chunks import ChunkError
-
     try:
         values = reader.read_into(coords, reader.buffer())
     except ChunkError as e:

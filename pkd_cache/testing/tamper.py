@@ -1,6 +1,6 @@
 """Editing a local Zarr store the way someone tampering with it would: metadata, array metadata, chunks, manifest.
 
-Imported by the tests as a plain module (tests/ is on sys.path under pytest's rootdir conftest).
+Used by the tampering tests: `from pkd_cache.testing.tamper import ...`.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def decode(path: Path, shape: tuple[int, ...], dtype) -> np.ndarray:
 def rewrite_chunk(store: Path, key: str, values: np.ndarray, record: bool = True) -> None:
     """Replace chunk `key` (`train/labels/c/0`) with `values` as a valid Blosc frame; with `record`, the manifest
     gets its new checksum too (a tamperer who knows the format)."""
-    from pkd_cache.store.chunks import crc32c, encode_chunk
+    from pkd_cache.store.chunks import encode_chunk
+    from pkd_cache.store.integrity import crc32c
 
     data = encode_chunk(values, {"cname": "zstd", "clevel": 3, "shuffle": 1, "blocksize": 0})
     (store / key).write_bytes(data)
@@ -59,7 +60,7 @@ def rewrite_chunk(store: Path, key: str, values: np.ndarray, record: bool = True
 
 def record_file(store: Path, key: str) -> None:
     """Make the manifest agree with whatever file `key` now holds."""
-    from pkd_cache.store.chunks import crc32c
+    from pkd_cache.store.integrity import crc32c
 
     manifest = read_json(store / "checksums.json")
     data = (store / key).read_bytes()

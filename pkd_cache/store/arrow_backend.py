@@ -9,31 +9,29 @@
 Columns: `input_ids`, `attention_mask`, `token_type_ids` (fixed-size lists of S), `labels`, `logits` (fixed-size
 list of C), and one column per CLS layer, `cls_0` (embeddings) .. `cls_L` (fixed-size lists of H), plus
 `cls_scale` (fixed-size list of L+1) for int8. One column per layer lets a student decompress only its mapped
-layers, as the Zarr layout's per-layer chunks do. The shards load with `datasets.load_dataset("arrow", ...)`.
+layers, as the Zarr layout's per-layer chunks do (format.layer_part names them). The shards load with
+`datasets.load_dataset("arrow", ...)`.
 """
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections import OrderedDict
 from typing import Optional
 
 import numpy as np
 
-from ..errors import PkdCacheError
-from .chunks import ArrayChunks, ChunkError, check_recorded, crc32c, write_manifest
-from .format import ARROW_META
+from .backend import GridSource, LayoutProblem, Shape
+from .format import ARROW_META, StoreMeta, chunk_shape, is_layered, layer_part, part_shape
+from .integrity import ChunkError, ChunkFiles, checksum
 from .location import Location
-from .writer import ChunkedWriter
+from .sink import ChunkedWriter
+from .trust import MAX_CHUNK_BYTES
 
 
 def shard_key(split: str, chunk: int) -> str:
     return f"{split}/{chunk:05d}.arrow"
-
-
-def columns_of(name: str, width: int) -> list[str]:
-    """The Arrow columns holding array `name` (`cls` is one column per layer)."""
-    return [f"cls_{i}" for i in range(width)] if name == "cls" else [name]
 
 
 def to_column(values: np.ndarray):
@@ -46,7 +44,7 @@ def to_column(values: np.ndarray):
     return flat
 
 
-def arrow_type(shape: tuple[int, ...], dtype):
+def arrow_type(shape: Shape, dtype):
     """The Arrow type a column of `shape`-sized rows of `dtype` has in a shard (nested fixed-size lists)."""
     import pyarrow as pa
 
@@ -56,7 +54,7 @@ def arrow_type(shape: tuple[int, ...], dtype):
     return t
 
 
-def from_column(column, shape: tuple[int, ...], dtype) -> np.ndarray:
+def from_column(column, shape: Shape, dtype) -> np.ndarray:
     """An Arrow (chunked) column of fixed-size lists -> numpy of `(rows,) + shape`."""
     import pyarrow as pa
 
@@ -92,8 +90,8 @@ class ArrowStoreWriter(ChunkedWriter):
         for name, value in arrays.items():
             shape, dtype = self.shapes[split][name]
             value = value.astype(dtype, copy=False)
-            if name == "cls":
-                columns.update({f"cls_{i}": to_column(value[:, i]) for i in range(value.shape[1])})
+            if is_layered(name):
+                columns.update({layer_part(name, i): to_column(value[:, i]) for i in range(value.shape[1])})
             else:
                 columns[name] = to_column(value)
         table = pa.table(columns)
@@ -103,50 +101,44 @@ class ArrowStoreWriter(ChunkedWriter):
         data = sink.getvalue().to_pybytes()
         key = shard_key(split, start // rows)
         self.location.write(key, data)
-        self._record(split, start // rows, {key: [len(data), crc32c(data)]})
+        self._record(split, start // rows, {key: checksum(data)})
 
-    def finish(self) -> None:
-        write_manifest(self.location, self.checksums, self.metadata)
+    def _write_complete(self) -> None:
         self.metadata["complete"] = True  # one atomic write: the metadata and the flag together, last
         self._write_meta()
-        self._finished()
 
     def _write_meta(self) -> None:
         self.location.write(ARROW_META, json.dumps(self.metadata, indent=1).encode())
 
 
-class ArrowArray:
-    """One array of one split of an Arrow store, with the shape, dtype and chunks a Zarr array would have."""
+class ArrowChunkReader(GridSource):
+    """One array of one split over its shards: chunk c of a plain array is its column in shard c; chunk (c, j, 0)
+    of a layered array (`cls`) is the column of layer j."""
 
-    def __init__(self, shards: "ShardCache", split: str, name: str, shape: tuple, dtype, rows: int):
+    def __init__(self, shards: "ShardCache", split: str, name: str, shape: Shape, dtype, chunks: Shape):
         self.shards, self.split, self.name = shards, split, name
-        self.shape, self.dtype, self.fill_value = tuple(shape), np.dtype(dtype), 0
-        self.chunks = (min(rows, shape[0]), 1, shape[2]) if name == "cls" else (min(rows, shape[0]),) + self.shape[1:]
-        self.path = f"{split}/{name}"
+        self.shape, self.dtype, self.chunks = tuple(shape), np.dtype(dtype), tuple(chunks)
 
+    def _column(self, coords: Shape) -> str:
+        return layer_part(self.name, coords[1]) if is_layered(self.name) else self.name
 
-class ArrowChunkReader(ArrayChunks):
-    """The `ChunkReader` interface over shards: chunk (c, j, 0) of `cls` is column `cls_j` of shard c."""
+    def chunk_name(self, coords: Shape) -> str:
+        return f"{shard_key(self.split, coords[0])}:{self._column(coords)}"
 
-    def chunk_name(self, coords: tuple[int, ...]) -> str:
-        column = f"cls_{coords[1]}" if self.array.name == "cls" else self.array.name
-        return f"{shard_key(self.array.split, coords[0])}:{column}"
+    def file_key(self, coords: Shape) -> str:
+        return shard_key(self.split, coords[0])
 
-    def file_key(self, coords: tuple[int, ...]) -> str:
-        return shard_key(self.array.split, coords[0])
-
-    def read_into(self, coords: tuple[int, ...], out: np.ndarray) -> np.ndarray:
-        a = self.array
-        column = f"cls_{coords[1]}" if a.name == "cls" else a.name
-        table = a.shards.column(a.split, coords[0], column)
-        shape = (a.shape[2],) if a.name == "cls" else a.shape[1:]
-        rows = min(a.chunks[0], a.shape[0] - coords[0] * a.chunks[0])
-        want = arrow_type(shape, a.dtype)
+    def read_into(self, coords: Shape, out: np.ndarray) -> np.ndarray:
+        column = self._column(coords)
+        table = self.shards.column(self.split, coords[0], column)
+        shape = part_shape(self.name, self.shape)
+        rows = self.rows_in(coords)
+        want = arrow_type(shape, self.dtype)
         if table.num_rows != rows or table.column(0).type != want:
-            raise ChunkError(a.shards.location, self.file_key(coords), f"column {column} holds {table.num_rows} rows "
-                                                                       f"of {table.column(0).type}, the metadata "
-                                                                       f"says {rows} of {want}")
-        values = from_column(table.column(0), shape, a.dtype)
+            raise ChunkError(self.shards.files.location, self.file_key(coords),
+                             f"column {column} holds {table.num_rows} rows of {table.column(0).type}, the metadata "
+                             f"says {rows} of {want}")
+        values = from_column(table.column(0), shape, self.dtype)
         view = out.reshape((out.shape[0],) + shape)
         view[:len(values)] = values
         view[len(values):] = 0
@@ -156,24 +148,24 @@ class ArrowChunkReader(ArrayChunks):
 class ShardCache:
     """Shard files fetched (and checked against their checksum) once, then columns decoded on demand."""
 
-    def __init__(self, location: Location, checksums: Optional[dict], capacity: int = 16):
-        self.location, self.checksums, self.capacity = location, checksums, capacity
+    def __init__(self, files: ChunkFiles, capacity: int = 16):
+        self.files, self.capacity = files, capacity
         self.buffers: OrderedDict = OrderedDict()
         self.lock = threading.Lock()
 
     def column(self, split: str, chunk: int, column: str):
         import pyarrow as pa
 
-        buf = self._buffer(shard_key(split, chunk))
+        key = shard_key(split, chunk)
+        buf = self._buffer(key)
         try:
             reader = pa.ipc.open_stream(buf)
             index = reader.schema.get_field_index(column)
             if index < 0:
-                raise ChunkError(self.location, shard_key(split, chunk), f"has no column {column}")
+                raise ChunkError(self.files.location, key, f"has no column {column}")
             return pa.ipc.open_stream(buf, options=pa.ipc.IpcReadOptions(included_fields=[index])).read_all()
         except pa.ArrowException as e:
-            raise ChunkError(self.location, shard_key(split, chunk), f"cannot be decoded ({e}): the store is "
-                                                                     f"damaged") from e
+            raise ChunkError(self.files.location, key, f"cannot be decoded ({e}): the store is damaged") from e
 
     def _buffer(self, key: str):
         import pyarrow as pa
@@ -182,12 +174,7 @@ class ShardCache:
             if key in self.buffers:
                 self.buffers.move_to_end(key)
                 return self.buffers[key]
-        try:
-            data = self.location.read(key)
-        except FileNotFoundError:
-            raise ChunkError(self.location, key, "is missing") from None
-        check_recorded(self.location, key, data, self.checksums)
-        buf = pa.py_buffer(data)
+        buf = pa.py_buffer(self.files.read(key))
         with self.lock:
             self.buffers[key] = buf
             while len(self.buffers) > self.capacity:
@@ -196,21 +183,35 @@ class ShardCache:
 
 
 class ArrowBackend:
-    """What `Store` needs from an Arrow store: its arrays and their chunk readers."""
+    """An Arrow store opened for reading: chunk shapes implied by the metadata, one shard file per chunk of rows
+    holding every array of the split."""
 
-    def __init__(self, location: Location, meta: dict, checksums: Optional[dict]):
-        from .format import expected_arrays
+    name = "arrow"
+    meta_key = ARROW_META
+    sink = ArrowStoreWriter
 
-        self.expected = expected_arrays(meta)
-        self.rows = int(meta.get("chunk_size") or 1024)
-        self.shards = ShardCache(location, checksums)
+    def __init__(self, location: Location, meta: StoreMeta):
+        self.location, self.meta = location, meta
+        self._shards: Optional[ShardCache] = None
 
-    def array(self, split: str, name: str) -> ArrowArray:
-        try:
-            shape, dtype = self.expected[split][name]
-        except KeyError:
-            raise PkdCacheError(f"split {split} has no array {name}") from None
-        return ArrowArray(self.shards, split, name, shape, dtype, self.rows)
+    @staticmethod
+    def metadata_in(doc) -> Optional[dict]:
+        return doc if isinstance(doc, dict) else None
 
-    def chunk_reader(self, split: str, name: str) -> ArrowChunkReader:
-        return ArrowChunkReader(self.array(split, name))
+    def chunks_of(self, split: str, name: str, shape: Shape, dtype: str) -> Shape:
+        chunks = chunk_shape(name, shape, self.meta.chunk_size)
+        if math.prod(chunks) * np.dtype(dtype).itemsize > MAX_CHUNK_BYTES:
+            raise LayoutProblem(f"{split}/{name}: chunks of {chunks} {dtype} exceed {MAX_CHUNK_BYTES:,} bytes")
+        return chunks
+
+    def file_keys(self, grids: dict[str, tuple[Shape, Shape]]):
+        """One shard per chunk of rows of each split (`train/00000.arrow`)."""
+        rows = self.meta.chunk_size
+        counts = {s: -(-v.num_examples // rows) for s, v in self.meta.splits.items()}
+        return counts, lambda: (shard_key(s, c) for s, n in counts.items() for c in range(n))
+
+    def source(self, split: str, name: str, shape: Shape, dtype: str, chunks: Shape,
+               files: ChunkFiles) -> ArrowChunkReader:
+        if self._shards is None or self._shards.files is not files:  # one cache for every array of the store
+            self._shards = ShardCache(files)
+        return ArrowChunkReader(self._shards, split, name, shape, dtype, chunks)

@@ -1,0 +1,66 @@
+"""What every backend's writer shares: the single-writer lock, each chunk's checksums recorded once its files are in
+place (store/integrity.py), the chunks a resumed dump finds durable, and the manifest then the complete flag."""
+from __future__ import annotations
+
+from .format import JOURNAL, now
+from .integrity import durable_chunks, record_chunk, write_manifest
+from .journal import WriterLock, remove_partial_files
+from .location import Location
+
+
+class ChunkedWriter:
+    """The base of a backend's `sink`: subclasses create the arrays, write chunks (calling `_record` once a chunk's
+    files are all in place) and store the metadata (`_write_meta`, `complete` written by `finish` last)."""
+
+    location: Location
+    metadata: dict
+
+    def _start(self, location: Location, resume: bool, attach: bool = False) -> None:
+        self.location = location
+        self.lock = WriterLock(location)
+        if not attach:  # an attached writer (another rank of one dump) works under rank 0's lock
+            self.lock.acquire()
+        self.checksums: dict[str, list[int]] = {}
+        self.durable: dict[str, set[int]] = {}
+        self.resumed = resume or attach
+        if resume and not attach:
+            remove_partial_files(location)  # files a killed writer did not finish renaming into place
+
+    def _resumed_metadata(self, old: dict, new: dict) -> dict:
+        """The first dump's metadata, with this resumption recorded."""
+        meta = {**old, "resumptions": [*old.get("resumptions", []), now()]}
+        meta["settings"] = new.get("settings", old.get("settings"))
+        return meta
+
+    def load_durable(self, split: str) -> set[int]:
+        """Chunks of `split` that an earlier, interrupted dump made durable (empty for a fresh store)."""
+        records = durable_chunks(self.location, split) if self.resumed else {}
+        for record in records.values():
+            self.checksums.update(record)
+        self.durable[split] = set(records)
+        return self.durable[split]
+
+    def _record(self, split: str, chunk: int, files: dict[str, list[int]]) -> None:
+        self.checksums.update(files)
+        record_chunk(self.location, split, chunk, files)
+        self.durable.setdefault(split, set()).add(chunk)
+
+    def durable_examples(self) -> int:
+        rows = self.metadata["chunk_size"]
+        return sum(min(rows, self.metadata["splits"][s]["num_examples"] - c * rows)
+                   for s, chunks in self.durable.items() for c in chunks)
+
+    def finish(self) -> None:
+        """Write the checksum manifest and the metadata, then the complete flag (the backend's `_write_complete`:
+        one atomic write, or a separate last one), then drop the journal."""
+        write_manifest(self.location, self.checksums, self.metadata)
+        self._write_complete()
+        self.close()
+        self.location.remove(JOURNAL)  # progress folded into checksums.json, lock released: the store is complete
+
+    def _write_complete(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the lock (after `finish`, or when the dump stops early: the store stays resumable)."""
+        self.lock.release()
