@@ -99,6 +99,27 @@ def read_rate(path: Path, batch_size: int, repeats: int, reopen: bool = True, **
     return statistics.median(rates[1:])
 
 
+def one_pass(path: Path, batch_size: int, epoch: int, **kw) -> float:
+    """Examples/s of one shuffled pass of a freshly opened store: a first epoch, every check paid."""
+    t0 = time.perf_counter()
+    store = pkd_cache.open_store(str(path))
+    seen = sum(len(b["labels"]) for b in store.batches("train", batch_size, seed=0, epoch=epoch, **kw))
+    return seen / (time.perf_counter() - t0)
+
+
+def check_overhead(path: Path, batch_size: int, pairs: int, **kw) -> tuple[float, float, float]:
+    """(checked, unchecked, median of the per-pair ratios - 1): first-epoch passes with and without the value
+    checks, alternating, so that drift on a noisy machine hits both sides alike. One warm-up pass first."""
+    one_pass(path, batch_size, 0, **kw)
+    checked, bare, ratios = [], [], []
+    for i in range(pairs):
+        c = one_pass(path, batch_size, 1 + i, **kw)
+        with unchecked(crc=False):
+            u = one_pass(path, batch_size, 1 + i, **kw)
+        checked.append(c), bare.append(u), ratios.append(u / c)
+    return statistics.median(checked), statistics.median(bare), statistics.median(ratios) - 1
+
+
 def stored(path: Path, n: int, whole_layers: bool) -> Path:
     if not (path / "zarr.json").is_file():
         make_store(path, n, whole_layers)
@@ -111,8 +132,20 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--store", help="keep the stores in this folder (reused when there) instead of a temporary one")
+    p.add_argument("--overhead", type=int, default=0, metavar="PAIRS",
+                   help="only price the value checks: PAIRS alternating first-epoch passes with and without them")
     a = p.parse_args()
     print(header())
+    if a.overhead:
+        folder = Path(a.store or tempfile.mkdtemp())
+        path = stored(folder / "per_layer.zarr", a.examples, False)
+        rows = []
+        for what, kw in (("all fields, all 13 layers", {}), ("PKD-skip 12->6, layers 2,4,6,8,10", {"layers": PKD_SKIP})):
+            c, u, cost = check_overhead(path, a.batch_size, a.overhead, **kw)
+            rows.append((f"B3 value checks, first epoch, {what}", a.overhead, f"{c:,.0f}", f"{u:,.0f}", f"{cost:.1%}"))
+        print(table(rows, ("measure", "pairs", "checked ex/s (median)", "unchecked ex/s (median)",
+                           "cost (median of pair ratios)")))
+        return
     with tempfile.TemporaryDirectory() as d:
         folder = Path(a.store or d)
         per_layer = stored(folder / "per_layer.zarr", a.examples, False)
