@@ -56,15 +56,7 @@ class OnlineSource:
             task=TaskMeta(num_labels=task.num_labels, is_regression=task.is_regression, name=task.name,
                           label_names=tuple(task.label_names)),
             tokenizer=TokenizerMeta(vocab_size=len(loaded.tokenizer), vocab_fingerprint=vocab_fp),
-            splits={s: SplitMeta(num_examples=len(a["labels"].values)) for s, a in self.arrays.items()},
-            raw={"task": {"name": task.name, "label_names": list(task.label_names)},
-                 "teacher": {"name_or_path": teacher, "base_model": loaded.base_model,
-                             "num_layers": self.teacher_layers, "hidden_size": self.hidden_size,
-                             "weights_fingerprint": None},
-                 "tokenizer": {"vocab_fingerprint": vocab_fp}, "max_seq_length": max_seq_length})
-
-    def info(self) -> dict:
-        return self.meta.to_dict()
+            splits={s: SplitMeta(num_examples=len(a["labels"].values)) for s, a in self.arrays.items()})
 
     @property
     def splits(self) -> list[str]:

@@ -33,9 +33,6 @@ class BatchSource(Protocol):
     def meta(self) -> StoreMeta:
         """The store's metadata, typed (for online KD: the task, the teacher as it runs, its tokenizer)."""
 
-    def info(self) -> dict:
-        """The metadata as a dict, as stored."""
-
     def num_examples(self, split: str) -> int:
         """The examples of `split`; names the splits there are when it is not one of them."""
 
