@@ -152,6 +152,9 @@ def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher:
          resume: bool = typer.Option(False, "--resume", help="Continue an interrupted dump into --out: keep its "
                                                              "durable chunks, run the teacher on the rest.")):
     """Run the teacher once; write token ids, labels, logits and every layer's [CLS] to a store."""
+    from .store.registry import backend_named
+
+    backend_named(store_format)  # the formats are the modules in store/backends/; refused before torch is imported
     _run("dump", DumpConfig(teacher=teacher, task=task, out=out, data_dir=data_dir, splits=split or None,
                             max_seq_length=max_seq_length, batch_size=batch_size, dtype=dtype, chunk_size=chunk_size,
                             sort_window=sort_window, overwrite=overwrite, finetune=finetune, device=device,

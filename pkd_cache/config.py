@@ -19,7 +19,6 @@ from .errors import PkdCacheError
 
 INT_MAX = 2**31 - 1  # counts beyond this are typos, and overflow int32 index maths further down
 CLS_DTYPES = ("float16", "float32", "int8")  # how a store keeps [CLS] vectors (int8: plus a per-row `cls_scale`)
-STORE_FORMATS = ("zarr", "arrow")  # the store backends (pkd_cache/store/registry.py)
 
 
 @dataclass(frozen=True)
@@ -180,7 +179,7 @@ class DumpConfig:
     precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast; fp16 only on GPU)
     pad_to_max_length: bool = False  # pad every batch to max_seq_length (the original PKD code) instead of bucketing
     max_examples: Optional[int] = positive_int(None, optional=True)  # only the first N of each split (smoke runs)
-    format: str = "zarr"  # zarr | arrow (Arrow IPC shards, readable with `datasets`)
+    format: str = "zarr"  # a store backend's name (store/backends/): zarr | arrow (IPC shards `datasets` reads)
     resume: bool = False  # continue an interrupted dump into `out`: its durable chunks are kept
 
     def check(self) -> None:
@@ -189,8 +188,6 @@ class DumpConfig:
             raise PkdCacheError(f"--dtype must be float16, float32 or int8, got {self.dtype!r}")
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise PkdCacheError(f"--precision must be fp32, fp16 or bf16, got {self.precision!r}")
-        if self.format not in STORE_FORMATS:
-            raise PkdCacheError(f"--format must be zarr or arrow, got {self.format!r}")
         # checked with or without --finetune: a nonsense value is refused, not silently ignored
         self.finetune_train.check(flag="--finetune-", flags={"seed": "--seed"})
         check_device(self.device)

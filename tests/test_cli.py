@@ -220,6 +220,8 @@ CASES: dict[str, Case] = {
                                       ("--finetune-epochs must be > 0",), no_store),
     "dump-sort-window-zero": Case(lambda c: dump_args(c, "--sort-window", "0"), ("--sort-window must be > 0",),
                                   no_store),
+    "dump-unknown-format": Case(lambda c: dump_args(c, "--format", "parquet"),
+                                ("unknown store format 'parquet'; pkd-cache writes zarr, arrow",), no_store),
     "distill-per-device-batch-size-zero": Case(lambda c: distill_args(c, "--per-device-batch-size", "0"),
                                                ("--per-device-batch-size must be > 0",), no_student),
     "finetune-overwrite-keeps-output-on-failure": Case(

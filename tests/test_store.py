@@ -206,7 +206,7 @@ def test_sort_window_changes_only_the_batches_never_the_rows(tmp_path, teacher_d
 
 
 def test_a_write_error_in_the_background_writer_reaches_the_caller(tmp_path, teacher_dir, data_dir, monkeypatch):
-    from pkd_cache.store import zarr_backend
+    from pkd_cache.store.backends import zarr_backend
 
     def broken(self, split, start, arrays):
         raise OSError(28, "No space left on device")

@@ -42,7 +42,7 @@ def test_reader_yields_the_planned_order(store_path, prefetch):
 
 
 def test_reader_errors_reach_the_consumer(store_path, monkeypatch):
-    from pkd_cache.store.zarr_backend import ChunkReader
+    from pkd_cache.store.backends.zarr_backend import ChunkReader
 
     store = pkd_cache.open_store(str(store_path))
 

@@ -31,8 +31,9 @@ from ..models import LoadedModel, check_max_length, load_for_task
 from ..progress import log, progress_bar
 from ..store.cache_key import cache_key
 from ..store.fingerprint import vocab_fingerprint, weights_fingerprint
-from ..store.format import split_arrays
+from ..store.format import split_arrays, with_derived
 from ..store.quantize import quantize_int8
+from ..store.registry import backend_named
 from ..store.writer import BackgroundWriter, attach_writer, open_writer
 from ..teacher.run import run_chunk
 from ..training import resolve_device
@@ -45,6 +46,7 @@ def dump(config: DumpConfig):
     """Write the store at `config.out`; returns the opened store. Under `torchrun`, every rank runs a share of the
     windows and writes its chunks into the one store; rank 0 lays the store out and finishes it."""
     config.check()
+    backend_named(config.format)  # an unknown format fails before any data or model is loaded
     ranks = ranks_from_env()
     task = get_task(config.task)
     existing = existing_store(config)  # fail before any expensive work
@@ -209,11 +211,16 @@ def _discard_unstarted(writer) -> None:
 
 
 def _create_splits(job: _Job, writer) -> None:
-    config, task = job.config, job.task
     for split, ex in job.examples.items():
-        shapes = split_arrays(len(ex), config.max_seq_length, task.num_labels, job.num_layers, job.hidden,
-                              config.dtype, "float32" if task.is_regression else "int64")
+        shapes = _split_arrays(job, len(ex))
         writer.create_split(split, shapes, {"source": ex.source, "data_fingerprint": job.key_parts["data"][split]})
+
+
+def _split_arrays(job: _Job, n: int) -> dict:
+    """{array: (shape, dtype)} of a split of `n` examples (every array kind it holds, store/arrays/)."""
+    config, task = job.config, job.task
+    return split_arrays(n, config.max_seq_length, task.num_labels, job.num_layers, job.hidden, config.dtype,
+                        "float32" if task.is_regression else "int64")
 
 
 def _plan(job: _Job, writer) -> dict:
@@ -265,6 +272,7 @@ def _run_window(job: _Job, background: BackgroundWriter, split: str, ex, window:
     int8 = config.dtype == "int8"
     cls_dtype = np.dtype(np.float32 if int8 else config.dtype)  # int8 is quantised from float32 below
     todo = [c for c in chunk_ranges(start, stop, config.chunk_size) if c[0] // config.chunk_size not in durable]
+    holds = _split_arrays(job, len(ex))
     # tokenised a chunk at a time: the tokenizer's per-example objects never exist for a whole window (same arrays
     # either way; benchmarks/RESULTS.md, B6)
     parts = [tokenize(job.tokenizer, ex, a, b, config.max_seq_length)
@@ -278,7 +286,7 @@ def _run_window(job: _Job, background: BackgroundWriter, split: str, ex, window:
         chunk = {k: v[a - start:b - start] for k, v in arrays.items()}
         if int8:
             chunk["cls"], chunk["cls_scale"] = quantize_int8(chunk["cls"])
-        background.put(split, a, chunk)
+        background.put(split, a, with_derived(chunk, holds))
         queued += b - a
     return queued
 

@@ -46,7 +46,6 @@ _MAX_NAME, _MAX_PATH = 255, 4096  # bytes, as in NAME_MAX and PATH_MAX on Linux
 _CONTROL = str.maketrans({c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]})
 # Never follow a symlink, never block on a FIFO, never leak the descriptor into a child.
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-_META_FILES = ("zarr.json", "pkd_cache.json")  # the Zarr and Arrow flavours (store/format.py ARROW_META)
 
 
 def store_summary(path: Path) -> Optional[dict]:
@@ -301,13 +300,13 @@ class _Handler(BaseHTTPRequestHandler):
 def _store_meta(path: Path) -> Optional[dict]:
     """The metadata of the store at `path`, None if it is not one or is not served (a symlinked store folder or
     metadata file: requests never follow symlinks, so neither does the listing). Called on every request."""
-    from ..store.format import read_metadata
+    from ..store.registry import meta_files, read_metadata
     from ..store.location import Location
 
     try:
         if not stat.S_ISDIR(os.lstat(path).st_mode):
             return None
-        for name in _META_FILES:  # a symlink is not served; a FIFO would hang the reader
+        for name in meta_files():  # a symlink is not served; a FIFO would hang the reader
             with contextlib.suppress(FileNotFoundError):
                 if not stat.S_ISREG(os.lstat(path / name).st_mode):
                     return None

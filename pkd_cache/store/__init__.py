@@ -1,7 +1,7 @@
 """The store: format constants, writer, reader, fingerprints.
 
 Names are imported on first use (PEP 562): `pkd-cache ls` and `serve` use only the light modules here
-(location, describe) and should not pay for numpy.
+(location, describe, registry) and pay for numpy at most, never for zarr or torch.
 """
 import importlib
 from typing import TYPE_CHECKING
@@ -10,10 +10,10 @@ if TYPE_CHECKING:
     from .format import ARRAYS, FORMAT_NAME, FORMAT_VERSION
     from .reader import Store, open_store
     from .writer import check_target, open_writer
-    from .zarr_backend import StoreWriter
+    from .backends.zarr_backend import StoreWriter
 
 _LAZY = {"ARRAYS": "format", "FORMAT_NAME": "format", "FORMAT_VERSION": "format", "Store": "reader",
-         "open_store": "reader", "StoreWriter": "zarr_backend", "check_target": "writer", "open_writer": "writer"}
+         "open_store": "reader", "StoreWriter": "backends.zarr_backend", "check_target": "writer", "open_writer": "writer"}
 
 __all__ = ["ARRAYS", "FORMAT_NAME", "FORMAT_VERSION", "Store", "open_store", "StoreWriter", "check_target", "open_writer"]
 

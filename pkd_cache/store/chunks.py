@@ -4,7 +4,7 @@ zarr-python creates the arrays (their `zarr.json`), but the chunk bytes go throu
 through `array[a:b]` costs several times the Blosc decode itself (store access, the async codec pipeline, copies
 into the output; benchmarks/RESULTS.md, B3). The arrays pkd-cache writes have one layout (docs/FORMAT.md): a
 regular chunk grid, the default `c/<i>/<j>/...` chunk keys, and the codecs `bytes` (little endian) then `blosc`,
-so a chunk is one Blosc frame: the Zarr backend's reader (store/zarr_backend.py) fetches it through the checksum
+so a chunk is one Blosc frame: the Zarr backend's reader (store/backends/zarr_backend.py) fetches it through the checksum
 check (store/integrity.py) and `decode_frame` decompresses it straight into the destination buffer in one call
 that releases the GIL. An array in any other layout is refused when the store is opened (store/trust.py): another
 codec chain could make the checksummed bytes mean other values.

@@ -4,7 +4,8 @@
     <store>/<split>/zarr.json         one group per split ("train", "validation", ...)
     <store>/<split>/<array>/...       arrays chunked along N (examples), compressed with Blosc/zstd
 
-Arrays per split (N examples, S = max_seq_length, C labels, L teacher layers, H hidden size):
+Arrays per split (N examples, S = max_seq_length, C labels, L teacher layers, H hidden size), each declared by a
+module of store/arrays/ (its shape, dtype, storage and value checks):
     input_ids       N x S        int32    token ids, padded with the tokenizer's pad id to S
     attention_mask  N x S        uint8    1 for real tokens
     token_type_ids  N x S        uint8    segment ids
@@ -19,32 +20,30 @@ The metadata is a JSON object (`StoreMeta` below reads it once it has been check
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..config import CLS_DTYPES, STORE_FORMATS  # noqa: F401 - defined with the dump settings that choose them
+from ..config import CLS_DTYPES  # noqa: F401 - defined with the dump settings that choose it
+from .arrays import BY_NAME, KINDS, Dims
 
 FORMAT_NAME = "pkd-cache"
 FORMAT_VERSION = 1
-TOKEN_ARRAYS = ("input_ids", "attention_mask", "token_type_ids")
-TOKEN_DTYPES = {"input_ids": "int32", "attention_mask": "uint8", "token_type_ids": "uint8"}  # as stored
-ARRAYS = TOKEN_ARRAYS + ("labels", "logits", "cls")
-ARROW_META = "pkd_cache.json"  # the metadata of an Arrow store (a Zarr store's is the attributes of its zarr.json)
-# {store format: (the file holding the metadata, the key inside it, None = the whole document)}; here, not in the
-# backends, because `ls` and `serve` read metadata and import neither numpy nor zarr
-META_FILES = {"zarr": ("zarr.json", "attributes"), "arrow": (ARROW_META, None)}
+# the array kinds (store/arrays/, one module each): names by role
+TOKEN_ARRAYS = tuple(k.name for k in KINDS if k.token)
+TOKEN_DTYPES = {k.name: k.dtype for k in KINDS if k.token}  # as stored
+ARRAYS = tuple(k.name for k in KINDS if not k.companion)
 JOURNAL = ".pkd_cache"  # an unfinished store's progress records and writer lock (store/integrity.py, journal.py)
 
 # `cls` is stored one layer per chunk (Zarr) or per column (Arrow): a student reads only the layers its map names.
-# The helpers below are the only place that knows it.
-LAYERED = "cls"
-LAYER_AXIS_ARRAYS = ("cls", "cls_scale")  # arrays whose axis 1 is the layer (0 = embeddings): `layers` selects
+# The kinds say which arrays (`per_layer`); the helpers below are the only place that knows what it means.
+LAYER_AXIS_ARRAYS = tuple(k.name for k in KINDS if k.layer_axis)  # axis 1 is the layer (0 = embeddings): `layers`
+# selects
 
 
 def is_layered(name: str) -> bool:
     """Whether array `name` is stored one layer per chunk / column."""
-    return name == LAYERED
+    kind = BY_NAME.get(name)
+    return kind is not None and kind.per_layer
 
 
 def layer_part(name: str, layer: int) -> str:
@@ -69,21 +68,6 @@ def chunk_shape(name: str, shape: tuple[int, ...], chunk_size: int) -> tuple[int
     return (rows, 1) + tuple(shape[2:]) if is_layered(name) else (rows,) + tuple(shape[1:])
 
 
-def read_metadata(location) -> Optional[dict]:
-    """The metadata of the store at `location` (Zarr or Arrow flavour), None if there is no store there.
-
-    Here rather than in the writer: `ls` and `serve` call it, and this module imports neither numpy nor zarr."""
-    for key, inner in META_FILES.values():
-        try:
-            meta = json.loads(location.read(key))
-        except (OSError, ValueError):
-            continue
-        meta = meta.get(inner, {}) if inner else meta
-        if isinstance(meta, dict) and meta.get("format") == FORMAT_NAME:
-            return meta
-    return None
-
-
 def compressor(name: str, dtype_size: int):
     """Blosc; byte shuffle for multi-byte types (groups the exponent bytes of floats together).
 
@@ -95,20 +79,26 @@ def compressor(name: str, dtype_size: int):
     from zarr.codecs import BloscCodec
 
     shuffle = "shuffle" if dtype_size > 1 else "noshuffle"
-    if name == "cls":
+    kind = BY_NAME.get(name)
+    if kind is not None and kind.codec == "lz4":
         return BloscCodec(cname="lz4", clevel=5, shuffle=shuffle)
     return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)
 
 
 def split_arrays(n: int, seq_len: int, num_labels: int, layers: int, hidden: int, cls_dtype: str,
                  label_dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{array: (shape, dtype)} of one split of N examples."""
-    shapes = {"input_ids": ((n, seq_len), "int32"), "attention_mask": ((n, seq_len), "uint8"),
-              "token_type_ids": ((n, seq_len), "uint8"), "labels": ((n,), label_dtype),
-              "logits": ((n, num_labels), "float32"), "cls": ((n, layers + 1, hidden), cls_dtype)}
-    if cls_dtype == "int8":
-        shapes["cls_scale"] = ((n, layers + 1), "float32")
-    return shapes
+    """{array: (shape, dtype)} of one split of N examples: every kind of store/arrays/ it holds."""
+    d = Dims(n, seq_len, num_labels, layers, hidden, cls_dtype, label_dtype)
+    return {k.name: (tuple(k.shape(d)), k.dtype_of(d)) for k in KINDS if k.present(d)}
+
+
+def with_derived(chunk: dict, holds) -> dict:
+    """`chunk` ({array: rows}) plus each array of `holds` (the names its split holds) that a kind derives from the
+    others (`ArrayKind.derive`) and the chunk lacks."""
+    for kind in KINDS:
+        if kind.derive is not None and kind.name in holds and kind.name not in chunk:
+            chunk[kind.name] = kind.derive(chunk)
+    return chunk
 
 
 def now() -> str:

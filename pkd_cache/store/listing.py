@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ..errors import PkdCacheError
 from .describe import human_bytes, summary_from_meta
-from .format import read_metadata
+from .registry import read_metadata
 from .location import Location, is_url
 
 

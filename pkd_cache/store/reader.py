@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import PkdCacheError
 from .backend import Backend, ChunkedArray, CheckedChunks, LayoutProblem, checked_source
-from .format import ARRAYS, FORMAT_NAME, FORMAT_VERSION, LAYERED, StoreMeta
+from .format import ARRAYS, FORMAT_NAME, FORMAT_VERSION, LAYER_AXIS_ARRAYS, StoreMeta
 from .integrity import NO_MANIFEST, ChunkFiles, file_problems, load_manifest, manifest_problems
 from .location import Location
 from .quantize import dequantize_int8
@@ -200,7 +200,7 @@ class Store:
         """Examples [start, stop) of `fields` as numpy arrays; `cls` restricted to `layers` (indices into L+1)."""
         out = {}
         for name in fields:
-            out[name] = self._rows(self.array(split, name), start, stop, layers if name == LAYERED else None)
+            out[name] = self._rows(self.array(split, name), start, stop, layers if name in LAYER_AXIS_ARRAYS else None)
         if "cls" in out and out["cls"].dtype == np.int8:  # dequantised on read (see store/quantize.py)
             out["cls"] = dequantize_int8(out["cls"], self._rows(self.array(split, "cls_scale"), start, stop, layers))
         return out

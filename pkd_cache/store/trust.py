@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
+from .arrays import BY_NAME
 from .format import CLS_DTYPES, chunk_shape
 
 if TYPE_CHECKING:
@@ -146,38 +147,16 @@ def non_finite(v: np.ndarray) -> bool:
     return int(flat.view(f"i{size}").max()) >= inf or int(flat.view(f"u{size}").max()) >= inf | (1 << (8 * size - 1))
 
 
-def _unsigned_max(v: np.ndarray) -> int:
-    """max(v) read as unsigned: a negative value becomes huge, so one `< bound` test checks both ends."""
-    return int(np.ascontiguousarray(v).reshape(-1).view(f"u{v.dtype.itemsize}").max())
-
-
-def _outlier(v: np.ndarray) -> int:
-    """A value to quote in the message: the most negative if any is negative, else the largest."""
-    return int(v.min()) if v.min() < 0 else int(v.max())
-
-
 def value_problem(name: str, v: np.ndarray, meta: StoreMeta) -> Optional[str]:
-    """Why decoded values cannot be what a dump wrote (non-finite floats, labels or ids out of range), or None.
+    """Why decoded values cannot be what a dump wrote, or None: any float array must be finite, and each array kind
+    checks its own values (store/arrays/: labels and ids in range, 0/1 masks).
 
     About as cheap as the CRC (benchmarks/RESULTS.md, B3): read-only integer max passes over the bits, no float
-    arithmetic (`non_finite`); ids and labels are one max over their bits read as unsigned."""
+    arithmetic (`non_finite`); ids and labels are one max over their bits read as unsigned (`arrays.kind`)."""
     if v.size == 0:
         return None
     if v.dtype.kind == "f":
         if non_finite(v):
             return f"holds {int((~np.isfinite(v)).sum())} non-finite value(s)"
-    if name == "attention_mask" and _unsigned_max(v) > 1:
-        return "holds attention mask values other than 0/1"
-    if name == "input_ids":
-        vocab = meta.tokenizer.vocab_size
-        if _unsigned_max(v) >= vocab:
-            return f"holds token ids outside the vocabulary [0, {vocab}) (e.g. {_outlier(v)})"
-    if name == "token_type_ids":
-        types = meta.teacher.config.get("type_vocab_size")
-        if _int(types, 1) and _unsigned_max(v) >= types:
-            return f"holds token type ids outside [0, {types})"
-    if name == "labels" and not meta.task.is_regression:
-        k = meta.task.num_labels
-        if _unsigned_max(v) >= k:
-            return f"holds labels outside [0, {k}) (e.g. {_outlier(v)})"
-    return None
+    kind = BY_NAME.get(name)
+    return kind.check(v, meta) if kind is not None and kind.check is not None else None

@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Optional
 
 from ..errors import PkdCacheError
 from ..version import __version__
-from .format import JOURNAL, new_metadata, read_metadata
+from .format import JOURNAL, new_metadata
 from .journal import WriterLock
 from .location import Location
-from .registry import backend_named
+from .registry import backend_named, read_metadata
 from .worker import Consumer
 
 if TYPE_CHECKING:

@@ -10,14 +10,14 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import PkdCacheError
-from .backend import GridSource, LayoutProblem, Shape
-from .chunks import blosc_params, chunk_key, decode_frame, encode_chunk
-from .format import META_FILES, StoreMeta, chunk_shape, compressor, now
-from .integrity import ChunkFiles, checksum
-from .location import Location
-from .sink import ChunkedWriter
-from .trust import chunk_count, chunk_keys, zarr_array_problem
+from ...errors import PkdCacheError
+from ..backend import GridSource, LayoutProblem, Shape
+from ..chunks import blosc_params, chunk_key, decode_frame, encode_chunk
+from ..format import StoreMeta, chunk_shape, compressor, now
+from ..integrity import ChunkFiles, checksum
+from ..location import Location
+from ..sink import ChunkedWriter
+from ..trust import chunk_count, chunk_keys, zarr_array_problem
 
 
 class ChunkReader(GridSource):
@@ -123,7 +123,8 @@ class ZarrBackend:
     by `ChunkReader`."""
 
     name = "zarr"
-    meta_key = META_FILES["zarr"][0]
+    meta_key = "zarr.json"  # the root group's; its `attributes` are the metadata
+    order = 0  # tried first when a store is opened
     sink = StoreWriter
 
     def __init__(self, location: Location, meta: StoreMeta):
@@ -131,7 +132,7 @@ class ZarrBackend:
 
     @staticmethod
     def metadata_in(doc) -> Optional[dict]:
-        return doc.get(META_FILES["zarr"][1]) if isinstance(doc, dict) and doc.get("node_type") == "group" else None
+        return doc.get("attributes") if isinstance(doc, dict) and doc.get("node_type") == "group" else None
 
     def chunks_of(self, split: str, name: str, shape: Shape, dtype: str) -> Shape:
         try:
@@ -153,3 +154,6 @@ class ZarrBackend:
     def source(self, split: str, name: str, shape: Shape, dtype: str, chunks: Shape,
                files: ChunkFiles) -> ChunkReader:
         return ChunkReader(files, f"{split}/{name}", shape, chunks, dtype)
+
+
+BACKEND = ZarrBackend

@@ -22,12 +22,14 @@ from typing import Optional
 
 import numpy as np
 
-from .backend import GridSource, LayoutProblem, Shape
-from .format import ARROW_META, StoreMeta, chunk_shape, is_layered, layer_part, part_shape
-from .integrity import ChunkError, ChunkFiles, checksum
-from .location import Location
-from .sink import ChunkedWriter
-from .trust import MAX_CHUNK_BYTES
+from ..backend import GridSource, LayoutProblem, Shape
+from ..format import StoreMeta, chunk_shape, is_layered, layer_part, part_shape
+from ..integrity import ChunkError, ChunkFiles, checksum
+from ..location import Location
+from ..sink import ChunkedWriter
+from ..trust import MAX_CHUNK_BYTES
+
+ARROW_META = "pkd_cache.json"  # the metadata (a Zarr store's is the attributes of its zarr.json)
 
 
 def shard_key(split: str, chunk: int) -> str:
@@ -69,9 +71,11 @@ def from_column(column, shape: Shape, dtype) -> np.ndarray:
 class ArrowStoreWriter(ChunkedWriter):
     """Same interface as the Zarr `StoreWriter`: `create_split`, `write` (one shard per chunk), `finish`."""
 
+    meta_key = ARROW_META  # the metadata file it writes
+
     def __init__(self, location: Location, metadata: dict, resume: bool = False):
         self._start(location, resume)
-        self.metadata = self._resumed_metadata(json.loads(location.read(ARROW_META)), metadata) if resume \
+        self.metadata = self._resumed_metadata(json.loads(location.read(self.meta_key)), metadata) if resume \
             else metadata
         self.shapes: dict[str, dict] = {}
         self._write_meta()
@@ -108,7 +112,7 @@ class ArrowStoreWriter(ChunkedWriter):
         self._write_meta()
 
     def _write_meta(self) -> None:
-        self.location.write(ARROW_META, json.dumps(self.metadata, indent=1).encode())
+        self.location.write(self.meta_key, json.dumps(self.metadata, indent=1).encode())
 
 
 class ArrowChunkReader(GridSource):
@@ -188,6 +192,7 @@ class ArrowBackend:
 
     name = "arrow"
     meta_key = ARROW_META
+    order = 1  # after Zarr, when a store is opened
     sink = ArrowStoreWriter
 
     def __init__(self, location: Location, meta: StoreMeta):
@@ -215,3 +220,6 @@ class ArrowBackend:
         if self._shards is None or self._shards.files is not files:  # one cache for every array of the store
             self._shards = ShardCache(files)
         return ArrowChunkReader(self._shards, split, name, shape, dtype, chunks)
+
+
+BACKEND = ArrowBackend
