@@ -72,6 +72,15 @@ def _run(api: str, config):
     return getattr(sys.modules[__package__], api)(config)  # the package's lazy attribute imports it
 
 
+def _in_cache(store: Optional[str], cache: Optional[str]) -> Optional[str]:
+    """`--store` as given, or the store of the cache (`--cache`, else PKD_CACHE) that an id names."""
+    if store is None:
+        return None
+    from .store.cache import resolve_store
+
+    return resolve_store(store, cache)
+
+
 def _train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed, max_steps,
                   logging_steps, save_steps: int = 0) -> TrainConfig:
     return TrainConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay,
@@ -93,6 +102,9 @@ Lr = typer.Option(2e-5, "--learning-rate", help="Peak learning rate of AdamW (pa
 Wd = typer.Option(0.01, "--weight-decay")
 Warmup = typer.Option(0.1, "--warmup-ratio", help="Fraction of steps of linear warm-up.")
 Seed = typer.Option(0, "--seed")
+CacheOpt = typer.Option(None, "--cache", envvar="PKD_CACHE", show_envvar=True,
+                        help="The team cache (a folder or bucket, store/cache.py): dump puts its store there when no "
+                             "--out is given, and --store takes a store's id.")
 MaxSteps = typer.Option(-1, "--max-steps", help="Stop after this many optimiser steps (> 0).")
 LogSteps = typer.Option(50, "--logging-steps")
 DataDir = typer.Option(None, "--data-dir", help="Local folder of task files (GLUE TSV, CSV, JSONL, Parquet); "
@@ -125,8 +137,8 @@ def finetune(model: str = typer.Option(..., "--model", "--model-name-or-path", h
 def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher: folder, hub name, or "
                                                             "bert-base / bert-large (fine-tuned first)."),
          task: str = typer.Option(..., "--task", "--task-name"),
-         out: str = typer.Option(..., "--out", help="Store to write: a folder or an fsspec URL (s3://, gs://, "
-                                                    "memory://)."),
+         out: Optional[str] = typer.Option(None, "--out", help="Store to write: a folder or an fsspec URL (s3://, "
+                                                              "gs://, memory://). Default: its place in the cache."),
          data_dir: Optional[str] = DataDir,
          split: Optional[List[str]] = typer.Option(None, "--split", help="Splits to dump (repeatable); default all."),
          max_seq_length: int = typer.Option(128, "--max-seq-length"),
@@ -150,16 +162,16 @@ def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher:
          store_format: str = typer.Option("zarr", "--format", help="zarr, or arrow (IPC shards that "
                                                                    "`datasets.load_dataset('arrow', ...)` reads)."),
          resume: bool = typer.Option(False, "--resume", help="Continue an interrupted dump into --out: keep its "
-                                                             "durable chunks, run the teacher on the rest.")):
+                                                             "durable chunks, run the teacher on the rest."),
+         cache: Optional[str] = CacheOpt,
+         wait: bool = typer.Option(True, "--wait/--no-wait", help="In the cache: wait for another dump writing "
+                                                                   "the same store, or refuse at once.")):
     """Run the teacher once; write token ids, labels, logits and every layer's [CLS] to a store."""
-    from .store.registry import backend_named
-
-    backend_named(store_format)  # the formats are the modules in store/backends/; refused before torch is imported
     _run("dump", DumpConfig(teacher=teacher, task=task, out=out, data_dir=data_dir, splits=split or None,
                             max_seq_length=max_seq_length, batch_size=batch_size, dtype=dtype, chunk_size=chunk_size,
                             sort_window=sort_window, overwrite=overwrite, finetune=finetune, device=device,
                             max_examples=max_examples, precision=precision, pad_to_max_length=pad_to_max_length,
-                            format=store_format, resume=resume,
+                            format=store_format, resume=resume, cache=cache, wait=wait,
                             finetune_train=TrainConfig(epochs=finetune_epochs, learning_rate=finetune_learning_rate,
                                                        seed=seed)))
 
@@ -209,13 +221,14 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
             per_device_batch_size: Optional[int] = typer.Option(
                 None, "--per-device-batch-size", help="Rows per forward on each device; a rank's share of a "
                                                       "--batch-size batch is accumulated in steps of it."),
-            allow_no_checksums: bool = AllowNoChecksums):
+            allow_no_checksums: bool = AllowNoChecksums, cache: Optional[str] = CacheOpt):
     """Train a k-layer student from a store (no teacher in memory); keep the best dev checkpoint.
 
     With --teacher instead of --store: online KD, the same losses with the teacher run on every step (to compare
     with the cached teacher on the same student, seed and batches).
     """
-    _run("distill", DistillConfig(store=store, output_dir=output_dir, task=task, student_layers=student_layers,
+    _run("distill", DistillConfig(store=_in_cache(store, cache), output_dir=output_dir, task=task,
+                                  student_layers=student_layers,
                                   strategy=strategy, layer_map=_int_list(layer_map, "--layer-map"), alpha=alpha,
                                   beta=beta, temperature=temperature, student_init=student_init, overwrite=overwrite,
                                   device=device, teacher=teacher, data_dir=data_dir, max_seq_length=max_seq_length,
@@ -246,7 +259,7 @@ def sweep(store: Optional[str] = typer.Option(None, "--store", help="Path or URL
           epochs: float = Epochs, learning_rate: float = Lr, weight_decay: float = Wd,
           warmup_ratio: float = Warmup, seed: int = Seed, max_steps: int = MaxSteps,
           logging_steps: int = typer.Option(0, "--logging-steps"), device: Optional[str] = Device,
-          allow_no_checksums: bool = AllowNoChecksums):
+          allow_no_checksums: bool = AllowNoChecksums, cache: Optional[str] = CacheOpt):
     """Train every combination of a grid of student settings from one store (resumable); report the best.
 
     Settings not in a grid take the value of their option. `paper_beta` is beta in the PKD paper's units (mean over
@@ -262,7 +275,8 @@ def sweep(store: Optional[str] = typer.Option(None, "--store", help="Path or URL
         return
     if store is None or output_dir is None:
         raise PkdCacheError("sweep needs --store and --output-dir (or --collect DIR to merge a sweep's results)")
-    base = DistillConfig(store=store, output_dir=output_dir, task=task, student_layers=student_layers,
+    base = DistillConfig(store=_in_cache(store, cache), output_dir=output_dir, task=task,
+                         student_layers=student_layers,
                          strategy=strategy, alpha=alpha, beta=beta, temperature=temperature,
                          student_init=student_init, device=device, allow_no_checksums=allow_no_checksums,
                          train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed,
@@ -311,8 +325,8 @@ def eval_(model: str = typer.Option(..., "--model", "--model-name-or-path"),
 
 @app.command()
 @user_errors
-def verify(store: str = typer.Argument(..., help="Path or URL of a store."),
-           allow_no_checksums: bool = AllowNoChecksums):
+def verify(store: str = typer.Argument(..., help="Path or URL of a store, or its id in the cache."),
+           allow_no_checksums: bool = AllowNoChecksums, cache: Optional[str] = CacheOpt):
     """Check a store: complete, consistent metadata, every chunk present and matching its dump-time checksum.
 
     Exit 0 when the store is sound, 1 when it has problems (each printed on its own line), 2 when it cannot be
@@ -320,6 +334,7 @@ def verify(store: str = typer.Argument(..., help="Path or URL of a store."),
     """
     from .store.verify import verify_store
 
+    store = _in_cache(store, cache)
     report = verify_store(store, allow_no_checksums=allow_no_checksums)
     for note in report.notes:
         typer.echo(f"note: {note}", err=True)
@@ -334,13 +349,14 @@ def verify(store: str = typer.Argument(..., help="Path or URL of a store."),
 
 @app.command()
 @user_errors
-def info(store: str = typer.Argument(..., help="Path or URL of a store."),
-         as_json: bool = typer.Option(False, "--json", help="Print the raw metadata as JSON.")):
+def info(store: str = typer.Argument(..., help="Path or URL of a store, or its id in the cache."),
+         as_json: bool = typer.Option(False, "--json", help="Print the raw metadata as JSON."),
+         cache: Optional[str] = CacheOpt):
     """Describe a store: teacher, tokenizer, task, splits, sizes, completeness."""
     from .store import open_store
     from .store.describe import print_info
 
-    s = open_store(store, require_complete=False)
+    s = open_store(_in_cache(store, cache), require_complete=False)
     if as_json:
         typer.echo(json.dumps(s.info(), indent=2))
     else:
@@ -349,10 +365,15 @@ def info(store: str = typer.Argument(..., help="Path or URL of a store."),
 
 @app.command("ls")
 @user_errors
-def ls(url: str = typer.Argument(".", help="A folder, bucket prefix (s3://, gs://) or `pkd-cache serve` address."),
-       as_json: bool = typer.Option(False, "--json", help="Print the list as JSON.")):
-    """List the stores under a folder or URL: task, teacher, splits, size, completeness."""
+def ls(url: Optional[str] = typer.Argument(None, help="A folder, bucket prefix (s3://, gs://) or `pkd-cache serve` "
+                                                      "address (default: the cache, else the current folder)."),
+       as_json: bool = typer.Option(False, "--json", help="Print the list as JSON."),
+       cache: Optional[str] = CacheOpt):
+    """List the stores under a folder or URL: id, task, teacher, splits, size, completeness, who made them."""
+    from .store.cache import cache_url
     from .store.listing import list_stores, print_stores
+
+    url = url or cache_url(cache) or "."
 
     stores = list_stores(url)
     if as_json:

@@ -164,7 +164,7 @@ class DumpConfig:
 
     teacher: str
     task: str
-    out: str
+    out: Optional[str] = None  # where the store goes; None: its place in the cache (`cache`)
     data_dir: Optional[str] = None
     splits: Optional[list[str]] = None  # default: train and every dev split of the task
     max_seq_length: int = positive_int(128)
@@ -181,6 +181,8 @@ class DumpConfig:
     max_examples: Optional[int] = positive_int(None, optional=True)  # only the first N of each split (smoke runs)
     format: str = "zarr"  # a store backend's name (store/backends/): zarr | arrow (IPC shards `datasets` reads)
     resume: bool = False  # continue an interrupted dump into `out`: its durable chunks are kept
+    cache: Optional[str] = None  # a folder or bucket of stores found by content (store/cache.py); None: $PKD_CACHE
+    wait: bool = True  # in the cache, wait for another dump writing the same store; False: refuse at once
 
     def check(self) -> None:
         check_numbers(self)

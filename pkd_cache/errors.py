@@ -11,3 +11,7 @@ class PkdCacheError(ValueError):
 
 class Interrupted(PkdCacheError):
     """Ctrl-C or SIGTERM stopped the work cleanly; the message says what was kept and how to continue."""
+
+
+class StoreBusy(PkdCacheError):
+    """Another live process is writing the store (it holds the store's writer lock); the message names it."""

@@ -41,7 +41,7 @@ def quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     """Hub ids are `name` or `org/name`; anything else with a slash, or a leading . / ~, is a folder."""
     return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
 
@@ -51,7 +51,7 @@ def load_config(name: str):
 
     quiet_transformers()
     path = Path(name).expanduser()
-    if _looks_like_path(name) and not path.exists():
+    if looks_like_path(name) and not path.exists():
         raise PkdCacheError(f"model path {name} does not exist")
     try:
         return AutoConfig.from_pretrained(str(path) if path.exists() else name)

@@ -14,7 +14,7 @@ from pkd_cache.errors import PkdCacheError
 from pkd_cache.store.location import Location
 from pkd_cache.testing import cli_in_process, make_tokenizer, show, tree_digest
 
-dump_module = importlib.import_module("pkd_cache.commands.dump")  # `pkd_cache.commands.dump` is also the function
+dump_module = importlib.import_module("pkd_cache.commands.dump_run")  # the teacher's run and the writes
 
 
 def dump_args(teacher, data, out, *extra, seq="24"):

@@ -9,6 +9,7 @@ logs and saves.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from ..distributed import DistContext, dist_context, process_group
 from ..errors import PkdCacheError
 from ..progress import log, quiet
 from ..sources import BatchSource, open_source
+from ..store.cache import resolve_store
 from ..store.format import TOKEN_DTYPES, StoreMeta
 from ..store.stream import batch_sizes, trim_padding
 from ..student.init import build_student, student_cls
@@ -117,6 +119,8 @@ def distill_many(configs: list[DistillConfig], description: str = "distill") -> 
     checkpoint, metrics.json); they must share the store, batch size, seed, epochs and max steps."""
     if not configs:
         return []
+    # an id names a store of the cache (store/cache.py): the checks below compare folders with its real place
+    configs = [dataclasses.replace(c, store=resolve_store(c.store, None)) if c.store else c for c in configs]
     resume = _check_pass(configs)
     dist = dist_context(resolve_device(configs[0].device))
     # log lines and bars from rank 0 only

@@ -9,12 +9,13 @@ from typing import Literal
 
 from ..config import DumpConfig, to_dict
 from ..errors import PkdCacheError
-from ..models import LoadedModel
+from ..data.tasks import TaskSpec
 from ..progress import log
-from ..store.cache_key import CACHE_SETTINGS, describe_difference, tokenizer_fingerprint
-from ..store.fingerprint import vocab_fingerprint, weights_fingerprint
+from ..store.cache import store_id
+from ..store.cache_key import CACHE_SETTINGS, describe_difference
 from ..store.format import FORMAT_VERSION
 from ..store.writer import check_target
+from ..identity import has_task_head, model_identity, tokenizer_identity
 
 CachePolicy = Literal["hit", "resume", "write"]
 
@@ -56,8 +57,8 @@ def cache_policy(config: DumpConfig, existing, key: str, key_parts: dict) -> Cac
                                 f"{diff}); pass --overwrite instead of --resume to start again")
         return "resume"
     if meta.get("cache_key") == key and not config.overwrite:
-        log(f"cache hit: {config.out} already holds this dump (same teacher, tokenizer, data and settings; "
-            f"key {key[:16]}); nothing to do")
+        log(f"cache hit: {config.out} (id {store_id(key)}): it holds this dump already (same teacher, tokenizer, "
+            f"data and settings); nothing to do")
         return "hit"
     if not config.overwrite:
         diff = describe_difference(meta.get("cache_key_parts"), key_parts)
@@ -66,15 +67,13 @@ def cache_policy(config: DumpConfig, existing, key: str, key_parts: dict) -> Cac
     return "write"
 
 
-def dump_key_parts(config: DumpConfig, loaded: LoadedModel, examples: dict, splits: list[str]) -> dict:
-    """The cache key's parts (store/cache_key.py); the teacher as given, plus how dump would fine-tune it."""
-    # a head that loading just initialised at random is not part of the teacher's identity: only its base is
-    base = loaded.model.base_model_prefix + "." if loaded.head_is_new else ""
-    teacher = {"weights": weights_fingerprint(loaded.model, base)}
-    if loaded.head_is_new and config.finetune:
-        teacher["finetune"] = {k: v for k, v in to_dict(config.finetune_train).items()}
-    vocab = vocab_fingerprint(loaded.tokenizer)
-    settings = {k: getattr(config, k) for k in CACHE_SETTINGS} | {"splits": splits, "format_version": FORMAT_VERSION}
-    return {"teacher": teacher, "tokenizer": tokenizer_fingerprint(loaded.tokenizer, vocab),
+def dump_key_parts(config: DumpConfig, task: TaskSpec, examples: dict) -> dict:
+    """The cache key's parts (store/cache_key.py), from files alone (pkd_cache/identity.py): the teacher as given,
+    plus how dump would fine-tune it when its config has no head for the task."""
+    teacher = model_identity(config.teacher)
+    if config.finetune and not has_task_head(config.teacher, task.num_labels):
+        teacher["finetune"] = to_dict(config.finetune_train)
+    settings = {k: getattr(config, k) for k in CACHE_SETTINGS} | {"splits": list(examples),
+                                                                  "format_version": FORMAT_VERSION}
+    return {"teacher": teacher, "tokenizer": tokenizer_identity(config.teacher),
             "data": {s: ex.fingerprint() for s, ex in examples.items()}, "settings": settings}
-

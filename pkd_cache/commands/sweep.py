@@ -18,6 +18,7 @@ results table and plot from every finished run and names the runs still missing.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -201,6 +202,7 @@ def sweep(config: SweepConfig) -> list[dict]:
     from .sweep_report import write_report
 
     store = open_store(config.base.store, allow_no_checksums=config.base.allow_no_checksums)
+    config.base = dataclasses.replace(config.base, store=store.path)  # an id in the cache, resolved
     runs = plan_runs(config, store.hidden_size)
     out = Path(config.base.output_dir).expanduser()
     teacher = store.meta.teacher

@@ -2,9 +2,11 @@
 
 The key is the sha256 of the canonical JSON (sorted keys, no spaces) of its parts:
 
-    teacher    sha256 of the teacher's weights as given to `dump` (before any fine-tune `dump` does itself),
-               plus the fine-tune settings when `dump` fine-tunes it
-    tokenizer  vocabulary fingerprint and the tokenizer's normalisation / pre-tokenisation / post-processing
+    teacher    the teacher as given to `dump` (before any fine-tune `dump` does itself), from its files alone
+               (pkd_cache/identity.py): {"files": sha256 of its weight files and config.json} for a folder,
+               {"hub": id, "revision": commit} for a hub model; plus the fine-tune settings when its config has
+               no head for the task (so `dump` fine-tunes it)
+    tokenizer  the same for the tokenizer's files (tokenizer.json, vocab.txt, ...), or the hub id and commit
     data       {split: content fingerprint of the examples dumped}
     settings   what changes the stored values or their layout: max length, CLS dtype, splits, precision,
                fixed padding, chunk size, store format (zarr or arrow), format version
@@ -17,20 +19,6 @@ from typing import Optional
 
 CACHE_SETTINGS = ("max_seq_length", "dtype", "splits", "precision", "pad_to_max_length", "chunk_size", "format",
                   "sort_window")
-
-
-def tokenizer_fingerprint(tokenizer, vocab_fp: str) -> str:
-    """sha256 over the vocabulary fingerprint and the fast tokenizer's pipeline (lower-casing, accents, ...)."""
-    pipeline: dict = {}
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        pipeline = {k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "post_processor")}
-        pipeline["model"] = {k: v for k, v in (spec.get("model") or {}).items() if k != "vocab"}
-    else:  # a slow tokenizer: its init settings stand in for the pipeline
-        pipeline = {k: v for k, v in sorted(getattr(tokenizer, "init_kwargs", {}).items())
-                    if isinstance(v, (str, int, float, bool, type(None)))}
-    return _sha256({"vocab": vocab_fp, "class": type(tokenizer).__name__.removesuffix("Fast"), "pipeline": pipeline})
 
 
 def cache_key(parts: dict) -> str:

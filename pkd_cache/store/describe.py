@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Optional
 from rich.console import Console
 from rich.table import Table
 
+from .cache import ID_DIGITS
+
 if TYPE_CHECKING:  # `ls` and `serve` only summarise metadata: no reader, no numpy
     from .reader import Store
 
@@ -35,7 +37,8 @@ def print_info(store: Store) -> None:
                       f"fingerprint {str(tok.get('vocab_fingerprint', ''))[:16]}"),
         ("max length", str(m.get("max_seq_length"))),
         ("cls dtype", str(m.get("cls_dtype"))),
-        ("created", str(m.get("created_at"))),
+        ("id", str(m.get("cache_key") or "-")[:ID_DIGITS]),
+        ("created", f"{m.get('created_at')}" + (f" by {m['created_by']}" if m.get("created_by") else "")),
         ("completed", str(m.get("completed_at", "-"))),
         ("size on disk", human_bytes(store.size_bytes())),
     ]
@@ -54,4 +57,5 @@ def summary_from_meta(name: str, meta: dict, size: Optional[int]) -> dict:
             "layers": teacher.get("num_layers"), "hidden": teacher.get("hidden_size"),
             "splits": {s: v.get("num_examples") for s, v in meta.get("splits", {}).items()},
             "cls_dtype": meta.get("cls_dtype"), "bytes": size, "complete": bool(meta.get("complete")),
-            "created_at": meta.get("created_at"), "cache_key": meta.get("cache_key")}
+            "created_at": meta.get("created_at"), "created_by": meta.get("created_by"),
+            "cache_key": meta.get("cache_key"), "id": str(meta.get("cache_key") or "")[:ID_DIGITS] or None}

@@ -110,8 +110,20 @@ def new_metadata(metadata: dict, store_format: str, package_version: str) -> dic
     """The metadata a new store starts with (`complete` false until the writer's last write): the one place the
     format's own entries are written; `metadata` adds the dump's (teacher, task, tokenizer, settings, ...)."""
     return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "complete": False,
-            "package_version": package_version, "created_at": now(), "store_format": store_format, **metadata,
-            "splits": {}}
+            "package_version": package_version, "created_at": now(), "created_by": created_by(),
+            "store_format": store_format, **metadata, "splits": {}}
+
+
+def created_by() -> str:
+    """Who made a store, as `ls` shows it: user@host."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (some containers)
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
 
 
 def _str(value) -> Optional[str]:

@@ -155,6 +155,13 @@ def record_chunk(location, split: str, chunk: int, checksums: dict[str, list[int
     location.write(f"{PROGRESS}/{split}/{chunk:06d}.json", json.dumps(checksums).encode())
 
 
+def durable_count(location) -> int:
+    """How many chunks an unfinished store's journal records as durable, over every split (not checked: a
+    progress figure for someone waiting on the dump)."""
+    return sum(1 for split in location.list(PROGRESS) for name in location.list(f"{PROGRESS}/{split}")
+               if name.endswith(".json"))
+
+
 def durable_chunks(location, split: str) -> dict[int, dict[str, list[int]]]:
     """{chunk: its files' checksums} for the chunks of `split` whose record and files check out."""
     out = {}

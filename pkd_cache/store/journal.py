@@ -15,7 +15,7 @@ import secrets
 import socket
 from typing import Optional
 
-from ..errors import PkdCacheError
+from ..errors import StoreBusy
 from .format import JOURNAL as FOLDER
 from .location import Location
 
@@ -41,7 +41,7 @@ class WriterLock:
             if holder is not None:
                 self._take_over(path, holder)
             if not _create_exclusive(path, json.dumps(me)):  # of two dumps starting at once, one wins
-                raise PkdCacheError(self._busy(self._holder() or {}))
+                raise StoreBusy(self._busy(self._holder() or {}))
         else:  # object stores have no exclusive create: best effort
             self.location.write(LOCK, json.dumps(me).encode())
         self.held = True
@@ -50,8 +50,13 @@ class WriterLock:
         """Refuse if a live process holds the lock; the dead holder's record (to take over), or None."""
         holder = self._holder()
         if holder is not None and not self._stale(holder):
-            raise PkdCacheError(self._busy(holder))
+            raise StoreBusy(self._busy(holder))
         return holder
+
+    def live_holder(self) -> Optional[dict]:
+        """The record of the live process (not this one) holding the lock; None if none does."""
+        holder = self._holder()
+        return holder if holder is not None and not self._stale(holder) else None
 
     def release(self) -> None:
         if self.held:
@@ -82,7 +87,7 @@ class WriterLock:
                 if not path.exists():
                     os.rename(aside, path)
             aside.unlink(missing_ok=True)
-            raise PkdCacheError(self._busy(moved))
+            raise StoreBusy(self._busy(moved))
         aside.unlink(missing_ok=True)
 
     def _holder(self) -> Optional[dict]:

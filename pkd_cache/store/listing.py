@@ -27,8 +27,13 @@ def list_stores(url: str, storage_options: Optional[dict] = None) -> list[dict]:
     for name in _children(location):
         meta = _meta(location, name)
         if meta is not None:
-            size = location.child(name).size()
-            out.append(summary_from_meta(name, meta, size))
+            out.append(summary_from_meta(name, meta, location.child(name).size()))
+            continue
+        inner = location.child(name)  # a task folder of a cache (store/cache.py): <task>/<teacher>-<id>.<format>
+        for entry in _children(inner):
+            meta = _meta(inner, entry)
+            if meta is not None:
+                out.append(summary_from_meta(f"{name}/{entry}", meta, inner.child(entry).size()))
     return out
 
 
@@ -66,11 +71,16 @@ def _served(location: Location) -> list[dict]:
 def print_stores(url: str, stores: list[dict]) -> None:
     from rich.table import Column
 
-    table = Table(Column("store", no_wrap=True), "task", "teacher", "layers x hidden", "splits", "cls", "size",
-                  "complete", "created", title=f"stores in {url}" if is_url(url) or stores else None)
+    unfinished = any(not s.get("complete") for s in stores)
+    table = Table(Column("store", no_wrap=True), "id", "task", "teacher", "splits", "cls", "size", "created", "by",
+                  *(["complete"] if unfinished else []), title=f"stores in {url}" if is_url(url) or stores else None)
     for s in stores:
         splits = ", ".join(f"{k} {v:,}" for k, v in (s.get("splits") or {}).items())
-        table.add_row(s["name"], str(s.get("task")), str(s.get("teacher")), f"{s.get('layers')} x {s.get('hidden')}",
-                      splits, str(s.get("cls_dtype")), human_bytes(s["bytes"]) if s.get("bytes") is not None else "?",
-                      "yes" if s.get("complete") else "NO", str(s.get("created_at") or "-"))
+        teacher = str(s.get("teacher") or "?").rstrip("/").rsplit("/", 1)[-1]  # the full name is in `info`
+        created = str(s.get("created_at") or "-").replace("T", " ")[:16]
+        table.add_row(s["name"], str(s.get("id") or "-"), str(s.get("task")),
+                      f"{teacher} ({s.get('layers')}x{s.get('hidden')})", splits, str(s.get("cls_dtype")),
+                      human_bytes(s["bytes"]) if s.get("bytes") is not None else "?", created,
+                      str(s.get("created_by") or "-"),
+                      *(["yes" if s.get("complete") else "NO"] if unfinished else []))
     Console().print(table)

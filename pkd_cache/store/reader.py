@@ -16,6 +16,7 @@ from .format import ARRAYS, FORMAT_NAME, FORMAT_VERSION, LAYER_AXIS_ARRAYS, Stor
 from .integrity import NO_MANIFEST, ChunkFiles, file_problems, load_manifest, manifest_problems
 from .location import Location
 from .quantize import dequantize_int8
+from .cache import resolve_store
 from .registry import backend_at
 from .trust import meta_problems
 
@@ -34,7 +35,7 @@ class Store:
 
     def __init__(self, path: str, require_complete: bool = True, storage_options: Optional[dict] = None,
                  allow_no_checksums: bool = False):
-        self.path = str(path)
+        self.path = resolve_store(str(path), None, storage_options)  # an id names a store of the cache
         self.location = Location(self.path, storage_options)
         backend, attrs = backend_at(self.location, self.path)
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:

@@ -1,0 +1,151 @@
+"""The team cache (store/cache.py): a dump without --out goes to its place in the cache, found again by content
+before any model is loaded; an id names a store wherever --store is taken; two dumps of one key run the teacher
+once."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pkd_cache.testing import cli_env, cli_in_process, show, tree_digest
+
+import pkd_cache
+from pkd_cache.store.cache import entries
+
+ARGS = ["--task", "sst2", "--max-seq-length", "24", "--batch-size", "16", "--chunk-size", "64"]
+HEAVY = ("torch", "transformers")
+
+
+def dump_args(teacher, data, cache, *extra) -> list:
+    return ["dump", "--teacher", teacher, "--data-dir", data, "--cache", cache, *ARGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, teacher_dir, data_dir):
+    """A folder cache holding one store, dumped into it by `dump` without --out."""
+    root = tmp_path_factory.mktemp("cache")
+    p = cli_in_process(*dump_args(teacher_dir, data_dir, root))
+    assert p.returncode == 0, show(p)
+    return root
+
+
+def only_entry(cache) -> tuple[str, str]:
+    (name, ident), = entries(str(cache))
+    return name, ident
+
+
+def test_a_dump_without_out_goes_to_its_place_in_the_cache(cache, teacher_dir):
+    name, ident = only_entry(cache)
+    store = pkd_cache.open_store(str(cache / name))
+    assert re.fullmatch(rf"sst2/{teacher_dir.name}-{ident}\.zarr", name), name
+    assert store.info()["cache_key"].startswith(ident) and len(ident) == 12
+    assert store.info()["created_by"].count("@") == 1
+    assert store.info()["teacher"]["identity"].keys() == {"files"}  # by content, not by a local path
+
+
+def test_a_hit_loads_no_model_and_rewrites_nothing(cache, teacher_dir, data_dir):
+    """The same dump again, from a copy of the teacher in another folder: found by content, in a fresh interpreter
+    that never imports torch or transformers (so no model was built)."""
+    name, ident = only_entry(cache)
+    before = tree_digest(cache)
+    copy = cache.parent / "elsewhere" / "teacher"
+    shutil.copytree(teacher_dir, copy)
+    code = (f"import sys\nfrom pkd_cache.cli import main\nsys.argv = ['pkd-cache', *{list(map(str, dump_args(copy, data_dir, cache)))!r}]\n"
+            f"try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"cache hit: {cache}/{name} (id {ident})" in " ".join(r.stderr.split()), r.stderr
+    assert "HEAVY []" in r.stdout, (r.stdout, r.stderr)
+    assert tree_digest(cache) == before
+
+
+def test_an_id_names_the_store_wherever_a_store_is_taken(cache, monkeypatch):
+    name, ident = only_entry(cache)
+    p = cli_in_process("info", "--json", ident[:6], "--cache", cache)
+    assert p.returncode == 0 and json.loads(p.stdout)["cache_key"].startswith(ident), show(p)
+    monkeypatch.setenv("PKD_CACHE", str(cache))  # the environment does what --cache does
+    p = cli_in_process("verify", ident)
+    assert p.returncode == 0 and p.stdout.startswith(f"ok: {cache}/{name}"), show(p)
+    assert pkd_cache.open_store(ident).path == f"{cache}/{name}"  # the Python API too
+
+
+def teacher_name(row: dict) -> str:
+    return row["teacher"].rstrip("/").rsplit("/", 1)[-1]
+
+
+def test_ls_lists_the_cache_with_ids_and_who_made_them(cache, monkeypatch):
+    name, ident = only_entry(cache)
+    monkeypatch.setenv("PKD_CACHE", str(cache))
+    p = cli_in_process("ls", "--json")
+    assert p.returncode == 0, show(p)
+    (row,) = json.loads(p.stdout)
+    assert row["name"] == name and row["id"] == ident and "@" in row["created_by"], row
+    monkeypatch.setenv("COLUMNS", "160")  # a terminal, not the runner's 80 columns
+    p = cli_in_process("ls")
+    assert p.returncode == 0 and ident in p.stdout and row["created_by"] in p.stdout, show(p)
+    assert f"{teacher_name(row)} (4x32)" in p.stdout, show(p)
+
+
+@pytest.mark.parametrize("what, args, says", [
+    ("no place", lambda c, t, d: ["dump", "--teacher", t, "--data-dir", d, *ARGS],
+     "dump needs --out, or a cache to put the store in (--cache URL or PKD_CACHE)"),
+    ("unknown id", lambda c, t, d: ["info", "abcdef", "--cache", c], "no store in cache {c} has id abcdef"),
+    ("missing cache", lambda c, t, d: ["info", "abcdef", "--cache", c / "nowhere"],
+     "cache {c}/nowhere does not exist (PKD_CACHE or --cache names it)"),
+])
+def test_bad_cache_input_is_one_line(cache, teacher_dir, data_dir, monkeypatch, what, args, says):
+    monkeypatch.delenv("PKD_CACHE", raising=False)
+    p = cli_in_process(*args(cache, teacher_dir, data_dir))
+    assert p.returncode == 2 and p.stderr.strip() == f"error: {says.format(c=cache)}", show(p)
+
+
+def test_an_ambiguous_id_prefix_is_refused(cache, tmp_path):
+    name, ident = only_entry(cache)
+    other = tmp_path / "cache"
+    shutil.copytree(cache, other)
+    twin = other / name.replace(ident, ident[:4] + "0" * 8)
+    shutil.copytree(other / name, twin)
+    p = cli_in_process("info", ident[:4], "--cache", other)
+    assert p.returncode == 2 and f"id {ident[:4]} matches 2 stores in cache {other}" in p.stderr, show(p)
+    p = cli_in_process("info", "--json", ident[:5], "--cache", other)  # one more digit tells them apart
+    assert p.returncode == 0 and json.loads(p.stdout)["cache_key"].startswith(ident), show(p)
+
+
+@pytest.mark.subprocess
+def test_two_dumps_of_one_key_run_the_teacher_once(teacher_dir, data_dir, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cmd = [sys.executable, "-m", "pkd_cache", *map(str, dump_args(teacher_dir, data_dir, cache))]
+    procs = [subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    logs = [" ".join((out + err).split()) for out, err in outs]
+    assert sum("wrote " in log for log in logs) == 1, logs  # one ran the teacher ...
+    assert sum("cache hit:" in log for log in logs) == 1, logs  # ... the other waited for it, then hit
+    (name, _), = entries(str(cache))
+    assert pkd_cache.open_store(str(cache / name)).complete
+
+
+def test_no_wait_names_the_dump_holding_the_entry(cache, teacher_dir, data_dir, tmp_path):
+    """A claim held by a live process (a record of pid 1 on this host: alive, and not this process) is refused at
+    once with --no-wait, and nothing is written."""
+    import socket
+
+    from pkd_cache.store.cache import claim_url, entry_url
+
+    other = tmp_path / "cache"
+    other.mkdir()
+    name, _ = only_entry(cache)
+    key = pkd_cache.open_store(str(cache / name)).info()["cache_key"]
+    claim = claim_url(entry_url(str(other), "sst2", str(teacher_dir), key, "zarr"))
+    lock = Path(claim) / ".pkd_cache" / "lock.json"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 1, "started": "2026-12-02T10:00:00+00:00"}))
+    p = cli_in_process(*dump_args(teacher_dir, data_dir, other, "--no-wait"))
+    assert p.returncode == 2, show(p)
+    assert "is being written by another dump (pid 1 on" in p.stderr and "without --no-wait" in p.stderr, show(p)
+    assert entries(str(other)) == []
