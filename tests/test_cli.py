@@ -222,6 +222,12 @@ CASES: dict[str, Case] = {
                                   no_store),
     "dump-unknown-format": Case(lambda c: dump_args(c, "--format", "parquet"),
                                 ("unknown store format 'parquet'; pkd-cache writes zarr, arrow",), no_store),
+    "dump-no-out-no-cache": Case(lambda c: [a for a in dump_args(c) if a not in ("--out", c.tmp / "out.zarr")],
+                                 ("dump needs --out, or a cache to put the store in (--cache URL or PKD_CACHE)",),
+                                 no_store),
+    "info-unknown-id": Case(lambda c: ["info", "abcdef12", "--cache", empty_cache(c)], ("has id abcdef12",)),
+    "distill-id-without-cache-entry": Case(lambda c: distill_args(c, "--cache", c.tmp / "no-cache", store="abcdef12"),
+                                           ("/no-cache does not exist (PKD_CACHE or --cache names it)",), no_student),
     "distill-per-device-batch-size-zero": Case(lambda c: distill_args(c, "--per-device-batch-size", "0"),
                                                ("--per-device-batch-size must be > 0",), no_student),
     "finetune-overwrite-keeps-output-on-failure": Case(
@@ -311,6 +317,12 @@ def empty_files(c: Ctx) -> Path:
     for name in ("train.tsv", "dev.tsv"):
         (folder / name).write_text("")
     return folder
+
+
+def empty_cache(c: Ctx) -> Path:
+    """A team cache (store/cache.py) holding no store."""
+    (c.tmp / "cache").mkdir()
+    return c.tmp / "cache"
 
 
 def not_a_model(c: Ctx) -> Path:

@@ -149,3 +149,30 @@ def test_no_wait_names_the_dump_holding_the_entry(cache, teacher_dir, data_dir, 
     assert p.returncode == 2, show(p)
     assert "is being written by another dump (pid 1 on" in p.stderr and "without --no-wait" in p.stderr, show(p)
     assert entries(str(other)) == []
+
+
+@pytest.mark.subprocess
+def test_a_hub_teacher_is_keyed_by_its_name_and_commit(teacher_dir, data_dir, tmp_path):
+    """The real hub code path, offline: a Hugging Face cache laid out as the hub client leaves it (refs/main ->
+    snapshots/<commit>/), which both the key (identity.hub_revision) and the model load read."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someorg--tiny-bert"
+    shutil.copytree(teacher_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**cli_env(), "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "pkd_cache", *map(str, dump_args("someorg/tiny-bert", data_dir, tmp_path / "c"))]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "wrote " in first.stderr, first.stderr[-3000:]
+    (name, ident), = entries(str(tmp_path / "c"))
+    assert name.startswith("sst2/tiny-bert-"), name
+    meta = pkd_cache.open_store(str(tmp_path / "c" / name)).info()
+    assert meta["teacher"]["identity"] == {"hub": "someorg/tiny-bert", "revision": commit}
+    assert meta["cache_key_parts"]["tokenizer"] == {"hub": "someorg/tiny-bert", "revision": commit}
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"(id {ident})" in again.stderr, again.stderr[-3000:]
+    (repo / "refs" / "main").write_text("f" * 40)  # the name now resolves to another commit: another store
+    shutil.copytree(teacher_dir, repo / "snapshots" / ("f" * 40))
+    moved = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert moved.returncode == 0 and "wrote " in moved.stderr, moved.stderr[-3000:]
+    assert len(entries(str(tmp_path / "c"))) == 2

@@ -121,6 +121,7 @@ def cli_env() -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "COLUMNS": "200"}
     env.pop("PKD_CACHE_DEBUG", None)
+    env.pop("PKD_CACHE", None)  # a developer's team cache must not change what a test's dump does
     return env
 
 
