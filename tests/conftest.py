@@ -20,6 +20,14 @@ def log_on_stderr():
     log_to_stderr()
 
 
+@pytest.fixture(autouse=True)
+def own_caches(tmp_path_factory, monkeypatch):
+    """Each test has its own user cache (fine-tuned teachers, commands/dump_teacher.py) and no team cache: neither
+    the developer's nor another test's (subprocesses inherit this environment through `cli_env`)."""
+    monkeypatch.setenv("PKD_CACHE_HOME", str(tmp_path_factory.mktemp("pkd_cache_home")))
+    monkeypatch.delenv("PKD_CACHE", raising=False)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     return write_sst2(tmp_path_factory.mktemp("data") / "SST-2")

@@ -107,7 +107,7 @@ def finetune_args(c: Ctx, *extra, model=None, task="sst2", output_dir=None) -> l
 
 def no_store(c: Ctx) -> None:
     assert not (c.tmp / "out.zarr").exists()
-    assert not (c.tmp / "out.teacher").exists()  # where dump would fine-tune a head-less teacher
+    assert not (Path(os.environ["PKD_CACHE_HOME"]) / "teachers").exists()  # where dump fine-tunes a head-less teacher
 
 
 def no_student(c: Ctx) -> None:
@@ -483,7 +483,7 @@ def test_end_to_end(ahead, tmp_path, data_dir, backbone_dir):
     assert cls["shape"] == [160, 5, 32] and cls["data_type"] == "float16"
     assert json.loads((store / "train" / "labels" / "zarr.json").read_text())["chunk_grid"]["configuration"][
         "chunk_shape"] == [64]
-    assert not (store.parent / "sst2.teacher").exists()  # the teacher had a trained head: no fine-tune by dump
+    assert not (Path(os.environ["PKD_CACHE_HOME"]) / "teachers").exists()  # a trained head: no fine-tune by dump
 
     info = res["info"].stdout
     assert str(teacher) in info and "4 layers, hidden 32" in info and str(backbone_dir) in info

@@ -1,6 +1,8 @@
 """Distillation from a store alone: no teacher, student init, saving, determinism, learning."""
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,8 +106,9 @@ def test_dump_fine_tunes_a_headless_teacher_and_distill_defaults_to_its_base(tmp
     cfg.finetune_train = pkd_cache.TrainConfig(epochs=1, learning_rate=1e-3, logging_steps=0)
     s = pkd_cache.dump(cfg)
     teacher = s.info()["teacher"]
-    assert teacher["finetuned_by_dump"] == str(tmp_path / "auto.teacher")
-    assert (tmp_path / "auto.teacher" / "model.safetensors").is_file()
+    tuned = Path(teacher["finetuned_by_dump"])  # a cache entry of its own: $PKD_CACHE_HOME/teachers/<task>/...
+    assert tuned.parent == Path(os.environ["PKD_CACHE_HOME"]) / "teachers" / "sst2"
+    assert tuned.name == f"{backbone_dir.name}-{teacher['finetuned_id']}" and (tuned / "model.safetensors").is_file()
     assert teacher["base_model"] == str(backbone_dir)
     m = pkd_cache.distill(pkd_cache.DistillConfig(store=str(store), output_dir=str(tmp_path / "st"), student_layers=2,
                                                   train=pkd_cache.TrainConfig(epochs=1, logging_steps=0)))
@@ -113,18 +116,18 @@ def test_dump_fine_tunes_a_headless_teacher_and_distill_defaults_to_its_base(tmp
 
     # the same dump again is a cache hit: the head loading initialises at random is not part of the key
     assert pkd_cache.dump(cfg).info()["completed_at"] == s.info()["completed_at"]
-    # dumping again (--overwrite of the store) reuses the finished fine-tune with the same settings
-    weights = (tmp_path / "auto.teacher" / "model.safetensors").read_bytes()
-    cfg.overwrite = True
+    # another store (another folder and format) from the same teacher and data reuses the fine-tuned teacher
+    weights = (tuned / "model.safetensors").read_bytes()
+    cfg.out, cfg.format = str(tmp_path / "auto.arrow"), "arrow"
     again = pkd_cache.dump(cfg)
-    assert (tmp_path / "auto.teacher" / "model.safetensors").read_bytes() == weights
+    assert (tuned / "model.safetensors").read_bytes() == weights
     assert again.info()["teacher"]["weights_fingerprint"] == teacher["weights_fingerprint"]
-    # other fine-tuning settings: refused without --overwrite (the old teacher is kept)
-    cfg.overwrite, cfg.out = False, str(tmp_path / "auto2.zarr")
-    (tmp_path / "auto2.teacher").mkdir()
-    (tmp_path / "auto2.teacher" / "x").write_text("x")
-    with pytest.raises(PkdCacheError, match="exists from other settings"):
-        pkd_cache.dump(cfg)
+    assert again.info()["teacher"]["finetuned_by_dump"] == str(tuned)
+    # other fine-tuning settings make another teacher, beside the first
+    cfg.out, cfg.finetune_train = str(tmp_path / "auto2.zarr"), pkd_cache.TrainConfig(epochs=1, learning_rate=2e-3,
+                                                                                       logging_steps=0)
+    other = Path(pkd_cache.dump(cfg).info()["teacher"]["finetuned_by_dump"])
+    assert other != tuned and other.parent == tuned.parent and (tuned / "model.safetensors").read_bytes() == weights
 
 
 def test_a_student_of_another_width_learns_a_projection_that_is_not_saved(tmp_path, store_path):

@@ -247,6 +247,27 @@ def test_finetune_that_fails_leaves_no_trace(tmp_path, backbone_dir, data_dir, m
     no_leftovers(out)
 
 
+@pytest.mark.kill
+def test_finetune_stopped_by_sigterm_leaves_no_trace(tmp_path, backbone_dir, data_dir):
+    """A scheduler's stop (SIGTERM) mid-training: one line, and nothing that looks like a teacher, half-trained or
+    otherwise (a dump fine-tuning its teacher used to leave an empty `<out>.teacher/`)."""
+    import signal
+
+    from pkd_cache.testing import wait_until
+
+    out = tmp_path / "teacher"
+    proc = subprocess.Popen([sys.executable, "-m", "pkd_cache", "finetune", "--model", str(backbone_dir), "--task",
+                             "sst2", "--data-dir", str(data_dir), "--output-dir", str(out), "--max-seq-length", "24",
+                             "--epochs", "1000"], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_until(lambda: any((p / "model.safetensors").exists() for p in tmp_path.glob(".teacher.*")),
+               "the first checkpoint written aside", proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", err[-2000:]
+    assert list(tmp_path.iterdir()) == []  # no teacher, nothing aside, no lock
+
+
 def test_eval_writes_its_results_only_beside_a_model_pkd_cache_wrote(tmp_path, student, teacher_dir, data_dir):
     mine, other = copy_of(student, tmp_path), copy_of(teacher_dir, tmp_path, "downloaded")
     (other / "eval_results.json").write_text('{"from": "another tool"}')

@@ -9,12 +9,9 @@ started is tried first on a couple of examples (`_probe`), before `--out` is cre
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import json
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +34,7 @@ from ..teacher.run import run_chunk
 from ..training import resolve_device
 from .dump_shares import chunk_ranges, share_windows, sort_windows, window_tokens
 from .dump_teacher import teacher_to_run
+from .interrupt import stop_on_sigterm
 
 
 def run_dump(config: DumpConfig, task: TaskSpec, examples: dict, key_parts: dict, key: str, resuming: bool):
@@ -48,7 +46,7 @@ def run_dump(config: DumpConfig, task: TaskSpec, examples: dict, key_parts: dict
     check_max_length(loaded, config.max_seq_length)
     for ex in examples.values():
         check_seq_length(loaded.tokenizer, ex, config.max_seq_length)
-    loaded, finetuned_dir = teacher_to_run(config, task, loaded, ranks)
+    loaded, finetuned_dir = teacher_to_run(config, task, loaded, ranks, key_parts)
     if ranks.many and config.format != "zarr":
         raise PkdCacheError("a multi-rank dump writes zarr stores only; run --format arrow as one process")
     device = rank_device(ranks, resolve_device(config.device))
@@ -90,18 +88,36 @@ class _Job:
         return sum(len(e) for e in self.examples.values())
 
 
+def _absolute(name: Optional[str]) -> Optional[str]:
+    """A model named by a local folder is recorded by its absolute path (one that still means something on a shared
+    filesystem, where a relative one would not); a hub name as it is. `identity` is the portable reference."""
+    if name is not None and Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    return name
+
+
+def source_name(source: str) -> str:
+    """How the metadata names where a split came from: a file by its last two path components
+    (`SST-2/train.tsv`: a relative or absolute path means nothing once the store is shared), a hub dataset as is.
+    The data itself is identified by `data_fingerprint`."""
+    path = Path(source)
+    return "/".join(path.parts[-2:]) if path.is_file() else source
+
+
 def _metadata(job: _Job, loaded: LoadedModel, finetuned_dir: Optional[Path], key: str) -> dict:
     """The store's metadata: the teacher, tokenizer and task it was dumped with, and the dump's settings and key."""
     config, task, model, tokenizer = job.config, job.task, job.model, job.tokenizer
     return {
-        "teacher": {"name_or_path": config.teacher, "resolved": loaded.name, "base_model": loaded.base_model,
-                    "finetuned_by_dump": str(finetuned_dir) if finetuned_dir else None,
+        "teacher": {"name_or_path": _absolute(config.teacher), "resolved": _absolute(loaded.name),
+                    "base_model": _absolute(loaded.base_model),
+                    "finetuned_by_dump": str(finetuned_dir.resolve()) if finetuned_dir else None,
+                    "finetuned_id": finetuned_dir.name.rsplit("-", 1)[-1] if finetuned_dir else None,
                     "model_type": model.config.model_type, "architecture": type(model).__name__,
                     "num_layers": job.num_layers, "hidden_size": job.hidden,
                     "weights_fingerprint": weights_fingerprint(model),
                     "identity": job.key_parts["teacher"],  # portable: its files' fingerprint, or hub id and commit
                     "config": json.loads(model.config.to_json_string())},
-        "tokenizer": {"name_or_path": loaded.name, "class": type(tokenizer).__name__,
+        "tokenizer": {"name_or_path": _absolute(loaded.name), "class": type(tokenizer).__name__,
                       "vocab_size": len(tokenizer.get_vocab()), "vocab_fingerprint": vocab_fingerprint(tokenizer),
                       "pad_token_id": tokenizer.pad_token_id},
         "task": {"name": task.name, "label_names": list(task.label_names), "num_labels": task.num_labels,
@@ -193,7 +209,8 @@ def _discard_unstarted(writer) -> None:
 def _create_splits(job: _Job, writer) -> None:
     for split, ex in job.examples.items():
         shapes = _split_arrays(job, len(ex))
-        writer.create_split(split, shapes, {"source": ex.source, "data_fingerprint": job.key_parts["data"][split]})
+        writer.create_split(split, shapes, {"source": source_name(ex.source),
+                                            "data_fingerprint": job.key_parts["data"][split]})
 
 
 def _split_arrays(job: _Job, n: int) -> dict:
@@ -309,20 +326,3 @@ def _finish(job: _Job, writer, reports: list[dict], seconds: float) -> None:
     if job.ranks.many:
         writer.metadata["dump_ranks"] = job.ranks.world
     writer.finish()
-
-
-@contextlib.contextmanager
-def stop_on_sigterm():
-    """SIGTERM stops a dump like Ctrl-C: the writer drains, the store stays resumable (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

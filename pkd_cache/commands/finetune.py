@@ -14,6 +14,7 @@ from ..data.loading import load_examples
 from ..data.tasks import get_task
 from ..data.tokenize import to_model_inputs, tokenize
 from .evaluate import main_metric_key, raw_dev_batches, score
+from .interrupt import stop_on_sigterm
 from .output_lock import OutputLock
 from .paths import check_output_dir, prepare_output
 from ..progress import log
@@ -30,7 +31,8 @@ def finetune(config: FinetuneConfig, loaded: LoadedModel | None = None) -> dict:
     task = get_task(config.task)
     inputs = [("--model", config.model), ("--data-dir", config.data_dir)]
     check_output_dir(config.output_dir, config.overwrite, "teacher", inputs=inputs)  # before the model loads
-    with OutputLock(Path(config.output_dir), config.output_dir):  # one run writes it at a time
+    # one run writes it at a time; SIGTERM unwinds like Ctrl-C, so no half-trained output is left behind
+    with OutputLock(Path(config.output_dir), config.output_dir), stop_on_sigterm():
         return _finetune(config, task, inputs, loaded)
 
 

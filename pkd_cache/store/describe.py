@@ -20,6 +20,14 @@ def human_bytes(n: int) -> str:
     return f"{n:,.1f} TiB"
 
 
+def logits_teacher(teacher: dict) -> str:
+    """The teacher whose logits the store holds: the one given to dump, or the one dump fine-tuned from it."""
+    tuned = teacher.get("finetuned_by_dump")
+    if tuned:
+        return f"{tuned} (fine-tuned by dump from {teacher.get('name_or_path')})"
+    return str(teacher.get("name_or_path"))
+
+
 def print_info(store: Store) -> None:
     m = store.info()
     t, tok, task = m.get("teacher", {}), m.get("tokenizer", {}), m.get("task", {})
@@ -30,7 +38,7 @@ def print_info(store: Store) -> None:
         ("complete", "yes" if m.get("complete") else "NO (dump unfinished)"),
         ("format", f"{m.get('format')} v{m.get('format_version')} (pkd-cache {m.get('package_version')})"),
         ("task", f"{task.get('name')}  labels: {', '.join(task.get('label_names') or ['(regression)'])}"),
-        ("teacher", f"{t.get('name_or_path')}  ({t.get('num_layers')} layers, hidden {t.get('hidden_size')})"),
+        ("teacher", f"{logits_teacher(t)}  ({t.get('num_layers')} layers, hidden {t.get('hidden_size')})"),
         ("base model", t.get("base_model") or "unknown (distill needs --student-init)"),
         ("teacher weights", str(t.get("weights_fingerprint", ""))[:16]),
         ("tokenizer", f"{tok.get('name_or_path')}  vocab {tok.get('vocab_size')}  "
@@ -53,7 +61,7 @@ def print_info(store: Store) -> None:
 
 def summary_from_meta(name: str, meta: dict, size: Optional[int]) -> dict:
     teacher = meta.get("teacher", {})
-    return {"name": name, "task": meta.get("task", {}).get("name"), "teacher": teacher.get("name_or_path"),
+    return {"name": name, "task": meta.get("task", {}).get("name"), "teacher": logits_teacher(teacher),
             "layers": teacher.get("num_layers"), "hidden": teacher.get("hidden_size"),
             "splits": {s: v.get("num_examples") for s, v in meta.get("splits", {}).items()},
             "cls_dtype": meta.get("cls_dtype"), "bytes": size, "complete": bool(meta.get("complete")),
