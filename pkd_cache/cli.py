@@ -103,8 +103,8 @@ Wd = typer.Option(0.01, "--weight-decay")
 Warmup = typer.Option(0.1, "--warmup-ratio", help="Fraction of steps of linear warm-up.")
 Seed = typer.Option(0, "--seed")
 CacheOpt = typer.Option(None, "--cache", envvar="PKD_CACHE", show_envvar=True,
-                        help="The team cache (a folder or bucket, store/cache.py): dump puts its store there when no "
-                             "--out is given, and --store takes a store's id.")
+                        help="The team cache, a folder or bucket: dump puts a store there when no --out is given, "
+                             "and a store's id names it wherever a store is taken.")
 MaxSteps = typer.Option(-1, "--max-steps", help="Stop after this many optimiser steps (> 0).")
 LogSteps = typer.Option(50, "--logging-steps")
 DataDir = typer.Option(None, "--data-dir", help="Local folder of task files (GLUE TSV, CSV, JSONL, Parquet); "
@@ -382,6 +382,45 @@ def ls(url: Optional[str] = typer.Argument(None, help="A folder, bucket prefix (
         typer.echo(f"no pkd-cache stores in {url}")
     else:
         print_stores(url, stores)
+
+
+@app.command()
+@user_errors
+def gc(older_than: Optional[str] = typer.Option(None, "--older-than", help="Remove stores unused for this long "
+                                                                             "(90d, 12h, 2w)."),
+       max_size: Optional[str] = typer.Option(None, "--max-size", help="Remove the least recently used stores until "
+                                                                       "the cache holds at most this (2TB, 500GB)."),
+       grace: str = typer.Option("1d", "--grace", help="Never remove a store used within this long."),
+       dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing."),
+       cache: Optional[str] = CacheOpt):
+    """Remove stores from the team cache by age since last use, or least recently used first until it fits."""
+    from .store.cache import cache_url
+    from .store.describe import human_bytes
+    from .store.gc import parse_duration, parse_size, plan, remove, survey
+
+    url = cache_url(cache)
+    if url is None:
+        raise PkdCacheError("gc needs a cache (--cache URL or PKD_CACHE)")
+    if older_than is None and max_size is None:
+        raise PkdCacheError("gc needs --older-than or --max-size (or both); --dry-run shows what they would remove")
+    age = parse_duration(older_than, "--older-than") if older_than is not None else None
+    size = parse_size(max_size, "--max-size") if max_size is not None else None
+    found = survey(url, parse_duration(grace, "--grace"))
+    doomed = plan(found, age, size)
+    verb = "would remove" if dry_run else "removing"
+    for e in doomed:
+        typer.echo(f"{verb} {e.name}  (id {e.id}, {human_bytes(e.bytes)}, last used "
+                   f"{e.last_used.isoformat(timespec='minutes')})")
+    if not dry_run:
+        remove(url, doomed)
+    kept = [e for e in found if e not in doomed]
+    for e in kept:
+        if e.busy:
+            typer.echo(f"keeping {e.name}: {e.busy}")
+    freed, left = sum(e.bytes for e in doomed), sum(e.bytes for e in kept)
+    typer.echo(f"{'would free' if dry_run else 'freed'} {human_bytes(freed)} ({len(doomed)} of {len(found)} stores); "
+               f"the cache {'would hold' if dry_run else 'holds'} {human_bytes(left)}"
+               + (f", over --max-size {max_size}: the rest is in use" if size is not None and left > size else ""))
 
 
 @app.command()

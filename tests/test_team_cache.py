@@ -12,7 +12,7 @@ import pytest
 from pkd_cache.testing import cli_env, cli_in_process, show, tree_digest
 
 import pkd_cache
-from pkd_cache.store.cache import entries
+from pkd_cache.store.cache import entries, used_key
 
 ARGS = ["--task", "sst2", "--max-seq-length", "24", "--batch-size", "16", "--chunk-size", "64"]
 HEAVY = ("torch", "transformers")
@@ -49,7 +49,7 @@ def test_a_hit_loads_no_model_and_rewrites_nothing(cache, teacher_dir, data_dir)
     """The same dump again, from a copy of the teacher in another folder: found by content, in a fresh interpreter
     that never imports torch or transformers (so no model was built)."""
     name, ident = only_entry(cache)
-    before = tree_digest(cache)
+    before = tree_digest(cache / name)
     copy = cache.parent / "elsewhere" / "teacher"
     shutil.copytree(teacher_dir, copy)
     code = (f"import sys\nfrom pkd_cache.cli import main\nsys.argv = ['pkd-cache', *{list(map(str, dump_args(copy, data_dir, cache)))!r}]\n"
@@ -59,7 +59,8 @@ def test_a_hit_loads_no_model_and_rewrites_nothing(cache, teacher_dir, data_dir)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"cache hit: {cache}/{name} (id {ident})" in " ".join(r.stderr.split()), r.stderr
     assert "HEAVY []" in r.stdout, (r.stdout, r.stderr)
-    assert tree_digest(cache) == before
+    assert tree_digest(cache / name) == before  # the store is not touched; its last use is noted beside it (gc)
+    assert json.loads((cache / used_key(name)).read_text())["by"].count("@") == 1
 
 
 def test_an_id_names_the_store_wherever_a_store_is_taken(cache, monkeypatch):
@@ -176,3 +177,53 @@ def test_a_hub_teacher_is_keyed_by_its_name_and_commit(teacher_dir, data_dir, tm
     moved = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert moved.returncode == 0 and "wrote " in moved.stderr, moved.stderr[-3000:]
     assert len(entries(str(tmp_path / "c"))) == 2
+
+
+def test_gc_removes_by_last_use_and_keeps_what_is_written_or_recent(cache, tmp_path):
+    """Four entries: used 100 days ago, 40 days ago, an hour ago, and one being written (a live claim)."""
+    import datetime as dt
+    import socket
+
+    from pkd_cache.store.cache import claim_url
+
+    name, ident = only_entry(cache)
+    root = tmp_path / "cache"
+    now = dt.datetime.now(dt.timezone.utc)
+    ages = {"a" * 12: 100, "b" * 12: 40, "c" * 12: 0.04, "d" * 12: 100}
+    for i, days in ages.items():
+        entry = f"sst2/old-{i}.zarr"
+        shutil.copytree(cache / name, root / entry)
+        at = (now - dt.timedelta(days=days)).isoformat(timespec="seconds")
+        (root / used_key(entry)).write_text(json.dumps({"at": at, "by": "someone@somewhere"}))
+    claim = Path(claim_url(str(root / f"sst2/old-{'d' * 12}.zarr"))) / ".pkd_cache" / "lock.json"
+    claim.parent.mkdir(parents=True)
+    claim.write_text(json.dumps({"host": socket.gethostname(), "pid": 1, "started": now.isoformat()}))
+    size = sum(f.stat().st_size for f in (cache / name).rglob("*") if f.is_file())
+
+    def left():
+        return sorted(i for _, i in entries(str(root)))
+
+    p = cli_in_process("gc", "--older-than", "30d", "--dry-run", "--cache", root)
+    assert p.returncode == 0 and "would remove sst2/old-aaaa" in p.stdout and "would remove sst2/old-bbbb" in p.stdout
+    assert "keeping sst2/old-dddd" in p.stdout and "being written (pid 1" in p.stdout, show(p)
+    assert left() == sorted(ages)  # a dry run removes nothing
+    p = cli_in_process("gc", "--older-than", "60d", "--cache", root)
+    assert p.returncode == 0 and left() == ["b" * 12, "c" * 12, "d" * 12], show(p)
+    assert not (root / used_key(f"sst2/old-{'a' * 12}.zarr")).exists()
+    p = cli_in_process("gc", "--max-size", str(size), "--cache", root)  # room for one: the least recently used goes
+    assert p.returncode == 0 and left() == ["c" * 12, "d" * 12], show(p)
+    assert "the rest is in use" in p.stdout, show(p)  # c (recent) and d (written) stay, over the size
+    p = cli_in_process("gc", "--max-size", "0", "--grace", "1m", "--cache", root)  # a shorter grace: c may go now
+    assert p.returncode == 0 and left() == ["d" * 12], show(p)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["gc", "--older-than", "90d"], "gc needs a cache (--cache URL or PKD_CACHE)"),
+    (["gc", "--cache", "{c}"], "gc needs --older-than or --max-size (or both); --dry-run shows what they would remove"),
+    (["gc", "--cache", "{c}", "--older-than", "ninety days"],
+     "--older-than takes a duration like 90d, 12h or 30m; got 'ninety days'"),
+    (["gc", "--cache", "{c}", "--max-size", "2 tera"], "--max-size takes a size like 2TB, 500GB or 1.5GiB; got '2 tera'"),
+])
+def test_bad_gc_input_is_one_line(cache, args, says):
+    p = cli_in_process(*[a.format(c=cache) for a in args])
+    assert p.returncode == 2 and p.stderr.strip() == f"error: {says.format(c=cache)}", show(p)

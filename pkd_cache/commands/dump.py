@@ -15,7 +15,7 @@ from ..data.loading import load_examples
 from ..data.tasks import TaskSpec, get_task
 from ..errors import PkdCacheError, StoreBusy
 from ..progress import log
-from ..store.cache import cache_url, claim_url, entry_url
+from ..store.cache import cache_url, claim_url, entry_url, record_use
 from ..store.cache_key import cache_key
 from ..store.integrity import durable_count
 from ..store.journal import WriterLock, describe_holder
@@ -47,7 +47,8 @@ def dump(config: DumpConfig):
     while True:
         wait_for_claim(claim, Location(config.out), config.out, config.wait)
         existing = existing_store(config)
-        if cache_policy(config, existing, key, key_parts) == "hit":  # a hit writes nothing: a read-only cache serves
+        if cache_policy(config, existing, key, key_parts) == "hit":  # a hit writes no store: a read-only cache serves
+            record_use(cache, config.out[len(cache.rstrip("/")) + 1:])
             return existing
         lock = WriterLock(claim)
         try:  # of two dumps of one key that get here at once, one takes the claim; the other waits for it
@@ -57,7 +58,9 @@ def dump(config: DumpConfig):
         try:  # looked at again under the claim: the dump that held it may have just finished
             existing = existing_store(config)
             policy = cache_policy(config, existing, key, key_parts)
-            return existing if policy == "hit" else _run(config, task, examples, key_parts, key, policy)
+            store = existing if policy == "hit" else _run(config, task, examples, key_parts, key, policy)
+            record_use(cache, config.out[len(cache.rstrip("/")) + 1:])
+            return store
         finally:
             lock.release()  # the (hidden, empty) claim folder stays: removing it could remove a newer claim
 

@@ -9,11 +9,14 @@ takes `--store`, an id (or a unique prefix of one, at least 4 digits) names a st
 """
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import re
 from typing import Optional
 
 from ..errors import PkdCacheError
+from .format import created_by
 from .location import Location
 
 ENV = "PKD_CACHE"
@@ -58,6 +61,22 @@ def claim_url(entry: str) -> str:
     return f"{parent}/.{name}.claim"
 
 
+def used_key(name: str) -> str:
+    """Where the last use of entry `task/entry` is recorded, relative to the cache: beside the entry, never in it
+    (a complete store is never written to), for `pkd-cache gc` (store/gc.py)."""
+    task, entry = name.split("/", 1)
+    return f"{task}/.{entry}.used"
+
+
+def record_use(cache: str, name: str, storage_options: Optional[dict] = None) -> None:
+    """Note that entry `name` (`task/entry`) was just used. Best effort: a read-only cache still serves."""
+    at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    try:
+        Location(cache, storage_options).write(used_key(name), json.dumps({"at": at, "by": created_by()}).encode())
+    except (OSError, PkdCacheError):
+        pass
+
+
 def looks_like_id(text: str) -> bool:
     return bool(_ID.match(text))
 
@@ -89,4 +108,5 @@ def resolve_store(store: str, cache: Optional[str], storage_options: Optional[di
     if len(matches) > 1:
         raise PkdCacheError(f"id {store} matches {len(matches)} stores in cache {cache} ({', '.join(matches[:3])}"
                             f"{', ...' if len(matches) > 3 else ''}); give more of it")
+    record_use(cache, matches[0], storage_options)
     return f"{cache.rstrip('/')}/{matches[0]}"
