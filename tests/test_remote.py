@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import pkd_cache
-from pkd_cache.testing import cli_in_process, show, wait_until
+from pkd_cache.store.cache import entries
+from pkd_cache.testing import cli_env, cli_in_process, show, wait_until
 
 
 def batches_of(store, **kw):
@@ -198,3 +199,38 @@ def test_serve_is_read_only_and_honours_ranges(served):
     assert status == 206 and part == full[5:15]
     p = cli_in_process("dump", "--teacher", "x", "--task", "sst2", "--out", f"{served.url}/new.zarr")
     assert p.returncode == 2 and "read-only" in p.stderr, show(p)
+
+
+@pytest.mark.slow
+def test_a_lock_on_s3_is_a_conditional_write(s3, monkeypatch):
+    """Two writers that both saw no lock: the S3 conditional write (If-None-Match: *) lets exactly one create it.
+    (moto honours the condition, as AWS S3 does; the loser is told who holds the store.)"""
+    from pkd_cache.errors import StoreBusy
+    from pkd_cache.store.journal import WriterLock
+    from pkd_cache.store.location import Location
+
+    url = "s3://pkd-bucket/locks/x.zarr"
+    first, second = WriterLock(Location(url)), WriterLock(Location(url))
+    first.acquire()
+    monkeypatch.setattr(second, "check", lambda: None)  # it read "no lock" just before the first one wrote it
+    with pytest.raises(StoreBusy, match=r"is being written by another dump \(pid \d+ on"):
+        second.acquire()
+    first.release()
+    second.acquire()  # free again: it can take it now
+    second.release()
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_two_dumps_of_one_key_on_an_s3_cache_run_the_teacher_once(s3, teacher_dir, data_dir):
+    cache = "s3://pkd-bucket/team-cache"
+    cmd = [sys.executable, "-m", "pkd_cache", "dump", "--teacher", str(teacher_dir), "--task", "sst2", "--data-dir",
+           str(data_dir), "--cache", cache, "--max-seq-length", "24", "--batch-size", "16", "--chunk-size", "64"]
+    procs = [subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    logs = [" ".join((out + err).split()) for out, err in outs]
+    assert sum("wrote " in log for log in logs) == 1 and sum("cache hit:" in log for log in logs) == 1, logs
+    (name, ident), = entries(cache)
+    assert pkd_cache.open_store(f"{cache}/{name}").complete

@@ -42,8 +42,11 @@ class WriterLock:
                 self._take_over(path, holder)
             if not _create_exclusive(path, json.dumps(me)):  # of two dumps starting at once, one wins
                 raise StoreBusy(self._busy(self._holder() or {}))
-        else:  # object stores have no exclusive create: best effort
-            self.location.write(LOCK, json.dumps(me).encode())
+        else:  # an object store: a conditional write (S3 `If-None-Match: *`) lets one of two dumps create it
+            if holder is not None:  # a dead holder on this host (store/journal.py `_stale`): its lock goes first
+                self.location.remove(LOCK)
+            if not self.location.create(LOCK, json.dumps(me).encode()):
+                raise StoreBusy(self._busy(self._holder() or {}))
         self.held = True
 
     def check(self) -> Optional[dict]:

@@ -76,7 +76,7 @@ class Location:
         """A missing key is FileNotFoundError; anything else the remote side says becomes one clear line."""
         try:
             yield
-        except (FileNotFoundError, PkdCacheError):
+        except (FileNotFoundError, FileExistsError, PkdCacheError):  # FileExistsError: a `create` that lost
             raise
         except Exception as e:
             if _is_not_found(e):
@@ -141,6 +141,18 @@ class Location:
             return
         with self._remote_errors(key):
             self.fs.pipe_file(self._full(key), data)
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Write `key` only if it does not exist yet, atomically on an object store (S3's `If-None-Match: *`
+        conditional write, through fsspec's `mode="create"`); False if it existed. Remote locations only: a local
+        lock is created by store/journal.py (hard link, or O_EXCL)."""
+        self.check_writable()
+        try:
+            with self._remote_errors(key):
+                self.fs.pipe_file(self._full(key), data, mode="create")
+        except FileExistsError:
+            return False
+        return True
 
     def remove_all(self) -> None:
         """Delete the whole store (used by --overwrite after the caller checked it is a store)."""
