@@ -28,13 +28,18 @@ from ..models import LoadedModel, check_max_length, load_for_task
 from ..progress import log, progress_bar
 from ..store.fingerprint import vocab_fingerprint, weights_fingerprint
 from ..store.format import split_arrays, with_derived
+from ..store.arrays.example_hash import row_hashes
 from ..store.quantize import quantize_int8
 from ..store.writer import BackgroundWriter, attach_writer, open_writer
 from ..teacher.run import run_chunk
 from ..training import resolve_device
+from .dump_reuse import Donor, find_donor
 from .dump_shares import chunk_ranges, share_windows, sort_windows, window_tokens
 from .dump_teacher import teacher_to_run
 from .interrupt import stop_on_sigterm
+
+
+EXTRA_ARRAYS = ("example_hash",)  # optional arrays (store/arrays/) every new store holds
 
 
 def run_dump(config: DumpConfig, task: TaskSpec, examples: dict, key_parts: dict, key: str, resuming: bool):
@@ -51,10 +56,13 @@ def run_dump(config: DumpConfig, task: TaskSpec, examples: dict, key_parts: dict
         raise PkdCacheError("a multi-rank dump writes zarr stores only; run --format arrow as one process")
     device = rank_device(ranks, resolve_device(config.device))
     loaded.model.to(device).eval()
-    job = _Job(config, task, examples, key_parts, resuming, ranks, device, loaded.model, loaded.tokenizer)
+    job = _Job(config, task, examples, key_parts, resuming, ranks, device, loaded.model, loaded.tokenizer,
+               find_donor(config.cache, task.name, key_parts, config.out))
     _probe(job)  # what would fail mid-dump fails here, before any write
     writer = _write(job, _metadata(job, loaded, finetuned_dir, key))
     if ranks.main:
+        if job.donor is not None:
+            job.donor.report(job.total)
         _log_done(job, writer)
     from ..store.reader import open_store
 
@@ -74,6 +82,7 @@ class _Job:
     device: Any  # torch.device
     model: Any
     tokenizer: Any
+    donor: Optional[Donor] = None  # a cached store whose rows this dump reuses (commands/dump_reuse.py)
 
     @property
     def num_layers(self) -> int:
@@ -124,6 +133,7 @@ def _metadata(job: _Job, loaded: LoadedModel, finetuned_dir: Optional[Path], key
                  "is_regression": task.is_regression, "metric": task.metric, "dev_splits": list(task.dev_splits)},
         "max_seq_length": config.max_seq_length, "cls_dtype": config.dtype, "chunk_size": config.chunk_size,
         "settings": to_dict(config), "cache_key": key, "cache_key_parts": job.key_parts,
+        "extra_arrays": list(EXTRA_ARRAYS),
     }
 
 
@@ -217,7 +227,7 @@ def _split_arrays(job: _Job, n: int) -> dict:
     """{array: (shape, dtype)} of a split of `n` examples (every array kind it holds, store/arrays/)."""
     config, task = job.config, job.task
     return split_arrays(n, config.max_seq_length, task.num_labels, job.num_layers, job.hidden, config.dtype,
-                        "float32" if task.is_regression else "int64")
+                        "float32" if task.is_regression else "int64", EXTRA_ARRAYS)
 
 
 def _plan(job: _Job, writer) -> dict:
@@ -275,9 +285,11 @@ def _run_window(job: _Job, background: BackgroundWriter, split: str, ex, window:
     parts = [tokenize(job.tokenizer, ex, a, b, config.max_seq_length)
              for a, b in chunk_ranges(start, stop, config.chunk_size)]
     tokens = {k: np.concatenate([t[k] for t in parts]) for k in parts[0]}
-    logits, cls = run_chunk(job.model, tokens, config.batch_size, bucketed=not config.pad_to_max_length,
-                            cls_dtype=cls_dtype, device=job.device, precision=config.precision)
+    digests = row_hashes(tokens) if job.donor is not None else None  # else the writer derives them
+    logits, cls = _teacher_outputs(job, tokens, cls_dtype, digests)
     arrays = {**tokens, "labels": ex.labels[start:stop], "logits": logits, "cls": cls}
+    if digests is not None:
+        arrays["example_hash"] = digests
     queued = 0
     for a, b in todo:
         chunk = {k: v[a - start:b - start] for k, v in arrays.items()}
@@ -286,6 +298,27 @@ def _run_window(job: _Job, background: BackgroundWriter, split: str, ex, window:
         background.put(split, a, with_derived(chunk, holds))
         queued += b - a
     return queued
+
+
+def _teacher_outputs(job: _Job, tokens: dict, cls_dtype, digests) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, cls) of a window: the teacher run on it, or only on the examples the donor store does not hold."""
+    config = job.config
+
+    def run(part: dict):
+        return run_chunk(job.model, part, config.batch_size, bucketed=not config.pad_to_max_length,
+                         cls_dtype=cls_dtype, device=job.device, precision=config.precision)
+
+    places = job.donor.lookup(digests) if job.donor is not None else []
+    known = np.array([p is not None for p in places], bool)
+    if not known.any():
+        return run(tokens)
+    logits, cls = job.donor.outputs([p for p in places if p is not None])
+    out_logits = np.empty((len(known),) + logits.shape[1:], np.float32)
+    out_cls = np.empty((len(known),) + cls.shape[1:], cls_dtype)
+    out_logits[known], out_cls[known] = logits, cls.astype(cls_dtype)
+    if not known.all():
+        out_logits[~known], out_cls[~known] = run({k: v[~known] for k, v in tokens.items()})
+    return out_logits, out_cls
 
 
 def release_free_memory() -> None:

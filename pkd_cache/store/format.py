@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 # the array kinds (store/arrays/, one module each): names by role
 TOKEN_ARRAYS = tuple(k.name for k in KINDS if k.token)
 TOKEN_DTYPES = {k.name: k.dtype for k in KINDS if k.token}  # as stored
-ARRAYS = tuple(k.name for k in KINDS if not k.companion)
+ARRAYS = tuple(k.name for k in KINDS if not k.companion and k.in_batches)  # what a batch holds by default
 JOURNAL = ".pkd_cache"  # an unfinished store's progress records and writer lock (store/integrity.py, journal.py)
 
 # `cls` is stored one layer per chunk (Zarr) or per column (Arrow): a student reads only the layers its map names.
@@ -86,9 +86,9 @@ def compressor(name: str, dtype_size: int):
 
 
 def split_arrays(n: int, seq_len: int, num_labels: int, layers: int, hidden: int, cls_dtype: str,
-                 label_dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
+                 label_dtype: str, extras: tuple[str, ...] = ()) -> dict[str, tuple[tuple[int, ...], str]]:
     """{array: (shape, dtype)} of one split of N examples: every kind of store/arrays/ it holds."""
-    d = Dims(n, seq_len, num_labels, layers, hidden, cls_dtype, label_dtype)
+    d = Dims(n, seq_len, num_labels, layers, hidden, cls_dtype, label_dtype, tuple(extras))
     return {k.name: (tuple(k.shape(d)), k.dtype_of(d)) for k in KINDS if k.present(d)}
 
 
@@ -212,13 +212,19 @@ class StoreMeta:
         return dict(self.raw)
 
     @property
+    def extra_arrays(self) -> tuple[str, ...]:
+        """The optional arrays (store/arrays/) this store holds: `extra_arrays` (checked by trust.meta_problems)."""
+        return tuple(self.raw.get("extra_arrays") or ())
+
+    @property
     def label_dtype(self) -> str:
         return "float32" if self.task.is_regression else "int64"
 
     def split_arrays(self, split: str) -> dict[str, tuple[tuple[int, ...], str]]:
         """{array: (shape, dtype)} the metadata promises for `split`."""
         return split_arrays(self.splits[split].num_examples, self.max_seq_length, self.task.num_labels,
-                            self.teacher.num_layers, self.teacher.hidden_size, self.cls_dtype, self.label_dtype)
+                            self.teacher.num_layers, self.teacher.hidden_size, self.cls_dtype, self.label_dtype,
+                            self.extra_arrays)
 
     def expected_arrays(self) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
         return {s: self.split_arrays(s) for s in self.splits}

@@ -74,6 +74,9 @@ def meta_problems(meta: dict) -> list[str]:
         names = task.get("label_names")
         need(isinstance(names, list) and len(names) == labels, f"task.label_names {names!r} does not name "
                                                                f"{labels} labels")
+    extras = meta.get("extra_arrays", [])
+    need(isinstance(extras, list) and all(isinstance(e, str) and e in BY_NAME for e in extras),
+         f"extra_arrays {extras!r} is not a list of array names pkd-cache knows")
     splits = meta.get("splits")
     if not isinstance(splits, dict) or not splits:
         problems.append("metadata: no splits")

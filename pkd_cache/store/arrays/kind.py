@@ -23,6 +23,7 @@ class Dims:
     hidden: int
     cls_dtype: str
     label_dtype: str  # int64, or float32 for a regression task
+    extras: tuple[str, ...] = ()  # the optional arrays the store holds (its metadata's `extra_arrays`)
 
 
 def _always(_: Dims) -> bool:
@@ -44,6 +45,7 @@ class ArrayKind:
     per_layer: bool = False  # stored one layer per chunk (Zarr) or column (Arrow), so a reader decodes only its layers
     codec: str = "zstd"  # the Blosc compressor: lz4 for what every training step reads, zstd for the rest
     companion: bool = False  # read only along with another array (int8 [CLS]'s scales): not in format.ARRAYS
+    in_batches: bool = True  # read into training batches by default (format.ARRAYS); False for bookkeeping
     check: Optional[Callable[[np.ndarray, StoreMeta], Optional[str]]] = None  # why values are impossible, or None
     # computed by the writer from a chunk's other arrays ({name: rows}), when the dump does not hand it over
     derive: Optional[Callable[[dict[str, np.ndarray]], np.ndarray]] = None
