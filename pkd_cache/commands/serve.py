@@ -39,6 +39,7 @@ from rich.markup import escape
 from ..errors import PkdCacheError
 from ..progress import log
 from ..store.describe import summary_from_meta
+from .serve_pages import Verifier, index_html, store_detail, store_html
 
 _RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")  # 18 digits: int() never sees a 5,000-digit number
 _MAX_NAME, _MAX_PATH = 255, 4096  # bytes, as in NAME_MAX and PATH_MAX on Linux
@@ -77,6 +78,7 @@ class StoreServer(ThreadingHTTPServer):
         self.root, self.token, self.quiet = root.resolve(), token, quiet
         self.idle_timeout, self.max_connections = idle_timeout, max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
+        self.verifier = Verifier(_verify)  # the pages' "verified" column, one background check per store
         super().__init__((host, port), _Handler)
 
     @property
@@ -158,6 +160,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if not parts:
             return self._listing(query, body)
+        if parts[0] == "-" and len(parts) == 2:  # a store's page for people (serve_pages.py)
+            return self._store_page(parts[1], query, body)
         try:
             fd = self._open(parts)
         except OSError:  # missing, a symlink (ELOOP), a file where a folder was expected, unreadable...
@@ -221,17 +225,38 @@ class _Handler(BaseHTTPRequestHandler):
             raise
         return fd
 
+    def _wants_json(self, query: str) -> bool:
+        return "format=json" in query or "application/json" in self.headers.get("Accept", "")
+
+    def _base(self) -> str:
+        """This server's address as the client reached it (for the `distill --store <url>` lines)."""
+        host = self.headers.get("Host") or "%s:%s" % self.server.server_address[:2]
+        return f"http://{host}"
+
     def _listing(self, query: str, body: bool) -> None:
-        stores = [s for s in (store_summary(p) for p in served_stores(self.server.root)) if s]
-        wants_json = "format=json" in query or "application/json" in self.headers.get("Accept", "")
-        if wants_json:
+        paths = served_stores(self.server.root)
+        stores = [s for s in (store_summary(p) for p in paths) if s]
+        verified = {p.name: self.server.verifier.status(p) for p in paths}
+        for s in stores:
+            s["verified"] = verified.get(s["name"]) if s["complete"] else "unfinished"
+        if self._wants_json(query):
             data = json.dumps({"stores": stores}, indent=1).encode()
             return self._send(HTTPStatus.OK, data, "application/json", body)
-        rows = "".join(f'<tr><td><a href="/{html.escape(s["name"])}/">{html.escape(s["name"])}</a></td>'
-                       f'<td>{html.escape(str(s["task"]))}</td><td>{html.escape(str(s["teacher"]))}</td>'
-                       f'<td>{s["bytes"]:,}</td><td>{"yes" if s["complete"] else "NO"}</td></tr>' for s in stores)
-        page = (f"<!doctype html><title>pkd-cache stores</title><h1>pkd-cache stores</h1><table><tr><th>store</th>"
-                f"<th>task</th><th>teacher</th><th>bytes</th><th>complete</th></tr>{rows}</table>")
+        page = index_html(stores, self._base(), verified)
+        self._send(HTTPStatus.OK, page.encode(errors="surrogateescape"), "text/html; charset=utf-8", body)
+
+    def _store_page(self, name: str, query: str, body: bool) -> None:
+        path = self.server.root / name
+        summary = store_summary(path)
+        if summary is None:
+            return self._send_error(HTTPStatus.NOT_FOUND, "not a store served here")
+        try:
+            detail = store_detail(path, summary, self.server.verifier.status(path))
+        except PkdCacheError as e:
+            return self._send_error(HTTPStatus.CONFLICT, " ".join(str(e).split())[:300])
+        if self._wants_json(query):
+            return self._send(HTTPStatus.OK, json.dumps(detail, indent=1).encode(), "application/json", body)
+        page = store_html(detail, self._base())
         self._send(HTTPStatus.OK, page.encode(errors="surrogateescape"), "text/html; charset=utf-8", body)
 
     def _directory(self, fd: int, raw: str, body: bool) -> None:
@@ -313,6 +338,12 @@ def _store_meta(path: Path) -> Optional[dict]:
     except OSError:  # a name too long, a folder we may not read
         return None
     return read_metadata(Location(str(path)))
+
+
+def _verify(path: str):
+    from ..store.verify import verify_store
+
+    return verify_store(path)
 
 
 def make_server(folder: str, host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None,
