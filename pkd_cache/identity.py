@@ -72,21 +72,21 @@ def hub_revision(name: str) -> str:
 
 def model_identity(name: str) -> dict:
     """The teacher part of a cache key: {"files": sha256} for a folder, {"hub": id, "revision": commit} else."""
-    name = resolve_model_name(name)
-    folder = local_folder(name)
-    if folder is None:
-        return {"hub": name, "revision": hub_revision(name)}
-    # a folder that holds no model is not refused here: loading it (on a miss) says what is wrong with it
-    return {"files": files_fingerprint(folder, _matching(folder, WEIGHT_PATTERNS))}
+    return _identity(name, WEIGHT_PATTERNS)
 
 
 def tokenizer_identity(name: str) -> dict:
     """The tokenizer part of a cache key: its files' fingerprint, or the hub model's id and commit."""
+    return _identity(name, TOKENIZER_FILES)
+
+
+def _identity(name: str, patterns: tuple[str, ...]) -> dict:
     name = resolve_model_name(name)
     folder = local_folder(name)
     if folder is None:
         return {"hub": name, "revision": hub_revision(name)}
-    return {"files": files_fingerprint(folder, _matching(folder, TOKENIZER_FILES))}
+    # a folder without these files is not refused here: loading it (on a miss) says what is wrong with it
+    return {"files": files_fingerprint(folder, _matching(folder, patterns))}
 
 
 def has_task_head(name: str, num_labels: int) -> bool:

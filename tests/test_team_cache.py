@@ -269,3 +269,35 @@ def test_a_grown_dataset_reuses_the_cached_rows_and_equals_a_fresh_dump(teacher_
         a, b = incremental.read(split, 0, fresh.num_examples(split)), fresh.read(split, 0, fresh.num_examples(split))
         np.testing.assert_allclose(a["logits"], b["logits"], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(a["cls"].astype(np.float32), b["cls"].astype(np.float32), rtol=1e-2, atol=2e-3)
+
+
+def test_a_miss_in_a_cache_it_cannot_write_is_one_line(cache, teacher_dir, data_dir, tmp_path, monkeypatch):
+    """(Simulated: the suite runs as root, which no folder permission stops.) A hit needs no write access."""
+    from pkd_cache.store import journal
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(journal.WriterLock, "acquire", denied)
+    p = cli_in_process(*dump_args(teacher_dir, data_dir, cache))  # a hit: served without any write
+    assert p.returncode == 0 and "cache hit:" in p.stderr, show(p)
+    p = cli_in_process(*dump_args(teacher_dir, data_dir, cache, "--max-examples", "100"))  # a miss
+    assert p.returncode == 2 and p.stderr.strip() == (
+        f"error: cannot write to cache {cache} (Permission denied): a dump that misses puts its store there; ask "
+        f"for write access, or pass --out"), show(p)
+
+
+def test_a_damaged_cache_entry_is_never_a_hit(cache, teacher_dir, data_dir, tmp_path):
+    name, _ = only_entry(cache)
+    other = tmp_path / "cache"
+    shutil.copytree(cache, other)
+    chunk = sorted((other / name / "train" / "logits" / "c").rglob("*"))[-1]
+    chunk.write_bytes(chunk.read_bytes()[:-3])  # truncated
+    before = tree_digest(other / name)
+    p = cli_in_process(*dump_args(teacher_dir, data_dir, other))
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, show(p)
+    assert "holds this dump but fails its checks" in p.stderr and "--overwrite" in p.stderr, show(p)
+    assert tree_digest(other / name) == before  # nothing lost: it stays for someone to look at
+    p = cli_in_process(*dump_args(teacher_dir, data_dir, other, "--overwrite"))
+    assert p.returncode == 0 and "wrote " in p.stderr, show(p)
+    assert pkd_cache.open_store(str(other / name)).complete

@@ -55,6 +55,9 @@ def dump(config: DumpConfig):
             lock.acquire()
         except StoreBusy:
             continue
+        except PermissionError as e:
+            raise PkdCacheError(f"cannot write to cache {cache} ({e.strerror or e}): a dump that misses puts its "
+                                f"store there; ask for write access, or pass --out") from e
         try:  # looked at again under the claim: the dump that held it may have just finished
             existing = existing_store(config)
             policy = cache_policy(config, existing, key, key_parts)

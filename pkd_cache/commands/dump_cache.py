@@ -57,6 +57,12 @@ def cache_policy(config: DumpConfig, existing, key: str, key_parts: dict) -> Cac
                                 f"{diff}); pass --overwrite instead of --resume to start again")
         return "resume"
     if meta.get("cache_key") == key and not config.overwrite:
+        # never served damaged: the layout against the manifest, and each chunk file's presence and size (local
+        # stores); a flipped bit that keeps the size is caught when the chunk is read (its CRC)
+        problems = existing.layout_problems(check_files=True)
+        if problems:
+            raise PkdCacheError(f"{config.out} holds this dump but fails its checks ({problems[0]}); it is not "
+                                f"used: run `pkd-cache verify {config.out}`, then dump again with --overwrite")
         log(f"cache hit: {config.out} (id {store_id(key)}): it holds this dump already (same teacher, tokenizer, "
             f"data and settings); nothing to do")
         return "hit"
