@@ -96,6 +96,9 @@ def test_ls_lists_the_cache_with_ids_and_who_made_them(cache, monkeypatch):
     ("unknown id", lambda c, t, d: ["info", "abcdef", "--cache", c], "no store in cache {c} has id abcdef"),
     ("missing cache", lambda c, t, d: ["info", "abcdef", "--cache", c / "nowhere"],
      "cache {c}/nowhere does not exist (PKD_CACHE or --cache names it)"),
+    ("unreachable cache", lambda c, t, d: ["dump", "--teacher", t, "--data-dir", d, *ARGS, "--cache",
+                                           "http://127.0.0.1:9/cache"],
+     "cannot reach http://127.0.0.1:9/cache/sst2 (ClientConnectorError; --debug shows the details)"),
 ])
 def test_bad_cache_input_is_one_line(cache, teacher_dir, data_dir, monkeypatch, what, args, says):
     monkeypatch.delenv("PKD_CACHE", raising=False)
