@@ -394,33 +394,10 @@ def gc(older_than: Optional[str] = typer.Option(None, "--older-than", help="Remo
        dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing."),
        cache: Optional[str] = CacheOpt):
     """Remove stores from the team cache by age since last use, or least recently used first until it fits."""
-    from .store.cache import cache_url
-    from .store.describe import human_bytes
-    from .store.gc import parse_duration, parse_size, plan, remove, survey
+    from .commands.gc import gc as run
 
-    url = cache_url(cache)
-    if url is None:
-        raise PkdCacheError("gc needs a cache (--cache URL or PKD_CACHE)")
-    if older_than is None and max_size is None:
-        raise PkdCacheError("gc needs --older-than or --max-size (or both); --dry-run shows what they would remove")
-    age = parse_duration(older_than, "--older-than") if older_than is not None else None
-    size = parse_size(max_size, "--max-size") if max_size is not None else None
-    found = survey(url, parse_duration(grace, "--grace"))
-    doomed = plan(found, age, size)
-    verb = "would remove" if dry_run else "removing"
-    for e in doomed:
-        typer.echo(f"{verb} {e.name}  (id {e.id}, {human_bytes(e.bytes)}, last used "
-                   f"{e.last_used.isoformat(timespec='minutes')})")
-    if not dry_run:
-        remove(url, doomed)
-    kept = [e for e in found if e not in doomed]
-    for e in kept:
-        if e.busy:
-            typer.echo(f"keeping {e.name}: {e.busy}")
-    freed, left = sum(e.bytes for e in doomed), sum(e.bytes for e in kept)
-    typer.echo(f"{'would free' if dry_run else 'freed'} {human_bytes(freed)} ({len(doomed)} of {len(found)} stores); "
-               f"the cache {'would hold' if dry_run else 'holds'} {human_bytes(left)}"
-               + (f", over --max-size {max_size}: the rest is in use" if size is not None and left > size else ""))
+    for line in run(cache, older_than, max_size, grace, dry_run):
+        typer.echo(line)
 
 
 @app.command()
