@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from pkd_cache.testing import make_bert, make_store, write_sst2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# session fixtures run before the per-test `own_caches`: they too get a user cache of their own, never ~/.cache
+os.environ["PKD_CACHE_HOME"] = tempfile.mkdtemp(prefix="pkd_cache_home_")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -107,7 +107,7 @@ def finetune_args(c: Ctx, *extra, model=None, task="sst2", output_dir=None) -> l
 
 def no_store(c: Ctx) -> None:
     assert not (c.tmp / "out.zarr").exists()
-    assert not (Path(os.environ["PKD_CACHE_HOME"]) / "teachers").exists()  # where dump fine-tunes a head-less teacher
+    assert not (c.tmp / "home" / "teachers").exists()  # where dump would fine-tune a head-less teacher (case_env)
 
 
 def no_student(c: Ctx) -> None:
@@ -442,10 +442,15 @@ def ahead(request, tmp_path_factory, data_dir, backbone_dir):
         for name in cases:
             if runs_in_subprocess(CASES[name]):
                 c = world(name)
-                runs.start(name, lambda c, args: (c, cli(*args)), c, CASES[name].setup(c))
+                runs.start(name, lambda c, args: (c, cli(*args, env=case_env(c))), c, CASES[name].setup(c))
         yield runs
     finally:
         runs.pool.shutdown(cancel_futures=True)
+
+
+def case_env(c: Ctx) -> dict:
+    """A case's own user cache (fine-tuned teachers), so its check can see whether it wrote one."""
+    return {"PKD_CACHE_HOME": str(c.tmp / "home")}
 
 
 def run_case(ahead: Ahead, world, name: str) -> tuple[Ctx, subprocess.CompletedProcess]:
@@ -454,7 +459,7 @@ def run_case(ahead: Ahead, world, name: str) -> tuple[Ctx, subprocess.CompletedP
         def now() -> tuple[Ctx, subprocess.CompletedProcess]:
             c = world(name)
             args = CASES[name].setup(c)
-            return c, (cli if runs_in_subprocess(CASES[name]) else cli_in_process)(*args)
+            return c, (cli if runs_in_subprocess(CASES[name]) else cli_in_process)(*args, env=case_env(c))
 
         ahead.cases[name] = ahead.result(name, now)
     return ahead.cases[name]

@@ -125,19 +125,20 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def cli(*args, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`pkd-cache ARGS` as a real process (`python -m pkd_cache`)."""
-    return subprocess.run([sys.executable, "-m", "pkd_cache", *map(str, args)], env=cli_env(), capture_output=True,
-                          text=True, timeout=timeout)
+def cli(*args, timeout: int = 300, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """`pkd-cache ARGS` as a real process (`python -m pkd_cache`); `env` adds to `cli_env()`."""
+    return subprocess.run([sys.executable, "-m", "pkd_cache", *map(str, args)], env={**cli_env(), **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
 
 
-def cli_in_process(*args) -> subprocess.CompletedProcess:
-    """The same `app` in this process; an exception that escaped it appears in stderr as Python would print it."""
+def cli_in_process(*args, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """The same `app` in this process; an exception that escaped it appears in stderr as Python would print it.
+    `env`: variables set while it runs."""
     from typer.testing import CliRunner
 
     from ..cli import app
 
-    r = CliRunner().invoke(app, [str(a) for a in args], env={"PKD_CACHE_DEBUG": ""})
+    r = CliRunner().invoke(app, [str(a) for a in args], env={"PKD_CACHE_DEBUG": "", **(env or {})})
     err = r.stderr
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         err += "".join(traceback.format_exception(r.exception))
