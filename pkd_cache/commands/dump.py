@@ -44,11 +44,12 @@ def dump(config: DumpConfig):
     config = dataclasses.replace(config, out=entry_url(cache, task.name, config.teacher, key, config.format),
                                  resume=True)
     claim = Location(claim_url(config.out))  # held by the one dump of this key that runs the teacher
+    store_location, name = Location(config.out), config.out[len(cache.rstrip("/")) + 1:]  # name: `task/entry`
     while True:
-        wait_for_claim(claim, Location(config.out), config.out, config.wait)
+        wait_for_claim(claim, store_location, config.out, config.wait)
         existing = existing_store(config)
         if cache_policy(config, existing, key, key_parts) == "hit":  # a hit writes no store: a read-only cache serves
-            record_use(cache, config.out[len(cache.rstrip("/")) + 1:])
+            record_use(cache, name)
             return existing
         lock = WriterLock(claim)
         try:  # of two dumps of one key that get here at once, one takes the claim; the other waits for it
@@ -62,7 +63,7 @@ def dump(config: DumpConfig):
             existing = existing_store(config)
             policy = cache_policy(config, existing, key, key_parts)
             store = existing if policy == "hit" else _run(config, task, examples, key_parts, key, policy)
-            record_use(cache, config.out[len(cache.rstrip("/")) + 1:])
+            record_use(cache, name)
             return store
         finally:
             lock.release()  # the (hidden, empty) claim folder stays: removing it could remove a newer claim
