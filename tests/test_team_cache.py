@@ -218,6 +218,11 @@ def test_gc_removes_by_last_use_and_keeps_what_is_written_or_recent(cache, tmp_p
     assert "the rest is in use" in p.stdout, show(p)  # c (recent) and d (written) stay, over the size
     p = cli_in_process("gc", "--max-size", "0", "--grace", "1m", "--cache", root)  # a shorter grace: c may go now
     assert p.returncode == 0 and left() == ["d" * 12], show(p)
+    stranger = root / "sst2" / f"notes-{'e' * 12}.zarr"  # entry-shaped, but not a store pkd-cache wrote
+    stranger.mkdir()
+    (stranger / "thesis.tex").write_text("x")
+    p = cli_in_process("gc", "--max-size", "0", "--grace", "1m", "--cache", root)
+    assert p.returncode == 0 and (stranger / "thesis.tex").exists(), show(p)
 
 
 @pytest.mark.parametrize("args, says", [

@@ -60,7 +60,9 @@ def survey(cache: str, grace: dt.timedelta, storage_options: Optional[dict] = No
     now, out = _now(), []
     for name, ident in entries(cache, storage_options):
         location = root.child(name)
-        meta = read_metadata(location) or {}
+        meta = read_metadata(location)
+        if meta is None:  # named like an entry but not a pkd-cache store: not ours to remove
+            continue
         used = _time(_read_json(root, used_key(name)).get("at")) or _time(meta.get("completed_at")) or \
             _time(meta.get("created_at")) or dt.datetime.fromtimestamp(0, dt.timezone.utc)
         busy = None
