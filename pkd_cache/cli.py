@@ -165,13 +165,16 @@ def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher:
                                                              "durable chunks, run the teacher on the rest."),
          cache: Optional[str] = CacheOpt,
          wait: bool = typer.Option(True, "--wait/--no-wait", help="In the cache: wait for another dump writing "
-                                                                   "the same store, or refuse at once.")):
+                                                                   "the same store, or refuse at once."),
+         add_split: Optional[List[str]] = typer.Option(None, "--add-split", help="Extend the complete store at --out "
+                                                       "(or this dump's store in the cache) with this split, with "
+                                                       "the store's teacher and settings (repeatable).")):
     """Run the teacher once; write token ids, labels, logits and every layer's [CLS] to a store."""
     _run("dump", DumpConfig(teacher=teacher, task=task, out=out, data_dir=data_dir, splits=split or None,
                             max_seq_length=max_seq_length, batch_size=batch_size, dtype=dtype, chunk_size=chunk_size,
                             sort_window=sort_window, overwrite=overwrite, finetune=finetune, device=device,
                             max_examples=max_examples, precision=precision, pad_to_max_length=pad_to_max_length,
-                            format=store_format, resume=resume, cache=cache, wait=wait,
+                            format=store_format, resume=resume, cache=cache, wait=wait, add_splits=add_split or None,
                             finetune_train=TrainConfig(epochs=finetune_epochs, learning_rate=finetune_learning_rate,
                                                        seed=seed)))
 

@@ -183,9 +183,13 @@ class DumpConfig:
     resume: bool = False  # continue an interrupted dump into `out`: its durable chunks are kept
     cache: Optional[str] = None  # a folder or bucket of stores found by content (store/cache.py); None: $PKD_CACHE
     wait: bool = True  # in the cache, wait for another dump writing the same store; False: refuse at once
+    add_splits: Optional[list[str]] = None  # extend the complete store at `out` (or in the cache) with these splits
 
     def check(self) -> None:
         check_numbers(self)
+        if self.add_splits and (self.resume or self.overwrite):
+            raise PkdCacheError("--add-split extends a complete store; it cannot be combined with --resume or "
+                                "--overwrite")
         if self.dtype not in CLS_DTYPES:
             raise PkdCacheError(f"--dtype must be float16, float32 or int8, got {self.dtype!r}")
         if self.precision not in ("fp32", "fp16", "bf16"):

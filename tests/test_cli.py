@@ -307,6 +307,12 @@ CASES: dict[str, Case] = {
     "remote-unknown-scheme": Case(lambda c: distill_args(c, store="nosuch://bucket/sst2.zarr"),
                                   ("cannot open nosuch://bucket/sst2.zarr", "no filesystem for nosuch://"),
                                   no_student),
+    "dump-add-split-held": Case(lambda c: dump_args(c, "--add-split", "validation", out=copy_store(c, True)),
+                                ("already holds split 'validation'",), untouched),
+    "dump-add-split-overwrite": Case(lambda c: dump_args(c, "--add-split", "validation", "--overwrite",
+                                                         out=copy_store(c, True)),
+                                     ("--add-split extends a complete store; it cannot be combined with --resume or "
+                                      "--overwrite",), untouched),
     "sweep-bad-grid": Case(lambda c: ["sweep", "--store", c.store, "--output-dir", c.tmp / "runs", "--student-init",
                                       c.backbone, "--grid", "alpha 0.5"], ("expected NAME=V1,V2",)),
     "dump-resume-other-settings": Case(lambda c: dump_args(c, "--resume", "--dtype", "int8",

@@ -29,6 +29,10 @@ def dump(config: DumpConfig):
     store (the one already there, on a cache hit)."""
     config.check()
     backend_named(config.format)  # an unknown format fails before any data or model is loaded
+    if config.add_splits:
+        from .dump_extend import add_splits
+
+        return add_splits(config)
     cache = cache_url(config.cache)
     if config.out is None and cache is None:
         raise PkdCacheError("dump needs --out, or a cache to put the store in (--cache URL or PKD_CACHE)")

@@ -12,7 +12,7 @@ from ..errors import PkdCacheError
 from ..data.tasks import TaskSpec
 from ..progress import log
 from ..store.cache import store_id
-from ..store.cache_key import CACHE_SETTINGS, describe_difference
+from ..store.cache_key import CACHE_SETTINGS, covers, describe_difference
 from ..store.format import FORMAT_VERSION
 from ..store.writer import check_target
 from ..identity import has_task_head, model_identity, tokenizer_identity
@@ -56,7 +56,7 @@ def cache_policy(config: DumpConfig, existing, key: str, key_parts: dict) -> Cac
             raise PkdCacheError(f"cannot resume {config.out}: it was started by a different dump (differs in: "
                                 f"{diff}); pass --overwrite instead of --resume to start again")
         return "resume"
-    if meta.get("cache_key") == key and not config.overwrite:
+    if (meta.get("cache_key") == key or covers(meta.get("cache_key_parts"), key_parts)) and not config.overwrite:
         # never served damaged: the layout against the manifest, and each chunk file's presence and size (local
         # stores); a flipped bit that keeps the size is caught when the chunk is read (its CRC)
         problems = existing.layout_problems(check_files=True)

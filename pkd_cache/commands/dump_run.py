@@ -27,7 +27,7 @@ from ..errors import Interrupted, PkdCacheError
 from ..models import LoadedModel, check_max_length, load_for_task
 from ..progress import log, progress_bar
 from ..store.fingerprint import vocab_fingerprint, weights_fingerprint
-from ..store.format import split_arrays, with_derived
+from ..store.format import now, split_arrays, with_derived
 from ..store.arrays.example_hash import row_hashes
 from ..store.quantize import quantize_int8
 from ..store.writer import BackgroundWriter, attach_writer, open_writer
@@ -42,11 +42,17 @@ from .interrupt import stop_on_sigterm
 EXTRA_ARRAYS = ("example_hash",)  # optional arrays (store/arrays/) every new store holds
 
 
-def run_dump(config: DumpConfig, task: TaskSpec, examples: dict, key_parts: dict, key: str, resuming: bool):
+def run_dump(config: DumpConfig, task: TaskSpec, examples: dict, key_parts: dict, key: str, resuming: bool,
+             extend: Optional[dict] = None):
     """Load the teacher and write the store at `config.out` (resuming its durable chunks); returns the opened store.
     Under `torchrun`, every rank runs a share of the windows and writes its chunks into the one store; rank 0 lays
-    the store out and finishes it."""
+    the store out and finishes it.
+
+    `extend`: the metadata of the complete store at `config.out` that `examples` (new splits) are added to
+    (commands/dump_extend.py); `key_parts` then describe the store with them."""
     ranks = ranks_from_env()
+    if extend is not None and ranks.many:
+        raise PkdCacheError("--add-split runs as one process; run it without torchrun")
     loaded = load_for_task(config.teacher, task)
     check_max_length(loaded, config.max_seq_length)
     for ex in examples.values():
@@ -57,9 +63,10 @@ def run_dump(config: DumpConfig, task: TaskSpec, examples: dict, key_parts: dict
     device = rank_device(ranks, resolve_device(config.device))
     loaded.model.to(device).eval()
     job = _Job(config, task, examples, key_parts, resuming, ranks, device, loaded.model, loaded.tokenizer,
-               find_donor(config.cache, task.name, key_parts, config.out))
+               find_donor(config.cache, task.name, key_parts, config.out), extend)
+    metadata = _metadata(job, loaded, finetuned_dir, key) if extend is None else _extended(job, extend)
     _probe(job)  # what would fail mid-dump fails here, before any write
-    writer = _write(job, _metadata(job, loaded, finetuned_dir, key))
+    writer = _write(job, metadata)
     if ranks.main:
         if job.donor is not None:
             job.donor.report(job.total)
@@ -83,6 +90,7 @@ class _Job:
     model: Any
     tokenizer: Any
     donor: Optional[Donor] = None  # a cached store whose rows this dump reuses (commands/dump_reuse.py)
+    extend: Optional[dict] = None  # the metadata of the complete store this dump adds splits to
 
     @property
     def num_layers(self) -> int:
@@ -137,6 +145,21 @@ def _metadata(job: _Job, loaded: LoadedModel, finetuned_dir: Optional[Path], key
     }
 
 
+def _extended(job: _Job, meta: dict) -> dict:
+    """The metadata of a store with this dump's splits added: the store's own, its key parts now covering them.
+    Its `cache_key` (the id it is found by) stays. The teacher must be the very one that wrote the store."""
+    fingerprint = weights_fingerprint(job.model)
+    if fingerprint != meta["teacher"].get("weights_fingerprint"):
+        raise PkdCacheError(f"{job.config.out}: the teacher loaded now ({job.config.teacher}) is not the one whose "
+                            f"outputs the store holds (its weights differ); a split is added with the store's own "
+                            f"teacher")
+    meta = json.loads(json.dumps(meta))  # a copy
+    meta["cache_key_parts"] = job.key_parts
+    meta["settings"]["splits"] = list(job.key_parts["settings"]["splits"])
+    meta["added_splits"] = meta.get("added_splits", []) + [{"splits": list(job.examples), "at": now()}]
+    return meta
+
+
 def _write(job: _Job, metadata: dict):
     """Every rank writes its share; rank 0 then finishes the store. Returns this rank's (closed) writer."""
     ranks = job.ranks
@@ -158,7 +181,8 @@ def _write_share(job: _Job, metadata: dict):
     writer = None
     try:
         if ranks.main:
-            writer = open_writer(config.out, config.overwrite, metadata, config.format, resume=job.resuming)
+            writer = open_writer(config.out, config.overwrite, metadata, config.format, resume=job.resuming,
+                                 extend=job.extend is not None)
             _create_splits(job, writer)
         barrier(ranks)  # the layout is on disk before the other ranks open it
         if writer is None:
@@ -174,7 +198,9 @@ def _write_share(job: _Job, metadata: dict):
     except Exception as e:
         # bad input (or a bug it set off) is not worth resuming; a failing disk or network leaves the store
         # unfinished and resumable, as it does after the first chunk (docs/ERRORS.md)
-        if writer is not None and not job.resuming and not ranks.many and not isinstance(e, (Interrupted, OSError)):
+        # (an extended store is never removed: what it held stays as it was, the new split unlisted)
+        if writer is not None and not job.resuming and job.extend is None and not ranks.many and \
+                not isinstance(e, (Interrupted, OSError)):
             _discard_unstarted(writer)
         raise
     finally:
@@ -184,6 +210,10 @@ def _write_share(job: _Job, metadata: dict):
 
 def _log_done(job: _Job, writer) -> None:
     config, ranks = job.config, job.ranks
+    if job.extend is not None:
+        log(f"added {', '.join(f'{s} ({len(e):,} examples)' for s, e in job.examples.items())} to {config.out} in "
+            f"{writer.metadata['added_splits'][-1]['dump_seconds']:.1f}s; what it held is unchanged")
+        return
     log(f"wrote {job.total:,} examples ({', '.join(f'{s} {len(e):,}' for s, e in job.examples.items())}) to "
         f"{config.out} in {writer.metadata['dump_seconds']:.1f}s; teacher {job.num_layers} layers x {job.hidden}"
         + (f"; {ranks.world} ranks" if ranks.many else ""))
@@ -355,7 +385,10 @@ def _finish(job: _Job, writer, reports: list[dict], seconds: float) -> None:
         log(f"resumed {config.out}: {kept:,} examples were durable already, the teacher ran on {computed:,}")
         writer.metadata["resumptions"][-1] = {"at": writer.metadata["resumptions"][-1], "kept_examples": kept,
                                               "computed_examples": computed}
-    writer.metadata["dump_seconds"] = round(seconds, 3)  # tokenise + forward + write, all splits
+    if job.extend is not None:
+        writer.metadata["added_splits"][-1]["dump_seconds"] = round(seconds, 3)
+    else:
+        writer.metadata["dump_seconds"] = round(seconds, 3)  # tokenise + forward + write, all splits
     if job.ranks.many:
         writer.metadata["dump_ranks"] = job.ranks.world
     writer.finish()

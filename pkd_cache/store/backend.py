@@ -76,7 +76,7 @@ class Backend(Protocol):
 
     name: ClassVar[str]  # as `dump --format` and the metadata's `store_format` name it
     meta_key: ClassVar[str]  # the file whose JSON holds the metadata (format.META_FILES)
-    sink: ClassVar[Callable[..., ChunkSink]]  # sink(location, metadata, resume=False), the writer
+    sink: ClassVar[Callable[..., ChunkSink]]  # sink(location, metadata, resume=False, extend=False), the writer
 
     def __init__(self, location: Location, meta: StoreMeta): ...
 

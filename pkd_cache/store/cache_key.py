@@ -25,6 +25,16 @@ def cache_key(parts: dict) -> str:
     return _sha256(parts)
 
 
+def covers(held: Optional[dict], asked: dict) -> bool:
+    """Whether a store of key parts `held` holds the dump of parts `asked`: the same teacher, tokenizer and
+    settings, and each split asked for with the same data (a store that `dump --add-split` grew holds more)."""
+    if not isinstance(held, dict) or not isinstance(held.get("data"), dict):
+        return False
+    unsplit = lambda parts: {k: v for k, v in (parts.get("settings") or {}).items() if k != "splits"}  # noqa: E731
+    return held.get("teacher") == asked["teacher"] and held.get("tokenizer") == asked["tokenizer"] and \
+        unsplit(held) == unsplit(asked) and all(held["data"].get(s) == d for s, d in asked["data"].items())
+
+
 def describe_difference(old: Optional[dict], new: dict) -> str:
     """What differs between two stores' key parts, in words ("teacher weights", "settings: dtype float16 -> int8")."""
     if not old:

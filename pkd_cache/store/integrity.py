@@ -113,8 +113,12 @@ def load_manifest(location, meta: dict) -> Optional[dict]:
 
 
 def manifest_problems(expected: dict[str, int], keys: Callable[[], Iterable[str]], manifest: dict) -> list[str]:
-    """The manifest against the layout: `expected` is {array: chunk count}, `keys()` yields every expected key.
-    The counts are compared first, so a crafted size never makes a list of 10^9 keys."""
+    """The manifest against the layout: `expected` is {array: chunk count} (`train/cls`), `keys()` yields every
+    expected key. The counts are compared first, so a crafted size never makes a list of 10^9 keys.
+
+    Records under a split folder the metadata does not list are not the layout's and never read: `dump --add-split`
+    writes the grown manifest just before the metadata that lists the new split (commands/dump_extend.py), so a
+    store stopped between the two writes holds such records, and reads exactly as before the extension."""
     need, have = sum(expected.values()), len(manifest)
     if need > have:
         return [f"checksums: the layout needs {need:,} chunks but the manifest records {have:,} (the metadata "
@@ -128,8 +132,9 @@ def manifest_problems(expected: dict[str, int], keys: Callable[[], Iterable[str]
     problems = []
     if missing:
         problems.append(f"checksums: {len(missing)} chunk(s) of the layout are not in the manifest, e.g. {missing[0]}")
-    if have > seen:
-        extra = sorted(set(manifest) - set(keys()))
+    splits = {array.split("/", 1)[0] for array in expected}
+    extra = sorted(k for k in set(manifest) - set(keys()) if k.split("/", 1)[0] in splits) if have > seen else []
+    if extra:
         problems.append(f"checksums: {len(extra)} recorded chunk(s) belong to no array, e.g. {extra[0]}")
     return problems
 

@@ -2,8 +2,11 @@
 place (store/integrity.py), the chunks a resumed dump finds durable, and the manifest then the complete flag."""
 from __future__ import annotations
 
+from typing import Optional
+
+from ..errors import PkdCacheError
 from .format import JOURNAL, now
-from .integrity import durable_chunks, record_chunk, write_manifest
+from .integrity import PROGRESS, durable_chunks, load_manifest, record_chunk, write_manifest
 from .journal import WriterLock, remove_partial_files
 from .location import Location
 
@@ -15,7 +18,9 @@ class ChunkedWriter:
     location: Location
     metadata: dict
 
-    def _start(self, location: Location, resume: bool, attach: bool = False) -> None:
+    def _start(self, location: Location, resume: bool, attach: bool = False, extend: Optional[dict] = None) -> None:
+        """`extend`: the metadata of the complete store this writer adds splits to (`dump --add-split`). What it
+        holds is kept as it is: its manifest is carried over, and its metadata is rewritten only by `finish`."""
         self.location = location
         self.lock = WriterLock(location)
         if not attach:  # an attached writer (another rank of one dump) works under rank 0's lock
@@ -23,8 +28,25 @@ class ChunkedWriter:
         self.checksums: dict[str, list[int]] = {}
         self.durable: dict[str, set[int]] = {}
         self.resumed = resume or attach
+        self.extending = extend is not None
         if resume and not attach:
             remove_partial_files(location)  # files a killed writer did not finish renaming into place
+        if extend is not None:
+            manifest = load_manifest(location, extend)
+            if manifest is None:
+                self.lock.release()
+                raise PkdCacheError(f"{location} has no checksum manifest (written by pkd-cache 0.1.0): a split "
+                                    f"cannot be added to it; dump it again")
+            self.checksums.update(manifest)
+            remove_partial_files(location)
+
+    def _new_split_folder(self, split: str) -> None:
+        """Before an extension writes `split`: it must be new, and what an interrupted extension left of it (not
+        in the metadata, never read) is removed."""
+        if split in self.metadata["splits"]:
+            raise PkdCacheError(f"{self.location} already holds split {split!r}")
+        self.location.remove(split)
+        self.location.remove(f"{PROGRESS}/{split}")
 
     def _resumed_metadata(self, old: dict, new: dict) -> dict:
         """The first dump's metadata, with this resumption recorded."""

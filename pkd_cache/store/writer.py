@@ -53,10 +53,13 @@ def attach_writer(out: str, storage_options: Optional[dict] = None) -> ChunkSink
 
 
 def open_writer(out: str, overwrite: bool, metadata: dict, store_format: str = "zarr",
-                storage_options: Optional[dict] = None, resume: bool = False) -> ChunkSink:
+                storage_options: Optional[dict] = None, resume: bool = False, extend: bool = False) -> ChunkSink:
     """A writer for a new store at `out` (an existing store there is replaced only with `overwrite`), or with
-    `resume` for the unfinished store there: its durable chunks are kept and skipped."""
+    `resume` for the unfinished store there: its durable chunks are kept and skipped. With `extend`, a writer that
+    adds splits to the complete store there, whose metadata (with the extension's key) is `metadata`."""
     sink = backend_named(store_format).sink
+    if extend:
+        return sink(Location(out, storage_options), metadata, extend=True)
     location = Location(out, storage_options) if resume else check_target(out, overwrite, storage_options)
     lock = WriterLock(location)
     if not resume and location.exists():

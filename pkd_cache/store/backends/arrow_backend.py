@@ -73,14 +73,17 @@ class ArrowStoreWriter(ChunkedWriter):
 
     meta_key = ARROW_META  # the metadata file it writes
 
-    def __init__(self, location: Location, metadata: dict, resume: bool = False):
-        self._start(location, resume)
+    def __init__(self, location: Location, metadata: dict, resume: bool = False, extend: bool = False):
+        self._start(location, resume, extend=metadata if extend else None)
         self.metadata = self._resumed_metadata(json.loads(location.read(self.meta_key)), metadata) if resume \
             else metadata
         self.shapes: dict[str, dict] = {}
-        self._write_meta()
+        if not extend:  # an extended store's metadata is rewritten once, by `finish`
+            self._write_meta()
 
     def create_split(self, split: str, shapes: dict[str, tuple], split_meta: dict) -> None:
+        if self.extending:
+            self._new_split_folder(split)
         self.shapes[split] = shapes
         self.metadata["splits"][split] = {"num_examples": next(iter(shapes.values()))[0][0], **split_meta}
 

@@ -51,13 +51,18 @@ class StoreWriter(ChunkedWriter):
     CRC-32C recorded in the manifest that `finish` writes before the complete flag.
     """
 
-    def __init__(self, location: Location, metadata: dict, resume: bool = False, attach: bool = False):
+    def __init__(self, location: Location, metadata: dict, resume: bool = False, attach: bool = False,
+                 extend: bool = False):
         """`attach`: write chunks into a store another process (rank 0 of a multi-rank dump) created and will
-        finish; its metadata is left alone."""
+        finish; its metadata is left alone. `extend`: add splits to the complete store whose metadata (updated
+        with the extension's key) is `metadata`; it is written once, by `finish`."""
         import zarr  # here: the store package is imported by readers (`info`, `verify`), which need no zarr
 
-        self._start(location, resume, attach)
-        if attach:
+        self._start(location, resume, attach, metadata if extend else None)
+        if extend:
+            self.metadata = metadata
+            self.root = zarr.open_group(store=self.location.zarr_store(read_only=False), mode="r+")
+        elif attach:
             self.root = zarr.open_group(store=self.location.zarr_store(read_only=False), mode="r+")
             self.metadata = dict(self.root.attrs)
         elif resume:
@@ -66,13 +71,15 @@ class StoreWriter(ChunkedWriter):
         else:
             self.metadata = metadata  # mode "a": the folder already holds our lock, and nothing else (checked)
             self.root = zarr.open_group(store=self.location.zarr_store(read_only=False), mode="a")
-        if not attach:
+        if not attach and not extend:
             self.root.attrs.update(self.metadata)
         self._arrays: dict[tuple[str, str], tuple] = {}
 
     def create_split(self, split: str, shapes: dict[str, tuple], split_meta: dict) -> None:
         """`shapes`: {array: (shape, dtype)} (format.split_arrays); chunked by the metadata's chunk_size."""
         n = next(iter(shapes.values()))[0][0]
+        if self.extending:
+            self._new_split_folder(split)
         g = self.root[split] if self.resumed and split in self.root else self.root.create_group(split)
         for name, (shape, dtype) in shapes.items():
             if self.resumed and name in g:  # created by the interrupted dump (a kill may have stopped it half way)
@@ -112,7 +119,7 @@ class StoreWriter(ChunkedWriter):
 
     def _write_complete(self) -> None:
         """The metadata, then (a separate, last write) the complete flag."""
-        self.metadata["completed_at"] = now()
+        self.metadata.setdefault("completed_at", now())  # an extended store keeps its first completion time
         self.root.attrs.update({k: v for k, v in self.metadata.items() if k != "complete"})
         self.root.attrs["complete"] = True
         self.metadata["complete"] = True
