@@ -43,6 +43,10 @@ def root(tmp_path):
     os.symlink("../a.zarr/zarr.json", d / "c.zarr" / "zarr.json")
     (d / "c.zarr" / "secret.txt").write_text(SECRET)
     os.mkfifo(d / "a.zarr" / "fifo")  # would hang a reader that opened it blocking
+    (d / "t" / "n.zarr").mkdir(parents=True)  # a team cache's <task>/<entry>: served one folder down
+    (d / "t" / "n.zarr" / "zarr.json").write_text(json.dumps(META))
+    os.symlink("t", d / "tl")  # a task folder that is a symlink: nothing behind it
+    os.symlink("../a.zarr", d / "t" / "s.zarr")  # a symlinked store inside a task folder
     return d
 
 
@@ -99,7 +103,9 @@ def read_all(s: socket.socket) -> bytes:
 @pytest.mark.parametrize("path", ["/a.zarr/privdir/secret.txt", "/a.zarr/privdir/", "/a.zarr/link.txt",
                                   "/a.zarr/sub/deep/secret.txt", "/a.zarr/sub/deep", "/b.zarr/zarr.json",
                                   "/b.zarr/sub/real.txt", "/b.zarr/", "/c.zarr/zarr.json", "/c.zarr/secret.txt",
-                                  "/private/secret.txt", "/a.zarr/fifo", "/a.zarr/%70rivdir/secret.txt"])
+                                  "/private/secret.txt", "/a.zarr/fifo", "/a.zarr/%70rivdir/secret.txt",
+                                  "/tl/n.zarr/zarr.json", "/t/s.zarr/zarr.json", "/t/s.zarr/sub/real.txt",
+                                  "/-/tl/n.zarr", "/-/t/s.zarr", "/t/zarr.json", "/t/"])
 @pytest.mark.slow
 def test_no_symlink_is_ever_followed(served, path):
     for method in ("GET", "HEAD"):
@@ -107,6 +113,7 @@ def test_no_symlink_is_ever_followed(served, path):
         assert status in (403, 404), (path, method, status, body)
         assert SECRET.encode() not in body
     assert get(served, "/a.zarr/sub/real.txt") == (200, b"real")  # the real files next to them still are served
+    assert get(served, "/t/n.zarr/zarr.json") == (200, json.dumps(META).encode())
 
 
 def test_what_is_listed_is_what_is_served(served):
@@ -114,10 +121,12 @@ def test_what_is_listed_is_what_is_served(served):
 
     status, body = get(served, "/?format=json")
     names = [s["name"] for s in json.loads(body)["stores"]]
-    assert status == 200 and names == ["a.zarr"]  # not b.zarr (a symlink), not c.zarr (symlinked metadata)
-    assert [s["name"] for s in list_stores(served.url)] == ["a.zarr"]  # what `pkd-cache ls URL` prints
+    # not b.zarr (a symlink), not c.zarr (symlinked metadata), not tl/n.zarr (behind a symlinked folder), not
+    # t/s.zarr (a symlink); t/n.zarr is a store one real folder down, as in a team cache
+    assert status == 200 and names == ["a.zarr", "t/n.zarr"]
+    assert [s["name"] for s in list_stores(served.url)] == names  # what `pkd-cache ls URL` prints
     html = get(served, "/")[1].decode()
-    assert "a.zarr" in html and "b.zarr" not in html and "c.zarr" not in html
+    assert "a.zarr" in html and "t/n.zarr" in html and "b.zarr" not in html and "c.zarr" not in html
     for name in names:
         assert get(served, f"/{name}/zarr.json")[0] == 200
     listing = get(served, "/a.zarr/")[1].decode()
@@ -206,7 +215,7 @@ def test_the_cli_banner_lists_only_served_stores_and_logs_no_traceback(root):
             if select.select([p.stderr], [], [], 0.5)[0]:
                 log += os.read(p.stderr.fileno(), 65536)
         text = log.decode()
-        assert "serving 1 store(s)" in text and "/a.zarr" in text and "b.zarr" not in text, text
+        assert "serving 2 store(s)" in text and "/a.zarr" in text and "b.zarr" not in text, text
         port = int(text.split("127.0.0.1:", 1)[1].split("/", 1)[0])
         for path in ("/" + "a" * 300, "/[/x]", "/a.zarr/privdir/secret.txt", "/a.zarr/%ff"):
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)

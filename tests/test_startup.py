@@ -85,7 +85,7 @@ def test_store_commands_import_no_torch(store_path, tmp_path):
                       ["ls", store_path.parent], ["info", tmp_path / "missing.zarr"])
     assert_light(results, {4: 2})
     # serve's listing reads the same metadata
-    r = python(f"import sys; from pkd_cache.commands.serve import _store_meta; assert _store_meta(__import__('pathlib')"
+    r = python(f"import sys; from pkd_cache.commands.serve_stores import _store_meta; assert _store_meta(__import__('pathlib')"
                f".Path({str(store_path)!r}))['format'] == 'pkd-cache'; "
                f"print([m for m in {HEAVY!r} if m in sys.modules])")
     assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)

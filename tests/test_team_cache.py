@@ -309,3 +309,27 @@ def test_a_damaged_cache_entry_is_never_a_hit(cache, teacher_dir, data_dir, tmp_
     p = cli_in_process(*dump_args(teacher_dir, data_dir, other, "--overwrite"))
     assert p.returncode == 0 and "wrote " in p.stderr, show(p)
     assert pkd_cache.open_store(str(other / name)).complete
+
+
+def test_serve_of_a_cache_serves_its_task_folders(cache):
+    """`pkd-cache serve <cache>`: the entries one folder down are listed, readable and have their pages."""
+    import threading
+    import urllib.request
+
+    from pkd_cache.commands.serve import make_server
+    from pkd_cache.store.listing import list_stores
+
+    name, ident = only_entry(cache)
+    server = make_server(str(cache), port=0, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert [(s["name"], s["id"]) for s in list_stores(server.url)] == [(name, ident)]
+        remote = pkd_cache.open_store(f"{server.url}/{name}")
+        local = pkd_cache.open_store(str(cache / name))
+        assert remote.read("validation", 0, 8)["labels"].tolist() == local.read("validation", 0, 8)["labels"].tolist()
+        with urllib.request.urlopen(f"{server.url}/-/{name}?format=json", timeout=30) as r:
+            page = json.loads(r.read())
+        assert page["name"] == name and "accuracy" in page["teacher_dev_metric"]["validation"]
+    finally:
+        server.shutdown()
+        server.server_close()

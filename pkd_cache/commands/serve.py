@@ -2,7 +2,8 @@
 `http://host:port/x.zarr`.
 
 Only GET and HEAD, only regular files and folders inside the stores of DIR (a real folder directly under DIR whose
-`zarr.json` says it is a pkd-cache store). Nothing outside DIR is ever served: `..` (encoded or not) gets 403, and a
+metadata says it is a pkd-cache store, or one such a folder down: a team cache's `<task>/<entry>`, as
+`http://host:port/sst2/<entry>.zarr`; serve_stores.py). Nothing outside DIR is ever served: `..` (encoded or not) gets 403, and a
 symlink anywhere in the path (the store folder itself, a folder inside it, the file) is never followed: 404. The
 root listing, `pkd-cache ls` and the start-up banner leave symlinked stores out, so what is listed is what is served.
 A malformed request path gets 400, an overlong one (a name over 255 bytes, a path over 4096) 414.
@@ -17,7 +18,6 @@ header and closed, without waiting and without a thread, so a flood of idle sock
 """
 from __future__ import annotations
 
-import contextlib
 import hmac
 import html
 import json
@@ -38,8 +38,8 @@ from rich.markup import escape
 
 from ..errors import PkdCacheError
 from ..progress import log
-from ..store.describe import summary_from_meta
 from .serve_pages import Verifier, index_html, store_detail, store_html
+from .serve_stores import served_stores, store_depth, store_summary
 
 _RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")  # 18 digits: int() never sees a 5,000-digit number
 _MAX_NAME, _MAX_PATH = 255, 4096  # bytes, as in NAME_MAX and PATH_MAX on Linux
@@ -47,25 +47,6 @@ _MAX_NAME, _MAX_PATH = 255, 4096  # bytes, as in NAME_MAX and PATH_MAX on Linux
 _CONTROL = str.maketrans({c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]})
 # Never follow a symlink, never block on a FIFO, never leak the descriptor into a child.
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-
-
-def store_summary(path: Path) -> Optional[dict]:
-    """Name, task, teacher, splits, size and completeness of the store at `path`, None if it is not one served here."""
-    meta = _store_meta(path)
-    if meta is None:
-        return None
-    size = 0
-    for folder, _dirs, files in os.walk(path):  # os.walk does not descend into symlinked folders
-        for name in files:
-            with contextlib.suppress(OSError):  # gone meanwhile: a dump in progress renames its temporary files
-                st = os.lstat(os.path.join(folder, name))
-                size += st.st_size if stat.S_ISREG(st.st_mode) else 0  # a symlinked file is not served: not counted
-    return summary_from_meta(path.name, meta, size)
-
-
-def served_stores(root: Path) -> list[Path]:
-    """The stores directly under `root` that requests can reach, in name order (the listing and the banner)."""
-    return [p for p in sorted(root.iterdir()) if not p.name.startswith(".") and _store_meta(p) is not None]
 
 
 class StoreServer(ThreadingHTTPServer):
@@ -160,8 +141,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if not parts:
             return self._listing(query, body)
-        if parts[0] == "-" and len(parts) == 2:  # a store's page for people (serve_pages.py)
-            return self._store_page(parts[1], query, body)
+        if parts[0] == "-" and len(parts) in (2, 3):  # a store's page for people (serve_pages.py)
+            return self._store_page(parts[1:], query, body)
         try:
             fd = self._open(parts)
         except OSError:  # missing, a symlink (ELOOP), a file where a folder was expected, unreadable...
@@ -209,7 +190,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _open(self, parts: list[str]) -> Optional[int]:
         """A descriptor for root/parts, each name opened relative to its parent's descriptor with O_NOFOLLOW,
         so no symlink is followed, including one swapped in while the request runs. None after a 404."""
-        if _store_meta(self.server.root / parts[0]) is None:
+        if store_depth(self.server.root, parts) is None:
             self._send_error(HTTPStatus.NOT_FOUND, "not a store served here")
             return None
         fd = os.open(self.server.root, _OPEN_FLAGS | getattr(os, "O_DIRECTORY", 0))
@@ -234,9 +215,9 @@ class _Handler(BaseHTTPRequestHandler):
         return f"http://{host}"
 
     def _listing(self, query: str, body: bool) -> None:
-        paths = served_stores(self.server.root)
-        stores = [s for s in (store_summary(p) for p in paths) if s]
-        verified = {p.name: self.server.verifier.status(p) for p in paths}
+        root, names = self.server.root, served_stores(self.server.root)
+        stores = [s for s in (store_summary(root / n, n) for n in names) if s]
+        verified = {n: self.server.verifier.status(root / n) for n in names}
         for s in stores:
             s["verified"] = verified.get(s["name"]) if s["complete"] else "unfinished"
         if self._wants_json(query):
@@ -245,9 +226,9 @@ class _Handler(BaseHTTPRequestHandler):
         page = index_html(stores, self._base(), verified)
         self._send(HTTPStatus.OK, page.encode(errors="surrogateescape"), "text/html; charset=utf-8", body)
 
-    def _store_page(self, name: str, query: str, body: bool) -> None:
-        path = self.server.root / name
-        summary = store_summary(path)
+    def _store_page(self, parts: list[str], query: str, body: bool) -> None:
+        path, name = self.server.root.joinpath(*parts), "/".join(parts)
+        summary = store_summary(path, name) if store_depth(self.server.root, parts) == len(parts) else None
         if summary is None:
             return self._send_error(HTTPStatus.NOT_FOUND, "not a store served here")
         try:
@@ -322,24 +303,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
 
-def _store_meta(path: Path) -> Optional[dict]:
-    """The metadata of the store at `path`, None if it is not one or is not served (a symlinked store folder or
-    metadata file: requests never follow symlinks, so neither does the listing). Called on every request."""
-    from ..store.registry import meta_files, read_metadata
-    from ..store.location import Location
-
-    try:
-        if not stat.S_ISDIR(os.lstat(path).st_mode):
-            return None
-        for name in meta_files():  # a symlink is not served; a FIFO would hang the reader
-            with contextlib.suppress(FileNotFoundError):
-                if not stat.S_ISREG(os.lstat(path / name).st_mode):
-                    return None
-    except OSError:  # a name too long, a folder we may not read
-        return None
-    return read_metadata(Location(str(path)))
-
-
 def _verify(path: str):
     from ..store.verify import verify_store
 
@@ -368,7 +331,7 @@ def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, token: Optiona
           idle_timeout: float = 60.0, max_connections: int = 128) -> None:
     """Serve until interrupted."""
     server = make_server(folder, host, port, token, idle_timeout=idle_timeout, max_connections=max_connections)
-    stores = [p.name for p in served_stores(server.root)]
+    stores = served_stores(server.root)
     log(escape(f"serving {len(stores)} store(s) from {server.root} at {server.url}/ "
                f"({'bearer token required' if token else 'no token: anyone who can reach this port can read them'})"))
     for name in stores:
