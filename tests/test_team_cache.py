@@ -333,3 +333,33 @@ def test_serve_of_a_cache_serves_its_task_folders(cache):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_bucket_cache_shares_its_fine_tuned_teachers(backbone_dir, data_dir, tmp_path, monkeypatch):
+    """A head-less teacher fine-tuned by a dump into a bucket cache is uploaded there; a teammate's dump (another
+    machine: another user cache, another format) copies it instead of fine-tuning again."""
+    import os
+
+    from pkd_cache.commands import finetune
+    from pkd_cache.models import FINETUNE_INFO
+    from pkd_cache.store.location import Location
+
+    cache = "memory://pkd-teachers/cache"
+    cfg = pkd_cache.DumpConfig(teacher=str(backbone_dir), task="sst2", data_dir=str(data_dir), cache=cache,
+                               max_seq_length=24, chunk_size=64,
+                               finetune_train=pkd_cache.TrainConfig(epochs=1, learning_rate=1e-3, logging_steps=0))
+    first = pkd_cache.dump(cfg).info()["teacher"]
+    shared = Location(f"{cache}/teachers/sst2/{backbone_dir.name}-{first['finetuned_id']}")
+    assert shared.exists(FINETUNE_INFO) and shared.exists("model.safetensors")
+
+    monkeypatch.setenv("PKD_CACHE_HOME", str(tmp_path / "teammate"))  # another machine's user cache
+
+    def no_finetune(*a, **k):
+        raise AssertionError("fine-tuned again")
+
+    monkeypatch.setattr(finetune, "finetune", no_finetune)
+    cfg.format = "arrow"
+    again = pkd_cache.dump(cfg).info()["teacher"]
+    assert again["weights_fingerprint"] == first["weights_fingerprint"]
+    assert Path(again["finetuned_by_dump"]).parent == tmp_path / "teammate" / "teachers" / "sst2"
+    assert not [n for n in os.listdir(tmp_path / "teammate" / "teachers" / "sst2") if n.startswith(".")]

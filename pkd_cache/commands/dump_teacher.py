@@ -6,6 +6,10 @@ the same one reuses it, whatever its format or folder:
     <cache>/teachers/<task>/<teacher>-<id>/        with a local team cache (store/cache.py)
     $PKD_CACHE_HOME/teachers/<task>/<teacher>-<id>/ otherwise (default ~/.cache/pkd-cache)
 
+With a bucket cache (s3://, gs://, ...), the teacher is also shared there, at `<cache>/teachers/<task>/<teacher>-<id>/`:
+uploaded once trained (its FINETUNE_INFO last, so a copy without it is unfinished), and copied from there into the
+user's cache by a dump on another machine instead of fine-tuning again.
+
 `finetune` writes it aside and puts it in place only once it is trained, so an interrupted fine-tune leaves nothing
 that looks finished.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +30,7 @@ from ..errors import PkdCacheError
 from ..models import FINETUNE_INFO, LoadedModel, load_for_task
 from ..progress import log
 from ..store.cache import cache_url, store_id, teacher_slug
-from ..store.location import is_url
+from ..store.location import Location, is_url
 
 
 def teachers_root(config: DumpConfig) -> Path:
@@ -56,8 +61,45 @@ def teacher_to_run(config: DumpConfig, task: TaskSpec, loaded: LoadedModel, rank
                                 f"fine-tuned teacher: run `pkd-cache finetune` first")
         target = teachers_root(config) / task.name / \
             f"{teacher_slug(config.teacher)}-{finetuned_teacher_id(config, task, key_parts)}"
+        cache = cache_url(config.cache)
+        shared = Location(f"{cache.rstrip('/')}/teachers/{task.name}/{target.name}") \
+            if cache and is_url(cache) else None
+        if shared is not None:
+            _copy_from(shared, target)
         loaded, finetuned_dir = _finetuned_teacher(config, task, loaded, target)
+        if shared is not None:
+            _share(target, shared)
     return loaded, finetuned_dir
+
+
+def _copy_from(shared: Location, target: Path) -> None:
+    """The fine-tuned teacher from a bucket cache into `target`, if the bucket holds a finished one and `target`
+    nothing yet (written aside, then renamed: a copy cut short leaves nothing that looks finished)."""
+    if target.exists() or not shared.exists(FINETUNE_INFO):
+        return
+    log(f"copying the teacher fine-tuned earlier from the same teacher and data from {shared}")
+    aside = target.with_name(f".{target.name}.{os.getpid()}.copy")
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir(parents=True)
+    for name in shared.list(""):
+        (aside / name).write_bytes(shared.read(name))
+    try:
+        os.rename(aside, target)
+    except OSError:  # another dump put it in place meanwhile
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _share(target: Path, shared: Location) -> None:
+    """Upload a fine-tuned teacher into the bucket cache unless it holds a finished one; FINETUNE_INFO last."""
+    if shared.exists(FINETUNE_INFO):
+        return
+    files = sorted(p for p in target.iterdir() if p.is_file() and p.name != FINETUNE_INFO)
+    for p in files + [target / FINETUNE_INFO]:
+        shared.write(p.name, p.read_bytes())
+    log(f"shared the fine-tuned teacher in the cache: {shared}")
+
+
+_MADE_WITH = ("task", "max_seq_length", "max_train_samples", "max_eval_samples", "train")
 
 
 def _finetuned_teacher(config: DumpConfig, task, loaded, target: Path) -> tuple[LoadedModel, Path]:
@@ -75,9 +117,11 @@ def _finetuned_teacher(config: DumpConfig, task, loaded, target: Path) -> tuple[
                         train=config.finetune_train)
     info_path = target / FINETUNE_INFO
     if info_path.is_file():
+        # the base teacher and data are in the entry's id; the paths (model, data_dir, output_dir) may be another
+        # machine's, for a teacher copied from a bucket cache
         info = json.loads(info_path.read_text())
-        same = {k: v for k, v in to_dict(ft).items() if k != "overwrite"} == \
-            {k: v for k, v in info.get("config", {}).items() if k != "overwrite"}
+        same = {k: v for k, v in to_dict(ft).items() if k in _MADE_WITH} == \
+            {k: v for k, v in info.get("config", {}).items() if k in _MADE_WITH}
         if same and "metrics" in info:
             log(f"reusing the teacher fine-tuned earlier from the same teacher, data and settings: {target}")
             return load_for_task(str(target), task), target
