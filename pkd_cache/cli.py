@@ -118,7 +118,9 @@ def finetune(model: str = typer.Option(..., "--model", "--model-name-or-path", h
              output_dir: str = typer.Option(..., "--output-dir"),
              data_dir: Optional[str] = DataDir,
              max_seq_length: int = typer.Option(128, "--max-seq-length"),
-             batch_size: int = typer.Option(32, "--batch-size", "--per-device-train-batch-size"),
+             batch_size: int = typer.Option(32, "--batch-size", "--per-device-train-batch-size",
+                                            "--per_device_train_batch_size",
+                                            help="Examples per step (finetune runs as one process: per device)."),
              epochs: float = Epochs, learning_rate: float = Lr, weight_decay: float = Wd,
              warmup_ratio: float = Warmup, seed: int = Seed, max_steps: int = MaxSteps, logging_steps: int = LogSteps,
              overwrite: bool = typer.Option(False, "--overwrite", "--overwrite-output-dir"),
@@ -189,7 +191,15 @@ Beta = typer.Option(None, "--beta", help="Weight of the patient loss, summed ove
 Temperature = typer.Option(10.0, "--temperature")
 StudentInit = typer.Option(None, "--student-init", help="Pretrained model to take the first k layers from "
                                                         "(default: the teacher's base model).")
-BatchSize = typer.Option(32, "--batch-size", "--per-device-train-batch-size")
+BatchSize = typer.Option(None, "--batch-size", help="The global batch: examples per optimiser step over all ranks "
+                                                    "(default 32, the paper's; or per-device x ranks x accumulation "
+                                                    "steps when those are given).")
+PerDevice = typer.Option(None, "--per-device-train-batch-size", "--per_device_train_batch_size",
+                         "--per-device-batch-size", help="Examples per forward on each device, as in run_glue.py: the "
+                                                         "global batch is this x ranks x accumulation steps.")
+Accumulation = typer.Option(None, "--gradient-accumulation-steps", "--gradient_accumulation_steps",
+                            help="Forwards per optimiser step on each device (default 1, or what --batch-size "
+                                 "implies).")
 Device = typer.Option(None, "--device")
 
 
@@ -206,8 +216,9 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
             task: Optional[str] = TaskCheck, student_layers: int = StudentLayers, strategy: str = Strategy,
             layer_map: Optional[str] = typer.Option(None, "--layer-map", help="Teacher layers, e.g. 2,4."),
             alpha: float = Alpha, beta: Optional[float] = Beta, temperature: float = Temperature,
-            student_init: Optional[str] = StudentInit, batch_size: int = BatchSize,
-            epochs: float = Epochs, learning_rate: float = Lr, weight_decay: float = Wd,
+            student_init: Optional[str] = StudentInit, batch_size: Optional[int] = BatchSize,
+            per_device_train_batch_size: Optional[int] = PerDevice,
+            gradient_accumulation_steps: Optional[int] = Accumulation, epochs: float = Epochs, learning_rate: float = Lr, weight_decay: float = Wd,
             warmup_ratio: float = Warmup, seed: int = Seed, max_steps: int = MaxSteps, logging_steps: int = LogSteps,
             overwrite: bool = typer.Option(False, "--overwrite", "--overwrite-output-dir"),
             device: Optional[str] = Device,
@@ -221,9 +232,6 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
             save_steps: int = typer.Option(0, "--save-steps", help="Also checkpoint every N steps (always after "
                                                                    "each epoch)."),
             resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --output-dir."),
-            per_device_batch_size: Optional[int] = typer.Option(
-                None, "--per-device-batch-size", help="Rows per forward on each device; a rank's share of a "
-                                                      "--batch-size batch is accumulated in steps of it."),
             allow_no_checksums: bool = AllowNoChecksums, cache: Optional[str] = CacheOpt):
     """Train a k-layer student from a store (no teacher in memory); keep the best dev checkpoint.
 
@@ -236,7 +244,9 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
                                   beta=beta, temperature=temperature, student_init=student_init, overwrite=overwrite,
                                   device=device, teacher=teacher, data_dir=data_dir, max_seq_length=max_seq_length,
                                   chunk_size=chunk_size, max_examples=max_examples, resume=resume,
-                                  per_device_batch_size=per_device_batch_size, allow_no_checksums=allow_no_checksums,
+                                  per_device_train_batch_size=per_device_train_batch_size,
+                                  gradient_accumulation_steps=gradient_accumulation_steps,
+                                  allow_no_checksums=allow_no_checksums,
                                   train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio,
                                                       seed, max_steps, logging_steps, save_steps)))
 
@@ -258,8 +268,9 @@ def sweep(store: Optional[str] = typer.Option(None, "--store", help="Path or URL
                                                                         "the sweep in DIR; trains nothing."),
           task: Optional[str] = TaskCheck, student_layers: int = StudentLayers, strategy: str = Strategy,
           alpha: float = Alpha, beta: Optional[float] = Beta, temperature: float = Temperature,
-          student_init: Optional[str] = StudentInit, batch_size: int = BatchSize,
-          epochs: float = Epochs, learning_rate: float = Lr, weight_decay: float = Wd,
+          student_init: Optional[str] = StudentInit, batch_size: Optional[int] = BatchSize,
+          per_device_train_batch_size: Optional[int] = PerDevice,
+          gradient_accumulation_steps: Optional[int] = Accumulation, epochs: float = Epochs, learning_rate: float = Lr, weight_decay: float = Wd,
           warmup_ratio: float = Warmup, seed: int = Seed, max_steps: int = MaxSteps,
           logging_steps: int = typer.Option(0, "--logging-steps"), device: Optional[str] = Device,
           allow_no_checksums: bool = AllowNoChecksums, cache: Optional[str] = CacheOpt):
@@ -282,6 +293,8 @@ def sweep(store: Optional[str] = typer.Option(None, "--store", help="Path or URL
                          student_layers=student_layers,
                          strategy=strategy, alpha=alpha, beta=beta, temperature=temperature,
                          student_init=student_init, device=device, allow_no_checksums=allow_no_checksums,
+                         per_device_train_batch_size=per_device_train_batch_size,
+                         gradient_accumulation_steps=gradient_accumulation_steps,
                          train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed,
                                              max_steps, logging_steps))
     run(SweepConfig(base=base, grid=parse_grid(grid), students_per_pass=students_per_pass, top=top,

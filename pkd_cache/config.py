@@ -10,6 +10,7 @@ range, each message naming the CLI flag.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields
@@ -122,7 +123,9 @@ class TrainConfig:
 
     epochs: float = num(4.0, lo=0)
     learning_rate: float = num(2e-5, lo=0)
-    batch_size: int = positive_int(32)
+    # examples per optimiser step, over all ranks (the global batch). None: DEFAULT_BATCH_SIZE, or in distill
+    # per_device_train_batch_size x ranks x gradient_accumulation_steps when those are given (resolve_batch)
+    batch_size: Optional[int] = positive_int(None, optional=True)
     weight_decay: float = num(0.01, lo=0, lo_closed=True)
     warmup_ratio: float = num(0.1, lo=0, lo_closed=True, hi=1, hi_closed=False)
     max_grad_norm: float = num(1.0, lo=0, lo_closed=True)  # 0: no clipping
@@ -136,6 +139,36 @@ class TrainConfig:
     def check(self, flag: str = "--", flags: Optional[dict[str, str]] = None) -> None:
         """`flag` prefixes the option names in messages (dump's fine-tuning options are --finetune-...)."""
         check_numbers(self, flag, flags)
+
+
+DEFAULT_BATCH_SIZE = 32  # the PKD paper's
+
+
+def with_batch(train: TrainConfig) -> TrainConfig:
+    """`train` with its batch size filled in (one process: the default unless given)."""
+    return train if train.batch_size is not None else dataclasses.replace(train, batch_size=DEFAULT_BATCH_SIZE)
+
+
+def resolve_batch(batch: Optional[int], per_device: Optional[int], accumulation: Optional[int],
+                  world: int) -> tuple[int, Optional[int], int]:
+    """(global batch, rows per forward on each rank or None for its whole share, accumulation steps), as the
+    Hugging Face Trainer counts: the global batch is per-device x ranks x accumulation steps.
+
+    `--batch-size` alone is the global batch (pkd-cache's own meaning): each rank takes its share (shares may
+    differ by a row) and cuts it into `accumulation` forwards. Given with a per-device size, it must agree."""
+    steps = accumulation or 1
+    if per_device is None:
+        batch = batch or DEFAULT_BATCH_SIZE
+        return batch, None if steps == 1 else math.ceil(math.ceil(batch / world) / steps), steps
+    if batch is None:
+        batch = per_device * world * steps
+    elif batch != per_device * world * steps:
+        hint = f" (or add --gradient-accumulation-steps {batch // (per_device * world)})" \
+            if accumulation is None and batch % (per_device * world) == 0 else ""
+        raise PkdCacheError(f"--batch-size {batch} (the global batch) disagrees with --per-device-train-batch-size "
+                            f"{per_device} x {world} rank(s) x --gradient-accumulation-steps {steps} = "
+                            f"{per_device * world * steps}; give only one of the two{hint}")
+    return batch, None if world == 1 and steps == 1 else per_device, steps
 
 
 @dataclass
@@ -152,6 +185,9 @@ class FinetuneConfig:
     max_train_samples: Optional[int] = positive_int(None, optional=True)
     max_eval_samples: Optional[int] = positive_int(None, optional=True)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self.train = with_batch(self.train)
 
     def check(self) -> None:
         self.train.check()
@@ -184,6 +220,9 @@ class DumpConfig:
     cache: Optional[str] = None  # a folder or bucket of stores found by content (store/cache.py); None: $PKD_CACHE
     wait: bool = True  # in the cache, wait for another dump writing the same store; False: refuse at once
     add_splits: Optional[list[str]] = None  # extend the complete store at `out` (or in the cache) with these splits
+
+    def __post_init__(self) -> None:
+        self.finetune_train = with_batch(self.finetune_train)  # part of the cache key: never None there
 
     def check(self) -> None:
         check_numbers(self)
@@ -225,8 +264,10 @@ class DistillConfig:
     device: Optional[str] = None
     train: TrainConfig = field(default_factory=TrainConfig)
     resume: bool = False  # continue from the checkpoint in output_dir (written every save_steps / epoch)
-    # under torchrun: rows per forward on each rank; each rank's share of a batch is accumulated in steps of it
-    per_device_batch_size: Optional[int] = positive_int(None, optional=True)
+    # rows per forward on each device (run_glue's --per_device_train_batch_size): the global batch is this x ranks x
+    # gradient_accumulation_steps (resolve_batch; train.batch_size, if given too, must agree)
+    per_device_train_batch_size: Optional[int] = positive_int(None, optional=True)
+    gradient_accumulation_steps: Optional[int] = positive_int(None, optional=True)  # None: 1, or implied
     # online KD, for comparison: no store, the teacher runs on every step over the task's data
     teacher: Optional[str] = None
     data_dir: Optional[str] = None

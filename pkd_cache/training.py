@@ -56,7 +56,7 @@ def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainConf
 
 @dataclass(frozen=True)
 class Accumulation:
-    """Gradient accumulation (under torchrun, or with --per-device-batch-size): `split` cuts this rank's part of a
+    """Gradient accumulation (under torchrun, or with --gradient-accumulation-steps / a per-device size): `split` cuts this rank's part of a
     batch into (micro-batch, loss weight); `no_sync` is the DDP wrapper's, so that only the last micro-batch
     all-reduces."""
 

@@ -232,8 +232,14 @@ CASES: dict[str, Case] = {
     "info-unknown-id": Case(lambda c: ["info", "abcdef12", "--cache", empty_cache(c)], ("has id abcdef12",)),
     "distill-id-without-cache-entry": Case(lambda c: distill_args(c, "--cache", c.tmp / "no-cache", store="abcdef12"),
                                            ("/no-cache does not exist (PKD_CACHE or --cache names it)",), no_student),
-    "distill-per-device-batch-size-zero": Case(lambda c: distill_args(c, "--per-device-batch-size", "0"),
-                                               ("--per-device-batch-size must be > 0",), no_student),
+    "distill-per-device-batch-size-zero": Case(lambda c: distill_args(c, "--per-device-train-batch-size", "0"),
+                                               ("--per-device-train-batch-size must be > 0",), no_student),
+    "distill-batch-size-conflict": Case(lambda c: distill_args(c, "--batch-size", "64",
+                                                               "--per-device-train-batch-size", "16"),
+                                        ("--batch-size 64 (the global batch) disagrees with "
+                                         "--per-device-train-batch-size 16 x 1 rank(s) x --gradient-accumulation-steps"
+                                         " 1 = 16; give only one of the two (or add --gradient-accumulation-steps 4)",),
+                                        no_student),
     "finetune-overwrite-keeps-output-on-failure": Case(
         lambda c: finetune_args(c, "--overwrite", model=c.tmp / "no-such-model", output_dir=earlier_teacher(c)),
         ("does not exist",), untouched),

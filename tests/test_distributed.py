@@ -155,7 +155,7 @@ def train_on_one_and_two_ranks(source, backbone_dir: Path, tmp_path: Path) -> su
     one, two = tmp_path / "one", tmp_path / "two"
     p = run(distill_cmd(source, backbone_dir, one, 1))
     assert p.returncode == 0, show(p)
-    p = run(distill_cmd(source, backbone_dir, two, 2, "--per-device-batch-size", "4"))
+    p = run(distill_cmd(source, backbone_dir, two, 2, "--gradient-accumulation-steps", "2"))  # 8 -> 4+4, 7 -> 4+3
     assert p.returncode == 0, show(p)
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert (m1["ranks"], m2["ranks"], m1["steps"], m2["steps"]) == (1, 2, 6, 6)
@@ -248,3 +248,30 @@ def test_a_multi_rank_dump_refuses_arrow_with_one_line(tmp_path, teacher_dir, da
                                   "process"}, show(p)
     assert "/pkd_cache/" not in p.stderr, show(p)  # no frame of ours (torchrun prints a traceback of its own)
     assert not (tmp_path / "s.arrow").exists()
+
+
+def two_rank_distill(store, init, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pkd_cache",
+            "distill", "--store", str(store), "--student-layers", "2", "--student-init", str(init), "--epochs", "1",
+            "--output-dir", str(out), *extra]
+
+
+def test_per_device_means_per_device_on_two_ranks(tmp_path, store_path, backbone_dir):
+    """The trap this fixes: `--per-device-train-batch-size 8` on 2 ranks with 2 accumulation steps is a global batch
+    of 8 x 2 x 2 = 32 (it used to be an alias of the global --batch-size: 8 in all). A pair that disagrees stops
+    every rank with one line, before anything is written."""
+    out = tmp_path / "student"
+    p = run(two_rank_distill(store_path, backbone_dir, out, "--per-device-train-batch-size", "8",
+                             "--gradient-accumulation-steps", "2"))
+    assert p.returncode == 0, show(p)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["batch"] == {"global": 32, "ranks": 2, "per_device": 8, "gradient_accumulation_steps": 2}
+    assert m["steps"] == 5  # 160 examples / 32
+    p = run(two_rank_distill(store_path, backbone_dir, tmp_path / "other", "--batch-size", "64",
+                             "--per-device-train-batch-size", "16"))
+    said = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode != 0 and said and set(said) == {
+        "error: --batch-size 64 (the global batch) disagrees with --per-device-train-batch-size 16 x 2 rank(s) x "
+        "--gradient-accumulation-steps 1 = 32; give only one of the two (or add --gradient-accumulation-steps 2)"}, \
+        show(p)
+    assert not (tmp_path / "other").exists()

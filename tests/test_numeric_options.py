@@ -26,7 +26,8 @@ LEGAL = {
     "save_steps": lambda v: v >= 0, "max_seq_length": lambda v: v > 0, "max_train_samples": lambda v: v > 0,
     "max_eval_samples": lambda v: v > 0, "chunk_size": lambda v: v > 0, "sort_window": lambda v: v > 0,
     "max_examples": lambda v: v > 0, "student_layers": lambda v: v > 0, "alpha": lambda v: 0 <= v <= 1,
-    "beta": lambda v: v >= 0, "temperature": lambda v: v > 0, "per_device_batch_size": lambda v: v > 0,
+    "beta": lambda v: v >= 0, "temperature": lambda v: v > 0, "per_device_train_batch_size": lambda v: v > 0,
+    "gradient_accumulation_steps": lambda v: v > 0,
 }
 
 
@@ -138,7 +139,9 @@ def _options(command: str) -> dict[str, tuple[str, bool]]:
         "distill": {**common, "--student-layers": ("student_layers", True), "--alpha": ("alpha", False),
                     "--beta": ("beta", False), "--temperature": ("temperature", False),
                     "--chunk-size": ("chunk_size", True), "--max-examples": ("max_examples", True),
-                    "--save-steps": ("save_steps", True), "--per-device-batch-size": ("per_device_batch_size", True)},
+                    "--save-steps": ("save_steps", True),
+                    "--per-device-train-batch-size": ("per_device_train_batch_size", True),
+                    "--gradient-accumulation-steps": ("gradient_accumulation_steps", True)},
         "finetune": {**common, "--max-train-samples": ("max_train_samples", True),
                      "--max-eval-samples": ("max_eval_samples", True)},
         "dump": {"--max-seq-length": ("max_seq_length", True), "--batch-size": ("batch_size", True),

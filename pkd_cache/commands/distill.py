@@ -2,9 +2,9 @@
 come from a `BatchSource` (sources.py), a store or, for online KD (`--teacher`), online.py's teacher-labelled batches.
 
 Under `torchrun`, DistributedDataParallel: every rank reads only its part of each batch from the store
-(`stream.iter_batches(shard=...)`), accumulates it in steps of `--per-device-batch-size` rows, and the all-reduced
-gradient is the mean over the whole batch, so the global batch is the `--batch-size` asked for. Rank 0 evaluates,
-logs and saves.
+(`stream.iter_batches(shard=...)`), in forwards of `--per-device-train-batch-size` rows accumulated over
+`--gradient-accumulation-steps`, and the all-reduced gradient is the mean over the whole batch: the global batch is
+per-device x ranks x steps, as the Trainer counts (config.resolve_batch). Rank 0 evaluates, logs and saves.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .. import checkpoint
-from ..config import DistillConfig, to_dict
+from ..config import DistillConfig, resolve_batch, to_dict
 from ..data.tasks import get_task
 from ..data.tokenize import to_model_inputs
 from ..distributed import DistContext, dist_context, process_group
@@ -54,7 +54,8 @@ def _store_task(meta: StoreMeta, config: DistillConfig):
 
 # What fixes the batches: members of one pass (`distill_many`) must agree on these.
 PASS_KEYS = ("store", "teacher", "data_dir", "max_seq_length", "chunk_size", "max_examples", "train_split",
-             "batch_size", "seed", "epochs", "max_steps", "device", "per_device_batch_size")
+             "batch_size", "seed", "epochs", "max_steps", "device", "per_device_train_batch_size",
+             "gradient_accumulation_steps")
 
 
 @dataclass
@@ -69,6 +70,7 @@ class _Plan:
     init: str
     eval_splits: list[str]
     inputs: list  # what the output folder must never be nor contain (paths.check_inputs)
+    asked: Optional[DistillConfig] = None  # the config as given (metrics.json), before its batch was resolved
 
     @property
     def need_cls(self) -> bool:
@@ -123,10 +125,12 @@ def distill_many(configs: list[DistillConfig], description: str = "distill") -> 
     configs = [dataclasses.replace(c, store=resolve_store(c.store, None)) if c.store else c for c in configs]
     resume = _check_pass(configs)
     dist = dist_context(resolve_device(configs[0].device))
+    asked, configs = configs, [_with_batch(c, dist.world) for c in configs]
     # log lines and bars from rank 0 only
     with process_group(dist.ranks, dist.device), quiet(not dist.main), contextlib.ExitStack() as locks:
         source = open_source(configs[0], dist.device)
-        plans = [_plan(c, source) for c in configs]  # every check before any model is built or folder written
+        # every check before any model is built or folder written
+        plans = [dataclasses.replace(_plan(c, source), asked=a) for c, a in zip(configs, asked)]
         if dist.main:  # one run writes an output folder at a time: held until the students are in place
             for p in plans:
                 locks.enter_context(OutputLock(Path(p.config.output_dir), p.config.output_dir))
@@ -136,6 +140,15 @@ def distill_many(configs: list[DistillConfig], description: str = "distill") -> 
         metrics = _train_pass(students, _PassBatches(source, configs[0], layers, dist), description, resume)
         dist.barrier()  # every rank returns once rank 0 has written the students
     return metrics
+
+
+def _with_batch(config: DistillConfig, world: int) -> DistillConfig:
+    """The config with its global batch, rows per forward and accumulation steps resolved for `world` ranks (as
+    the Trainer counts them: per-device x ranks x accumulation; config.resolve_batch)."""
+    batch, per_device, steps = resolve_batch(config.train.batch_size, config.per_device_train_batch_size,
+                                             config.gradient_accumulation_steps, world)
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=batch),
+                               per_device_train_batch_size=per_device, gradient_accumulation_steps=steps)
 
 
 def _check_pass(configs: list[DistillConfig]) -> bool:
@@ -191,7 +204,7 @@ class _PassBatches:
                                       epoch=epoch, layers=self.layers or None, fields=self.fields,
                                       pin_memory=dist.device.type == "cuda", start_batch=start_batch,
                                       shard=(dist.rank, dist.world))
-        if not (dist.many or cfg.per_device_batch_size):
+        if not (dist.many or cfg.per_device_train_batch_size):
             return batches
         return ({**b, GLOBAL_ROWS: self.sizes[start_batch + i]} for i, b in enumerate(batches))
 
@@ -254,14 +267,23 @@ class _Student:
         log(f"distilling a {plan.k}-layer student from {plan.init} on {plan.task.name} into {config.output_dir}: "
             f"layer map {plan.lmap} of {self.source.teacher_layers} teacher layers, alpha {config.alpha:g}, "
             f"beta {plan.beta:g}, T {config.temperature:g}"
-            + (f", CLS projected {self.widths[0]} -> {self.widths[1]}" if self.projection is not None else ""))
+            + (f", CLS projected {self.widths[0]} -> {self.widths[1]}" if self.projection is not None else "")
+            + f"; batch {self._batch_in_words()}")
+
+    def _batch_in_words(self) -> str:
+        config, world = self.plan.config, self.dist.world
+        batch, steps = config.train.batch_size, config.gradient_accumulation_steps or 1
+        if world == 1 and steps == 1 and not config.per_device_train_batch_size:
+            return str(batch)
+        per_device = config.per_device_train_batch_size or -(-batch // world)
+        return f"{batch} ({per_device} per device x {world} rank(s) x {steps} accumulation step(s))"
 
     def _wrap(self, trainable: _Trainable) -> tuple[torch.nn.Module, Optional[Accumulation]]:
         """The module a step calls (DDP's wrapper under torchrun) and how a rank accumulates its part of a batch."""
         config, dist = self.plan.config, self.dist
-        if not (dist.many or config.per_device_batch_size):
+        if not (dist.many or config.per_device_train_batch_size):
             return trainable, None
-        split = _micro_batches(config.per_device_batch_size, dist.world)
+        split = _micro_batches(config.per_device_train_batch_size, dist.world)
         if not dist.many:
             return trainable, Accumulation(split)
         from torch.nn.parallel import DistributedDataParallel
@@ -301,7 +323,11 @@ class _Student:
                    "best_epoch": result.best_epoch, "best_" + self.main_key: result.best_metric,
                    "history": result.history, "steps": result.steps, "wall_seconds": seconds,
                    "teacher_weights_fingerprint": self.meta.teacher.weights_fingerprint,
-                   "config": to_dict(config), "ranks": self.dist.world}
+                   "config": to_dict(plan.asked or config), "ranks": self.dist.world,
+                   "batch": {"global": config.train.batch_size, "ranks": self.dist.world,
+                             "per_device": config.per_device_train_batch_size or -(-config.train.batch_size //
+                                                                                  self.dist.world),
+                             "gradient_accumulation_steps": config.gradient_accumulation_steps}}
         if not self.dist.main:
             return metrics
         write_metrics(self.out, metrics)
