@@ -11,6 +11,9 @@ import typer
 
 from .config import DistillConfig, DumpConfig, EvalConfig, FinetuneConfig, TrainConfig
 from .errors import Interrupted, PkdCacheError
+from .cli_options import (Accumulation, AllowNoChecksums, Alpha, BatchSize, Beta, CacheOpt, DataDir, Device, Epochs,
+                          LogSteps, Lr, MaxSteps, PerDevice, Seed, Strategy, StudentInit, StudentLayers, TaskCheck,
+                          Temperature, Warmup, Wd, _int_list, _train_config)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Patient Knowledge Distillation with a cached teacher: dump once, distill many students.")
@@ -81,34 +84,6 @@ def _in_cache(store: Optional[str], cache: Optional[str]) -> Optional[str]:
     return resolve_store(store, cache)
 
 
-def _train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed, max_steps,
-                  logging_steps, save_steps: int = 0) -> TrainConfig:
-    return TrainConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay,
-                       warmup_ratio=warmup_ratio, seed=seed, max_steps=max_steps, logging_steps=logging_steps,
-                       save_steps=save_steps)
-
-
-def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise PkdCacheError(f"{flag} takes comma-separated layer numbers like 2,4; got {text!r}") from None
-
-
-Epochs = typer.Option(4.0, "--epochs", "--num-train-epochs", help="Training epochs (paper: 4).")
-Lr = typer.Option(2e-5, "--learning-rate", help="Peak learning rate of AdamW (paper: 2e-5).")
-Wd = typer.Option(0.01, "--weight-decay")
-Warmup = typer.Option(0.1, "--warmup-ratio", help="Fraction of steps of linear warm-up.")
-Seed = typer.Option(0, "--seed")
-CacheOpt = typer.Option(None, "--cache", envvar="PKD_CACHE", show_envvar=True,
-                        help="The team cache, a folder or bucket: dump puts a store there when no --out is given, "
-                             "and a store's id names it wherever a store is taken.")
-MaxSteps = typer.Option(-1, "--max-steps", help="Stop after this many optimiser steps (> 0).")
-LogSteps = typer.Option(50, "--logging-steps")
-DataDir = typer.Option(None, "--data-dir", help="Local folder of task files (GLUE TSV, CSV, JSONL, Parquet); "
-                                                "default: the Hugging Face hub.")
 
 
 @app.command()
@@ -179,34 +154,6 @@ def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher:
                             format=store_format, resume=resume, cache=cache, wait=wait, add_splits=add_split or None,
                             finetune_train=TrainConfig(epochs=finetune_epochs, learning_rate=finetune_learning_rate,
                                                        seed=seed)))
-
-
-StoreOpt = typer.Option(..., "--store", help="Path or URL of a store.")
-TaskCheck = typer.Option(None, "--task", "--task-name", help="Optional check: the task the store must hold.")
-StudentLayers = typer.Option(3, "--student-layers")
-Strategy = typer.Option("skip", "--strategy", help="PKD-skip or PKD-last layer map.")
-Alpha = typer.Option(0.5, "--alpha", help="Weight of the soft-label loss.")
-Beta = typer.Option(None, "--beta", help="Weight of the patient loss, summed over the hidden dim (default: 100/H, "
-                                         "the paper's 100 in its code's units).")
-Temperature = typer.Option(10.0, "--temperature")
-StudentInit = typer.Option(None, "--student-init", help="Pretrained model to take the first k layers from "
-                                                        "(default: the teacher's base model).")
-BatchSize = typer.Option(None, "--batch-size", help="The global batch: examples per optimiser step over all ranks "
-                                                    "(default 32, the paper's; or per-device x ranks x accumulation "
-                                                    "steps when those are given).")
-PerDevice = typer.Option(None, "--per-device-train-batch-size", "--per_device_train_batch_size",
-                         "--per-device-batch-size", help="Examples per forward on each device, as in run_glue.py: the "
-                                                         "global batch is this x ranks x accumulation steps.")
-Accumulation = typer.Option(None, "--gradient-accumulation-steps", "--gradient_accumulation_steps",
-                            help="Forwards per optimiser step on each device (default 1, or what --batch-size "
-                                 "implies).")
-Device = typer.Option(None, "--device")
-
-
-AllowNoChecksums = typer.Option(False, "--allow-no-checksums",
-                                help="Read a store that has no checksum manifest (pkd-cache 0.1.0 wrote such stores): "
-                                     "its chunks are decoded and their values checked, but not compared with "
-                                     "dump-time checksums, so corruption that still decodes goes unseen.")
 
 
 @app.command()
