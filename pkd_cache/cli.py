@@ -11,11 +11,19 @@ import typer
 
 from .config import DistillConfig, DumpConfig, EvalConfig, FinetuneConfig, TrainConfig
 from .errors import Interrupted, PkdCacheError
-from .cli_options import (Accumulation, AllowNoChecksums, Alpha, BatchSize, Beta, CacheOpt, DataDir, Device, Epochs,
-                          LogSteps, Lr, MaxSteps, PerDevice, Seed, Strategy, StudentInit, StudentLayers, TaskCheck,
-                          Temperature, Warmup, Wd, _int_list, _train_config)
+from .cli_options import (Accumulation, AllowNoChecksums, Alpha, BatchSize, BestMetric, Beta, CacheOpt, DataDir,
+                          Device, Epochs, EvalBatch, EvalSteps, EvalStrategy, LogSteps, Lr, MaxGradNorm, MaxSteps,
+                          PerDevice, Scheduler, Seed, Strategy, StudentInit, StudentLayers, TaskCheck, Temperature,
+                          Warmup, Wd, Workers, _int_list, _train_config)
+
+def _dashes(token: str) -> str:
+    """`--num_train_epochs` is `--num-train-epochs`: option names take run_glue.py's underscores too (click hands
+    this the name without its dashes, and a command's name, which take them the same way)."""
+    return token.replace("_", "-")
+
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  context_settings={"token_normalize_func": _dashes},
                   help="Patient Knowledge Distillation with a cached teacher: dump once, distill many students.")
 
 
@@ -100,13 +108,20 @@ def finetune(model: str = typer.Option(..., "--model", "--model-name-or-path", h
              warmup_ratio: float = Warmup, seed: int = Seed, max_steps: int = MaxSteps, logging_steps: int = LogSteps,
              overwrite: bool = typer.Option(False, "--overwrite", "--overwrite-output-dir"),
              max_train_samples: Optional[int] = typer.Option(None, "--max-train-samples"),
-             max_eval_samples: Optional[int] = typer.Option(None, "--max-eval-samples")):
+             max_eval_samples: Optional[int] = typer.Option(None, "--max-eval-samples"),
+             max_grad_norm: float = MaxGradNorm, lr_scheduler_type: str = Scheduler,
+             eval_strategy: str = EvalStrategy, eval_steps: Optional[int] = EvalSteps,
+             metric_for_best_model: Optional[str] = BestMetric):
     """Fine-tune a teacher on a task (AdamW, linear decay, keep the best dev checkpoint)."""
     _run("finetune", FinetuneConfig(model=model, task=task, output_dir=output_dir, data_dir=data_dir,
                                     max_seq_length=max_seq_length, overwrite=overwrite,
                                     max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
                                     train=_train_config(epochs, learning_rate, batch_size, weight_decay,
-                                                        warmup_ratio, seed, max_steps, logging_steps)))
+                                                        warmup_ratio, seed, max_steps, logging_steps,
+                                                        max_grad_norm=max_grad_norm,
+                                                        lr_scheduler_type=lr_scheduler_type,
+                                                        eval_strategy=eval_strategy, eval_steps=eval_steps,
+                                                        metric_for_best_model=metric_for_best_model)))
 
 
 @app.command()
@@ -179,6 +194,10 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
             save_steps: int = typer.Option(0, "--save-steps", help="Also checkpoint every N steps (always after "
                                                                    "each epoch)."),
             resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --output-dir."),
+            max_grad_norm: float = MaxGradNorm, lr_scheduler_type: str = Scheduler,
+            eval_strategy: str = EvalStrategy, eval_steps: Optional[int] = EvalSteps,
+            metric_for_best_model: Optional[str] = BestMetric, per_device_eval_batch_size: int = EvalBatch,
+            dataloader_num_workers: Optional[int] = Workers,
             allow_no_checksums: bool = AllowNoChecksums, cache: Optional[str] = CacheOpt):
     """Train a k-layer student from a store (no teacher in memory); keep the best dev checkpoint.
 
@@ -193,9 +212,14 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
                                   chunk_size=chunk_size, max_examples=max_examples, resume=resume,
                                   per_device_train_batch_size=per_device_train_batch_size,
                                   gradient_accumulation_steps=gradient_accumulation_steps,
+                                  per_device_eval_batch_size=per_device_eval_batch_size,
+                                  dataloader_num_workers=dataloader_num_workers,
                                   allow_no_checksums=allow_no_checksums,
                                   train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio,
-                                                      seed, max_steps, logging_steps, save_steps)))
+                                                      seed, max_steps, logging_steps, save_steps,
+                                                      max_grad_norm=max_grad_norm, lr_scheduler_type=lr_scheduler_type,
+                                                      eval_strategy=eval_strategy, eval_steps=eval_steps,
+                                                      metric_for_best_model=metric_for_best_model)))
 
 
 @app.command()

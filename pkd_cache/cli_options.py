@@ -11,10 +11,11 @@ from .errors import PkdCacheError
 
 
 def _train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed, max_steps,
-                  logging_steps, save_steps: int = 0) -> TrainConfig:
+                  logging_steps, save_steps: int = 0, **more) -> TrainConfig:
+    """`more`: the other TrainConfig fields a command takes (max_grad_norm, lr_scheduler_type, eval_strategy...)."""
     return TrainConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay,
                        warmup_ratio=warmup_ratio, seed=seed, max_steps=max_steps, logging_steps=logging_steps,
-                       save_steps=save_steps)
+                       save_steps=save_steps, **more)
 
 
 def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
@@ -64,3 +65,19 @@ AllowNoChecksums = typer.Option(False, "--allow-no-checksums",
                                 help="Read a store that has no checksum manifest (pkd-cache 0.1.0 wrote such stores): "
                                      "its chunks are decoded and their values checked, but not compared with "
                                      "dump-time checksums, so corruption that still decodes goes unseen.")
+MaxGradNorm = typer.Option(1.0, "--max-grad-norm", help="Clip the gradient norm to this (0: no clipping).")
+Scheduler = typer.Option("linear", "--lr-scheduler-type", help="After the warm-up: linear (to 0), cosine (to 0) or "
+                                                                "constant_with_warmup.")
+EvalStrategy = typer.Option("epoch", "--eval-strategy", "--evaluation-strategy",
+                            help="When the dev sets are scored and the best checkpoint kept: epoch, steps (every "
+                                 "--eval-steps) or no (once, at the end).")
+EvalSteps = typer.Option(None, "--eval-steps", help="With --eval-strategy steps: score every N optimiser steps "
+                                                    "(default: --logging-steps), and after the last.")
+BestMetric = typer.Option(None, "--metric-for-best-model", help="The dev metric the best checkpoint is kept by: "
+                                                                "accuracy, f1, matthews_correlation, pearson, or one "
+                                                                "split's (validation_matched_accuracy). Default: the "
+                                                                "task's main metric.")
+EvalBatch = typer.Option(128, "--per-device-eval-batch-size", help="Examples per forward when scoring the dev sets.")
+Workers = typer.Option(None, "--dataloader-num-workers", help="Threads that read and decompress store chunks ahead "
+                                                              "(default: up to 4; 0: none, read in the training "
+                                                              "loop).")

@@ -135,10 +135,38 @@ class TrainConfig:
     max_steps: int = num(-1, lo=0, cap=INT_MAX, integer=True, also=-1, also_means="no limit")
     # distill: > 0 also checkpoints every N steps (it always does after each epoch)
     save_steps: int = num(0, lo=0, lo_closed=True, cap=INT_MAX, integer=True)
+    lr_scheduler_type: str = "linear"  # after the warm-up: linear | cosine (to 0) | constant_with_warmup
+    eval_strategy: str = "epoch"  # when the dev sets are scored: epoch | steps (every eval_steps) | no (once, at the end)
+    eval_steps: Optional[int] = positive_int(None, optional=True)  # with eval_strategy steps (default: logging_steps)
+    # the dev metric the best checkpoint is chosen by: `accuracy`, or a split's (`validation_matched_accuracy`);
+    # None: the task's main metric on its first dev split
+    metric_for_best_model: Optional[str] = None
 
     def check(self, flag: str = "--", flags: Optional[dict[str, str]] = None) -> None:
         """`flag` prefixes the option names in messages (dump's fine-tuning options are --finetune-...)."""
         check_numbers(self, flag, flags)
+        if self.lr_scheduler_type not in SCHEDULERS:
+            raise PkdCacheError(f"{flag}lr-scheduler-type must be one of {', '.join(SCHEDULERS)}, got "
+                                f"{self.lr_scheduler_type!r}")
+        if self.eval_strategy not in EVAL_STRATEGIES:
+            raise PkdCacheError(f"{flag}eval-strategy must be one of {', '.join(EVAL_STRATEGIES)}, got "
+                                f"{self.eval_strategy!r}")
+        if self.eval_steps is not None and self.eval_strategy != "steps":
+            raise PkdCacheError(f"{flag}eval-steps needs {flag}eval-strategy steps")
+
+
+SCHEDULERS = ("linear", "cosine", "constant_with_warmup")  # the Trainer's names
+EVAL_STRATEGIES = ("epoch", "steps", "no")
+# the TrainConfig fields that cache keys and fine-tuned teachers were identified by before later fields came: a later
+# field counts only when it is not at its default, so every key made before it still finds its store
+_KEYED_TRAIN_FIELDS = ("epochs", "learning_rate", "batch_size", "weight_decay", "warmup_ratio", "max_grad_norm",
+                       "seed", "logging_steps", "max_steps", "save_steps")
+
+
+def train_identity(train: dict) -> dict:
+    """What identifies a TrainConfig (as a dict) in a cache key: its fields, less later ones left at their default."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    return {k: v for k, v in train.items() if k in _KEYED_TRAIN_FIELDS or v != defaults.get(k)}
 
 
 DEFAULT_BATCH_SIZE = 32  # the PKD paper's
@@ -268,6 +296,10 @@ class DistillConfig:
     # gradient_accumulation_steps (resolve_batch; train.batch_size, if given too, must agree)
     per_device_train_batch_size: Optional[int] = positive_int(None, optional=True)
     gradient_accumulation_steps: Optional[int] = positive_int(None, optional=True)  # None: 1, or implied
+    per_device_eval_batch_size: int = positive_int(128)  # dev scoring (rank 0 alone scores)
+    # threads that read and decode store chunks ahead (pkd-cache loads with threads, not worker processes); 0: in the
+    # training thread, nothing ahead; None: up to 4
+    dataloader_num_workers: Optional[int] = num(None, lo=0, lo_closed=True, cap=64, integer=True, optional=True)
     # online KD, for comparison: no store, the teacher runs on every step over the task's data
     teacher: Optional[str] = None
     data_dir: Optional[str] = None

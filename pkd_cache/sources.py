@@ -38,8 +38,8 @@ class BatchSource(Protocol):
 
     def batches(self, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                 layers: Optional[Sequence[int]] = None, fields: Sequence[str] = (), prefetch: int = 2,
-                pin_memory: bool = False, start_batch: int = 0,
-                shard: tuple[int, int] = (0, 1)) -> Iterator[dict[str, torch.Tensor]]:
+                pin_memory: bool = False, start_batch: int = 0, shard: tuple[int, int] = (0, 1),
+                workers: Optional[int] = None) -> Iterator[dict[str, torch.Tensor]]:
         """Batches of `fields` in the store's order for (seed, epoch), `cls` restricted to `layers`; `shard=(r, W)`
         is rank r's part of each batch (`store.stream.iter_batches`)."""
 

@@ -27,6 +27,7 @@ class TrainResult:
     best_metric: float
     best_epoch: int
     history: list[dict] = field(default_factory=list)
+    best_step: int = -1
     steps: int = 0
     train_seconds: float = 0.0
 
@@ -39,17 +40,23 @@ def resolve_device(name: Optional[str]) -> torch.device:
 
 
 def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig, total_steps: int):
-    """AdamW without decay on biases and LayerNorm weights, linear warm-up then linear decay to 0."""
+    """AdamW without decay on biases and LayerNorm weights; linear warm-up, then (`lr_scheduler_type`, the
+    Trainer's names) linear decay to 0, cosine decay to 0, or constant."""
     decay = [p for n, p in params if p.requires_grad and not (n.endswith("bias") or "LayerNorm" in n)]
     no_decay = [p for n, p in params if p.requires_grad and (n.endswith("bias") or "LayerNorm" in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
     warmup = int(cfg.warmup_ratio * total_steps)
 
+    kind = cfg.lr_scheduler_type
+
     def lr_lambda(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+        if kind == "constant_with_warmup":
+            return 1.0
+        left = max(0.0, (total_steps - step) / max(1, total_steps - warmup))  # 1 -> 0 after the warm-up
+        return left if kind == "linear" else 0.5 * (1.0 - math.cos(math.pi * left))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
@@ -245,8 +252,9 @@ class Member:
         torch.manual_seed(((self.cfg.seed * 1_000_003 + self.rank) * 1_000_003 + meta["step_count"]) % 2**63)
         return _rng_state()
 
-    def end_epoch(self, epoch: int) -> None:
-        """Evaluate; keep the best checkpoint on the main dev metric (the main rank only)."""
+    def evaluate_and_keep(self, epoch: int, when: str) -> None:
+        """Score the dev sets now (`when`: "epoch 2", "step 300"); keep the checkpoint if it is the best so far by
+        the main metric (the main rank only)."""
         self.check_weights()  # every rank: the gradients were all-reduced, so a nan reaches them all alike
         if not self.main:
             return
@@ -254,10 +262,11 @@ class Member:
         self.result.history.append({"epoch": epoch + 1, "step": self.step_count, **metrics})
         score = metrics[self.main_metric]
         better = score > self.result.best_metric
-        log(f"{self.name + ': ' if self.name else ''}epoch {epoch + 1}: "
+        log(f"{self.name + ': ' if self.name else ''}{when}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + ("  (best so far, saved)" if better else ""))
         if better:
             self.result.best_metric, self.result.best_epoch = score, epoch + 1
+            self.result.best_step = self.step_count
             self.save_best()
         self.model.train()
 
@@ -277,6 +286,8 @@ def train_many(members: list[Member], steps_per_epoch: int, epoch_batches: Calla
         step, start_epoch, start_batch = _resume(members)
     t0 = time.perf_counter()
     n_epochs = math.ceil(total_steps / steps_per_epoch)
+    cfg = members[0].cfg
+    every = (cfg.eval_steps or cfg.logging_steps or steps_per_epoch) if cfg.eval_strategy == "steps" else 0
     for epoch in range(start_epoch, n_epochs):
         for m in members:
             m.model.train()
@@ -292,10 +303,16 @@ def train_many(members: list[Member], steps_per_epoch: int, epoch_batches: Calla
                     m.step(batch)
                 step += 1
                 bar.advance(1)
+                if every and step % every == 0:
+                    for m in members:
+                        m.evaluate_and_keep(epoch, f"step {step}")
                 if save_steps > 0 and step % save_steps == 0 and bar.done < steps_this_epoch:
                     _save_checkpoints(members, {"epoch": epoch, "batch": bar.done, "step": step})
-        for m in members:
-            m.end_epoch(epoch)
+        last = epoch == n_epochs - 1
+        # --eval-strategy: each epoch; or every `every` steps and after the last; or only after the last ("no")
+        if cfg.eval_strategy == "epoch" or (last and not (every and step % every == 0)):
+            for m in members:
+                m.evaluate_and_keep(epoch, f"epoch {epoch + 1}" if cfg.eval_strategy == "epoch" else f"step {step}")
         _save_checkpoints(members, {"epoch": epoch + 1, "batch": 0, "step": step})
     for m in members:
         m.result.steps, m.result.train_seconds = step, time.perf_counter() - t0

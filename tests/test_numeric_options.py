@@ -27,7 +27,8 @@ LEGAL = {
     "max_eval_samples": lambda v: v > 0, "chunk_size": lambda v: v > 0, "sort_window": lambda v: v > 0,
     "max_examples": lambda v: v > 0, "student_layers": lambda v: v > 0, "alpha": lambda v: 0 <= v <= 1,
     "beta": lambda v: v >= 0, "temperature": lambda v: v > 0, "per_device_train_batch_size": lambda v: v > 0,
-    "gradient_accumulation_steps": lambda v: v > 0,
+    "gradient_accumulation_steps": lambda v: v > 0, "eval_steps": lambda v: v > 0,
+    "per_device_eval_batch_size": lambda v: v > 0, "dataloader_num_workers": lambda v: v >= 0,
 }
 
 
@@ -141,9 +142,12 @@ def _options(command: str) -> dict[str, tuple[str, bool]]:
                     "--chunk-size": ("chunk_size", True), "--max-examples": ("max_examples", True),
                     "--save-steps": ("save_steps", True),
                     "--per-device-train-batch-size": ("per_device_train_batch_size", True),
-                    "--gradient-accumulation-steps": ("gradient_accumulation_steps", True)},
+                    "--gradient-accumulation-steps": ("gradient_accumulation_steps", True),
+                    "--max-grad-norm": ("max_grad_norm", False),
+                    "--per-device-eval-batch-size": ("per_device_eval_batch_size", True),
+                    "--dataloader-num-workers": ("dataloader_num_workers", True)},
         "finetune": {**common, "--max-train-samples": ("max_train_samples", True),
-                     "--max-eval-samples": ("max_eval_samples", True)},
+                     "--max-eval-samples": ("max_eval_samples", True), "--max-grad-norm": ("max_grad_norm", False)},
         "dump": {"--max-seq-length": ("max_seq_length", True), "--batch-size": ("batch_size", True),
                  "--chunk-size": ("chunk_size", True), "--sort-window": ("sort_window", True),
                  "--finetune-epochs": ("epochs", False), "--finetune-learning-rate": ("learning_rate", False),

@@ -91,6 +91,7 @@ def _plan(config: DistillConfig, source: BatchSource) -> _Plan:
     init = config.student_init or meta.teacher.base_model
     if not init:
         raise PkdCacheError("the store does not record the teacher's base model; pass --student-init")
+    main_metric_key(task, eval_splits, config.train.metric_for_best_model)  # an unknown metric: refused now
     beta = config.beta if config.beta is not None else 100.0 / source.hidden_size
     inputs = model_inputs(config.store, meta.teacher, ("the teacher", config.teacher), ("--student-init", init),
                           ("--data-dir", config.data_dir))
@@ -203,7 +204,7 @@ class _PassBatches:
         batches = self.source.batches(cfg.train_split, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
                                       epoch=epoch, layers=self.layers or None, fields=self.fields,
                                       pin_memory=dist.device.type == "cuda", start_batch=start_batch,
-                                      shard=(dist.rank, dist.world))
+                                      shard=(dist.rank, dist.world), workers=cfg.dataloader_num_workers)
         if not (dist.many or cfg.per_device_train_batch_size):
             return batches
         return ({**b, GLOBAL_ROWS: self.sizes[start_batch + i]} for i, b in enumerate(batches))
@@ -252,7 +253,7 @@ class _Student:
         self._log_start()
         self.forward, accumulation = self._wrap(_Trainable(self.model, self.projection, plan.k, plan.need_cls))
         self.student.tokenizer.model_max_length = self.meta.max_seq_length  # `eval` scores at this length
-        self.main_key = main_metric_key(plan.task, plan.eval_splits)
+        self.main_key = main_metric_key(plan.task, plan.eval_splits, config.train.metric_for_best_model)
         steps_per_epoch = len(batch_sizes(source.num_examples(config.train_split), config.train.batch_size,
                                           dist.world))
         extra = list(self.projection.named_parameters(prefix="cls_projection")) if self.projection is not None \
@@ -304,7 +305,8 @@ class _Student:
         return pkd_loss(logits, s_cls, on_device, self.weights, self.plan.task.is_regression)
 
     def evaluate(self) -> dict:
-        batches = {s: self.source.batches(s, 128, shuffle=False, fields=EVAL_FIELDS) for s in self.plan.eval_splits}
+        size = self.plan.config.per_device_eval_batch_size
+        batches = {s: self.source.batches(s, size, shuffle=False, fields=EVAL_FIELDS) for s in self.plan.eval_splits}
         return score(self.model, batches, self.plan.task, self.dist.device)
 
     def save_best(self) -> None:  # the projection is a training aid: not part of the saved student
@@ -320,7 +322,8 @@ class _Student:
                    "layer_map": plan.lmap, "alpha": config.alpha, "beta": plan.beta,
                    "temperature": config.temperature,
                    "cls_projection": list(self.widths) if self.projection else None,
-                   "best_epoch": result.best_epoch, "best_" + self.main_key: result.best_metric,
+                   "best_epoch": result.best_epoch, "best_step": result.best_step,
+                   "best_" + self.main_key: result.best_metric,
                    "history": result.history, "steps": result.steps, "wall_seconds": seconds,
                    "teacher_weights_fingerprint": self.meta.teacher.weights_fingerprint,
                    "config": to_dict(plan.asked or config), "ranks": self.dist.world,

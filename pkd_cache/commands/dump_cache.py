@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ..config import DumpConfig, to_dict
+from ..config import DumpConfig, to_dict, train_identity
 from ..errors import PkdCacheError
 from ..data.tasks import TaskSpec
 from ..progress import log
@@ -78,7 +78,7 @@ def dump_key_parts(config: DumpConfig, task: TaskSpec, examples: dict) -> dict:
     plus how dump would fine-tune it when its config has no head for the task."""
     teacher = model_identity(config.teacher)
     if config.finetune and not has_task_head(config.teacher, task.num_labels):
-        teacher["finetune"] = to_dict(config.finetune_train)
+        teacher["finetune"] = train_identity(to_dict(config.finetune_train))
     settings = {k: getattr(config, k) for k in CACHE_SETTINGS} | {"splits": list(examples),
                                                                   "format_version": FORMAT_VERSION}
     return {"teacher": teacher, "tokenizer": tokenizer_identity(config.teacher),

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from ..config import DumpConfig, FinetuneConfig, to_dict
+from ..config import DumpConfig, FinetuneConfig, to_dict, train_identity
 from ..data.loading import load_examples
 from ..data.tasks import TaskSpec
 from ..distributed import Ranks
@@ -102,6 +102,13 @@ def _share(target: Path, shared: Location) -> None:
 _MADE_WITH = ("task", "max_seq_length", "max_train_samples", "max_eval_samples", "train")
 
 
+def _made_with(config: dict) -> dict:
+    made = {k: v for k, v in config.items() if k in _MADE_WITH}
+    if isinstance(made.get("train"), dict):
+        made["train"] = train_identity(made["train"])
+    return made
+
+
 def _finetuned_teacher(config: DumpConfig, task, loaded, target: Path) -> tuple[LoadedModel, Path]:
     """A teacher without a trained head is fine-tuned first (the paper's recipe) into `target`, its cache entry.
 
@@ -120,8 +127,7 @@ def _finetuned_teacher(config: DumpConfig, task, loaded, target: Path) -> tuple[
         # the base teacher and data are in the entry's id; the paths (model, data_dir, output_dir) may be another
         # machine's, for a teacher copied from a bucket cache
         info = json.loads(info_path.read_text())
-        same = {k: v for k, v in to_dict(ft).items() if k in _MADE_WITH} == \
-            {k: v for k, v in info.get("config", {}).items() if k in _MADE_WITH}
+        same = _made_with(to_dict(ft)) == _made_with(info.get("config", {}))
         if same and "metrics" in info:
             log(f"reusing the teacher fine-tuned earlier from the same teacher, data and settings: {target}")
             return load_for_task(str(target), task), target

@@ -7,17 +7,31 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from ..config import EvalConfig
+from ..errors import PkdCacheError
 from ..data.batches import ArrayBatches
 from ..data.loading import load_examples
-from ..data.metrics import compute_metrics
+from ..data.metrics import compute_metrics, metric_names
 from ..data.tasks import TaskSpec, get_task
 from ..data.tokenize import to_model_inputs, tokenize
 from ..training import predict, resolve_device
 
 
-def main_metric_key(task: TaskSpec, splits: Optional[Iterable[str]] = None) -> str:
-    first = next(iter(splits)) if splits is not None else task.dev_splits[0]
-    return f"{first}_{task.main_metric}"
+def main_metric_key(task: TaskSpec, splits: Optional[Iterable[str]] = None, asked: Optional[str] = None) -> str:
+    """The dev metric the best checkpoint is kept by: `asked` (--metric-for-best-model: `accuracy`, the Trainer's
+    `eval_accuracy`, or a split's `validation_matched_accuracy`), else the task's main metric; on the first dev
+    split unless the key names one."""
+    splits = list(splits) if splits is not None else list(task.dev_splits)
+    if asked is None:
+        return f"{splits[0]}_{task.main_metric}"
+    name = asked.removeprefix("eval_")
+    names = metric_names(task)
+    if name in names:
+        return f"{splits[0]}_{name}"
+    keys = [f"{s}_{n}" for s in splits for n in names]
+    if name in keys:
+        return name
+    raise PkdCacheError(f"--metric-for-best-model {asked!r}: {task.name} is scored by {', '.join(names)} (or one "
+                        f"split's: {', '.join(keys)})")
 
 
 def score(model, batches_by_split: dict[str, Iterable[dict]], task: TaskSpec, device) -> dict[str, float]:

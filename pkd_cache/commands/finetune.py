@@ -79,16 +79,17 @@ def _train(config: FinetuneConfig, task, loaded: LoadedModel, train_ex, train_ba
         output.record()
 
     t0 = time.perf_counter()
+    key = main_metric_key(task, asked=config.train.metric_for_best_model)
     result = train(model, config.train, len(train_batches),
                    lambda epoch: train_batches.epoch(shuffle=True, seed=config.train.seed, epoch=epoch),
                    loss_fn, lambda: score(model, {s: b.epoch() for s, b in dev.items()}, task, device),
-                   main_metric_key(task), save_best, description="finetune")
+                   key, save_best, description="finetune")
     metrics = {"task": task.name, "model": loaded.name, "best_epoch": result.best_epoch,
-               "best_" + main_metric_key(task): result.best_metric, "history": result.history,
+               "best_step": result.best_step, "best_" + key: result.best_metric, "history": result.history,
                "steps": result.steps, "wall_seconds": time.perf_counter() - t0, "config": to_dict(config)}
     write_metrics(out, metrics)
     info["metrics"] = {k: v for k, v in metrics.items() if k.startswith("best")}
     (out / FINETUNE_INFO).write_text(json.dumps(info, indent=2) + "\n")
     final = output.commit()  # in place only now: the output it replaces was kept until here
-    log(f"best {main_metric_key(task)} {result.best_metric:.4f} (epoch {result.best_epoch}); saved to {final}")
+    log(f"best {key} {result.best_metric:.4f} (epoch {result.best_epoch}); saved to {final}")
     return metrics

@@ -21,7 +21,7 @@ def result_rows(runs) -> list[dict]:
     for run in runs:
         m = json.loads((Path(run.config.output_dir) / "metrics.json").read_text())
         cfg, train = m.get("config", {}), m.get("config", {}).get("train", {})
-        metric_key = next((k for k in m if k.startswith("best_") and k != "best_epoch"), None)
+        metric_key = next((k for k in m if k.startswith("best_") and k not in ("best_epoch", "best_step")), None)
         row = {"run": run.name, **{f"grid_{k}": v for k, v in run.values.items()}}
         row.update({k: cfg.get(k, train.get(k)) for k in SETTINGS})
         row.update({"beta": m.get("beta"), "layer_map": " ".join(map(str, m.get("layer_map", []))),

@@ -23,3 +23,10 @@ def compute_metrics(task: TaskSpec, predictions: np.ndarray, labels: np.ndarray)
     if task.metric == "matthews":
         out["matthews_correlation"] = float(matthews_corrcoef(labels, pred))
     return out
+
+
+def metric_names(task: TaskSpec) -> tuple[str, ...]:
+    """The metrics `compute_metrics` reports for `task`."""
+    if task.is_regression:
+        return ("pearson", "spearmanr")
+    return ("accuracy",) + {"f1": ("f1",), "matthews": ("matthews_correlation",)}.get(task.metric, ())

@@ -214,7 +214,8 @@ class Store:
     def batches(self, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                 layers: Optional[Sequence[int]] = None, shuffle_chunks: int = 8,
                 fields: Sequence[str] = ARRAYS, prefetch: int = 2, pin_memory: bool = False,
-                start_batch: int = 0, shard: tuple[int, int] = (0, 1)) -> Iterator[dict[str, torch.Tensor]]:
+                start_batch: int = 0, shard: tuple[int, int] = (0, 1),
+                workers: Optional[int] = None) -> Iterator[dict[str, torch.Tensor]]:
         """Dicts of torch tensors (`input_ids`, `attention_mask`, `token_type_ids`, `labels`, `logits`, `cls`).
 
         Token columns are cut to the batch's longest sequence. With `shuffle`, chunks are visited in a random
@@ -222,7 +223,8 @@ class Store:
         function of (seed, epoch) (see `pkd_cache.store.stream.epoch_groups`). `layers` selects CLS rows
         (0 = embeddings, i = layer i); `fields` the arrays. A thread reads `prefetch` groups ahead.
         `start_batch` skips the epoch's first batches (a resumed run continues where it stopped). `shard=(r, W)`
-        gives rank r its part of every batch (`pkd_cache.store.stream.iter_batches`).
+        gives rank r its part of every batch (`pkd_cache.store.stream.iter_batches`). `workers`: threads that
+        decode chunks (default: up to 4); 0 reads in the calling thread, nothing ahead.
         """
         from .stream import iter_batches
 
@@ -230,7 +232,8 @@ class Store:
             raise PkdCacheError(f"batch size must be > 0, got {batch_size}")
         self._split_meta(split)
         return iter_batches(self, split, batch_size, shuffle, seed, epoch, layers, fields, shuffle_chunks,
-                            prefetch=prefetch, pin_memory=pin_memory, start_batch=start_batch, shard=shard)
+                            prefetch=0 if workers == 0 else prefetch, workers=workers or None,
+                            pin_memory=pin_memory, start_batch=start_batch, shard=shard)
 
 
 def open_store(path: str, require_complete: bool = True, storage_options: Optional[dict] = None,

@@ -1,0 +1,81 @@
+"""Options as Trainer and run_glue.py users spell them and expect them to work: underscores, learning-rate
+schedules, gradient clipping, dev scoring every N steps, the metric the best checkpoint is kept by, the eval batch,
+loading threads."""
+import json
+import math
+
+import pytest
+import torch
+from pkd_cache.testing import cli_in_process, show
+
+from pkd_cache.config import TrainConfig
+from pkd_cache.training import build_optimizer
+
+
+def distill(store_path, backbone_dir, out, *extra):
+    return cli_in_process("distill", "--store", store_path, "--student-init", backbone_dir, "--student-layers", "2",
+                          "--output-dir", out, "--learning-rate", "1e-3", *extra)
+
+
+@pytest.mark.parametrize("kind, expect", [
+    ("linear", [0.5, 1.0, 1.0, 0.75, 0.5]),
+    ("cosine", [0.5, 1.0, 1.0, 0.5 * (1 - math.cos(math.pi * 0.75)), 0.5]),
+    ("constant_with_warmup", [0.5, 1.0, 1.0, 1.0, 1.0]),
+])
+def test_lr_schedules_follow_the_trainers_names(kind, expect):
+    """2 warm-up steps of 6, then 4 steps to 0: the multiplier at steps 0..4 (the cosine is the Trainer's,
+    0.5 (1 + cos(pi progress)))."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    _, sched = build_optimizer([("w", p)], TrainConfig(warmup_ratio=0.34, lr_scheduler_type=kind), 6)
+    got = [sched.lr_lambdas[0](s) for s in range(5)]
+    assert got == pytest.approx(expect)
+
+
+def test_underscore_spellings_mean_the_same_option(store_path, backbone_dir, tmp_path):
+    p = cli_in_process("distill", "--store", store_path, "--output_dir", tmp_path / "x", "--num_train_epochs", "nan")
+    assert p.returncode == 2 and p.stderr.strip() == "error: --epochs must be a finite number > 0, got nan", show(p)
+    out = tmp_path / "student"
+    p = cli_in_process("distill", "--store", store_path, "--student_init", backbone_dir, "--student_layers", "2",
+                       "--output_dir", out, "--max_steps", "2", "--learning_rate", "1e-3", "--lr_scheduler_type",
+                       "cosine", "--max_grad_norm", "0.5")
+    assert p.returncode == 0, show(p)
+    train = json.loads((out / "metrics.json").read_text())["config"]["train"]
+    assert (train["max_steps"], train["lr_scheduler_type"], train["max_grad_norm"]) == (2, "cosine", 0.5)
+
+
+def test_eval_every_n_steps_keeps_the_best_of_them(store_path, backbone_dir, tmp_path):
+    """160 examples in batches of 32: 5 steps an epoch; 2 epochs, scored every 4 steps and after the last (10)."""
+    out = tmp_path / "student"
+    p = distill(store_path, backbone_dir, out, "--epochs", "2", "--eval-strategy", "steps", "--eval-steps", "4",
+                "--metric-for-best-model", "eval_accuracy")
+    assert p.returncode == 0, show(p)
+    m = json.loads((out / "metrics.json").read_text())
+    assert [h["step"] for h in m["history"]] == [4, 8, 10]
+    best = max(m["history"], key=lambda h: h["validation_accuracy"])
+    assert (m["best_step"], m["best_validation_accuracy"]) == (best["step"], best["validation_accuracy"])
+    said = " ".join(p.stderr.split())
+    assert "step 4: validation_accuracy" in said and "step 10: validation_accuracy" in said
+
+
+def test_eval_strategy_no_scores_once_at_the_end(store_path, backbone_dir, tmp_path):
+    out = tmp_path / "student"
+    p = distill(store_path, backbone_dir, out, "--epochs", "2", "--eval-strategy", "no",
+                "--per-device-eval-batch-size", "7", "--dataloader-num-workers", "0")
+    assert p.returncode == 0, show(p)
+    m = json.loads((out / "metrics.json").read_text())
+    assert [h["step"] for h in m["history"]] == [10] and m["best_step"] == 10
+    assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--metric-for-best-model", "f1"], "--metric-for-best-model 'f1': sst2 is scored by accuracy (or one split's: "
+                                        "validation_accuracy)"),
+    (["--eval-steps", "3"], "--eval-steps needs --eval-strategy steps"),
+    (["--lr-scheduler-type", "polynomial"], "--lr-scheduler-type must be one of linear, cosine, "
+                                            "constant_with_warmup, got 'polynomial'"),
+    (["--eval-strategy", "sometimes"], "--eval-strategy must be one of epoch, steps, no, got 'sometimes'"),
+])
+def test_bad_trainer_flags_are_one_line(store_path, backbone_dir, tmp_path, extra, says):
+    p = distill(store_path, backbone_dir, tmp_path / "student", *extra)
+    assert p.returncode == 2 and p.stderr.strip() == f"error: {says}", show(p)
+    assert not (tmp_path / "student").exists()
