@@ -12,7 +12,7 @@ import typer
 from .config import DistillConfig, DumpConfig, EvalConfig, FinetuneConfig, TrainConfig
 from .errors import Interrupted, PkdCacheError
 from .cli_options import (Accumulation, AllowNoChecksums, Alpha, BatchSize, BestMetric, Beta, CacheOpt, DataDir,
-                          Device, Epochs, EvalBatch, EvalSteps, EvalStrategy, LogSteps, Lr, MaxGradNorm, MaxSteps,
+                          Bf16, Device, Epochs, EvalBatch, Fp16, EvalSteps, EvalStrategy, LogSteps, Lr, MaxGradNorm, MaxSteps,
                           PerDevice, Scheduler, Seed, Strategy, StudentInit, StudentLayers, TaskCheck, Temperature,
                           Warmup, Wd, Workers, _int_list, _train_config)
 
@@ -197,7 +197,7 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
             max_grad_norm: float = MaxGradNorm, lr_scheduler_type: str = Scheduler,
             eval_strategy: str = EvalStrategy, eval_steps: Optional[int] = EvalSteps,
             metric_for_best_model: Optional[str] = BestMetric, per_device_eval_batch_size: int = EvalBatch,
-            dataloader_num_workers: Optional[int] = Workers,
+            dataloader_num_workers: Optional[int] = Workers, fp16: bool = Fp16, bf16: bool = Bf16,
             allow_no_checksums: bool = AllowNoChecksums, cache: Optional[str] = CacheOpt):
     """Train a k-layer student from a store (no teacher in memory); keep the best dev checkpoint.
 
@@ -213,7 +213,7 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
                                   per_device_train_batch_size=per_device_train_batch_size,
                                   gradient_accumulation_steps=gradient_accumulation_steps,
                                   per_device_eval_batch_size=per_device_eval_batch_size,
-                                  dataloader_num_workers=dataloader_num_workers,
+                                  dataloader_num_workers=dataloader_num_workers, fp16=fp16, bf16=bf16,
                                   allow_no_checksums=allow_no_checksums,
                                   train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio,
                                                       seed, max_steps, logging_steps, save_steps,

@@ -81,3 +81,5 @@ EvalBatch = typer.Option(128, "--per-device-eval-batch-size", help="Examples per
 Workers = typer.Option(None, "--dataloader-num-workers", help="Threads that read and decompress store chunks ahead "
                                                               "(default: up to 4; 0: none, read in the training "
                                                               "loop).")
+Fp16 = typer.Option(False, "--fp16", help="Train the student under float16 autocast with loss scaling (CUDA).")
+Bf16 = typer.Option(False, "--bf16", help="Train the student under bfloat16 autocast (CUDA, or CPU).")

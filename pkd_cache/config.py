@@ -297,6 +297,8 @@ class DistillConfig:
     per_device_train_batch_size: Optional[int] = positive_int(None, optional=True)
     gradient_accumulation_steps: Optional[int] = positive_int(None, optional=True)  # None: 1, or implied
     per_device_eval_batch_size: int = positive_int(128)  # dev scoring (rank 0 alone scores)
+    fp16: bool = False  # the student's forward under float16 autocast, its loss scaled (GradScaler): CUDA only
+    bf16: bool = False  # the student's forward under bfloat16 autocast (CUDA, or CPU)
     # threads that read and decode store chunks ahead (pkd-cache loads with threads, not worker processes); 0: in the
     # training thread, nothing ahead; None: up to 4
     dataloader_num_workers: Optional[int] = num(None, lo=0, lo_closed=True, cap=64, integer=True, optional=True)
@@ -317,6 +319,8 @@ class DistillConfig:
             raise PkdCacheError("--output-dir is required")
         if self.strategy not in ("skip", "last"):
             raise PkdCacheError(f"--strategy must be 'skip' or 'last', got {self.strategy!r}")
+        if self.fp16 and self.bf16:
+            raise PkdCacheError("--fp16 and --bf16 exclude each other; pass one")
         check_device(self.device)
 
 

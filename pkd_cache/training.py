@@ -70,15 +70,17 @@ class Accumulation:
     split: Callable[[dict], list[tuple[dict, float]]]
     no_sync: Optional[Callable[[], Any]] = None
 
-    def backward(self, batch: dict, loss_fn: Callable[[dict], tuple[torch.Tensor, dict]]):
-        """Backward over every micro-batch; (the last micro-batch's loss parts, each value summed over them)."""
+    def backward(self, batch: dict, loss_fn: Callable[[dict], tuple[torch.Tensor, dict]],
+                 scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss):
+        """Backward over every micro-batch (`scale`: fp16's loss scaling); (the last micro-batch's loss parts, each
+        value summed over them)."""
         micros = self.split(batch)
         watched: dict[str, torch.Tensor] = {}
         for i, (micro, weight) in enumerate(micros):
             last = i == len(micros) - 1
             with contextlib.nullcontext() if last or self.no_sync is None else self.no_sync():
                 loss, parts = loss_fn(micro)
-                (loss * weight).backward()  # the weights make the all-reduced gradient the batch's mean
+                scale(loss * weight).backward()  # the weights make the all-reduced gradient the batch's mean
             for k, v in {"loss": loss.detach(), **parts}.items():  # a nan in any micro-batch stays a nan
                 watched[k] = watched[k] + v if k in watched else v
         return parts, watched
@@ -100,10 +102,12 @@ class Member:
                  loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], evaluate: Callable[[], dict], main_metric: str,
                  save_best: Callable[[], None], extra_params: Optional[list[tuple[str, torch.nn.Parameter]]] = None, *,
                  name: str = "", output_dir: Optional[Path] = None, accumulation: Optional[Accumulation] = None,
-                 dist: DistContext = DistContext()):
+                 dist: DistContext = DistContext(), scaler: Optional[Any] = None):
         """Under torchrun (`dist`): `accumulation` cuts this rank's part of a batch into micro-batches, only rank 0
         evaluates, saves and writes checkpoints, and the other ranks' RNG states are gathered into rank 0's
-        checkpoint, so a resumed run keeps each rank's dropout stream."""
+        checkpoint, so a resumed run keeps each rank's dropout stream. `scaler`: fp16's GradScaler (CUDA), which
+        scales the loss and skips a step whose gradients overflowed."""
+        self.scaler = scaler
         self.accumulation, self.dist, self.rank, self.main = accumulation, dist, dist.rank, dist.main
         self.model, self.cfg, self.total_steps, self.name = model, cfg, total_steps, name
         self.output_dir, self.extra = output_dir, list(extra_params or [])
@@ -123,17 +127,25 @@ class Member:
     def step(self, batch: dict) -> None:
         _set_rng_state(self.rng)
         self.opt.zero_grad(set_to_none=True)
+        scale = self.scaler.scale if self.scaler is not None else (lambda loss: loss)
         if self.accumulation is None:
             loss, parts = self.loss_fn(batch)  # forward + loss (the caller's single loss seam)
-            loss.backward()
+            scale(loss).backward()
             watched = {"loss": loss.detach(), **parts}
         else:
-            parts, watched = self.accumulation.backward(batch, self.loss_fn)
+            parts, watched = self.accumulation.backward(batch, self.loss_fn, scale)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)  # true gradients, to clip; an overflow is the scaler's to skip
         if self.cfg.max_grad_norm > 0:  # clip; the norm is non-finite when a gradient is
-            watched["grad_norm"] = torch.nn.utils.clip_grad_norm_([p for _, p in self.params],
-                                                                  self.cfg.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.params], self.cfg.max_grad_norm)
+            if self.scaler is None:
+                watched["grad_norm"] = norm
         self._watch(self.step_count + 1, watched)  # on CPU this stops before the optimiser takes a nan in
-        self.opt.step()
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
         self.sched.step()
         self.rng = _rng_state()
         self.step_count += 1

@@ -127,6 +127,9 @@ def distill_many(configs: list[DistillConfig], description: str = "distill") -> 
     resume = _check_pass(configs)
     dist = dist_context(resolve_device(configs[0].device))
     asked, configs = configs, [_with_batch(c, dist.world) for c in configs]
+    if configs[0].fp16 and dist.device.type != "cuda":
+        raise PkdCacheError(f"--fp16 needs a CUDA GPU (its loss scaling is CUDA's), and this run is on "
+                            f"{dist.device.type}; use --bf16, or neither")
     # log lines and bars from rank 0 only
     with process_group(dist.ranks, dist.device), quiet(not dist.main), contextlib.ExitStack() as locks:
         source = open_source(configs[0], dist.device)
@@ -261,7 +264,7 @@ class _Student:
         self.member = Member(self.model, config.train, total_steps_of(config.train, steps_per_epoch), self.loss,
                              self.evaluate, self.main_key, self.save_best, extra,
                              name=Path(config.output_dir).name if named else "", output_dir=self.out,
-                             accumulation=accumulation, dist=dist)
+                             accumulation=accumulation, dist=dist, scaler=self._scaler())
 
     def _log_start(self) -> None:
         plan, config = self.plan, self.plan.config
@@ -294,10 +297,19 @@ class _Student:
         torch.manual_seed(config.train.seed + dist.rank)  # dropout differs across ranks; rank 0's is a 1-rank run's
         return ddp, Accumulation(split, ddp.no_sync)
 
+    def _scaler(self):
+        """fp16's loss scaling (CUDA's GradScaler); None otherwise."""
+        return torch.amp.GradScaler("cuda") if self.plan.config.fp16 else None
+
     def loss(self, batch: dict):
-        """The PKD loss of a batch (the single loss seam, student/losses.py)."""
-        device = self.dist.device
-        logits, s_cls = self.forward(**to_model_inputs(batch, device))
+        """The PKD loss of a batch (the single loss seam, student/losses.py). With --fp16/--bf16 the student's
+        forward runs under autocast; the loss is computed in float32."""
+        device, config = self.dist.device, self.plan.config
+        half = torch.float16 if config.fp16 else torch.bfloat16 if config.bf16 else None
+        with torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext():
+            logits, s_cls = self.forward(**to_model_inputs(batch, device))
+        if half is not None:
+            logits, s_cls = logits.float(), s_cls.float() if s_cls is not None else None
         on_device = {key: batch[key].to(device, non_blocking=True) for key in ("labels", "logits")}
         if self.plan.need_cls:
             cls = batch["cls"] if self.all_layers else batch["cls"][:, self.positions]
