@@ -8,7 +8,7 @@ an in-memory array is a `ChunkSource` too (store/memory.py). Every reader (the b
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -168,6 +168,18 @@ class ChunkedArray:
             parts.append(self._whole_chunk(c)[max(0, start - c * r):stop - c * r])
         out = np.concatenate(parts)[::step] if parts else np.empty((0,) + tuple(self.shape[1:]), self.dtype)
         return out[(slice(None),) + key[1:]] if isinstance(key, tuple) else out
+
+    def chunk(self, c: int, columns: Optional[Sequence[int]] = None) -> np.ndarray:
+        """The rows of chunk row `c` that hold examples, with only `columns` along axis 1 when given (a per-layer
+        array then reads only those layers' chunks)."""
+        rows = min(self.chunks[0], self.shape[0] - c * self.chunks[0])
+        if columns is None or len(self.shape) < 2:
+            return self._whole_chunk(c)[:rows]
+        if self.chunks[1] != 1:  # several columns per chunk (the 0.1.0 layout): read them all, keep some
+            return self._whole_chunk(c)[:rows][:, list(columns)]
+        tail = (0,) * (len(self.shape) - 2)
+        return np.concatenate([self.reader.read_into((c, j) + tail, self.reader.buffer())[:rows].copy()
+                               for j in columns], axis=1)
 
     def _whole_chunk(self, c: int) -> np.ndarray:
         """Chunk row `c` with every chunk along axis 1 (a layered array's per-layer chunks) side by side."""

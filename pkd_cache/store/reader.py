@@ -211,6 +211,13 @@ class Store:
         rows = array[start:stop]
         return rows if layers is None else rows[:, list(layers)]
 
+    def to_hf_dataset(self, split: str):
+        """The split as a `datasets.Dataset`, never copied into the HF cache: an Arrow store's shards opened in
+        place (after a checked read of each), a Zarr store's split read into memory (store/as_dataset.py)."""
+        from .as_dataset import to_hf_dataset
+
+        return to_hf_dataset(self, split)
+
     def batches(self, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                 layers: Optional[Sequence[int]] = None, shuffle_chunks: int = 8,
                 fields: Sequence[str] = ARRAYS, prefetch: int = 2, pin_memory: bool = False,
