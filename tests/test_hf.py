@@ -126,3 +126,47 @@ def test_to_hf_dataset_refuses_a_tampered_shard(teacher_dir, data_dir, tmp_path)
     shard.write_bytes(bytes(data))
     with pytest.raises(pkd_cache.errors.PkdCacheError, match="00001.arrow"):
         pkd_cache.open_store(str(out)).to_hf_dataset("train")
+
+
+@pytest.mark.slow
+def test_the_trainer_example_runs_as_written(store_path, backbone_dir, tmp_path):
+    """examples/hf_trainer.py, unchanged, on the tests' tiny store: it trains and saves a student that loads."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pkd_cache.testing import cli_env
+    from transformers import AutoModelForSequenceClassification
+
+    pytest.importorskip("accelerate")
+    script = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
+    out = tmp_path / "student"
+    r = subprocess.run([sys.executable, str(script), "--store", str(store_path), "--student-init", str(backbone_dir),
+                        "--student-layers", "2", "--output-dir", str(out), "--max-steps", "3"],
+                       env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2
+
+
+def test_a_student_folder_has_a_model_card_the_hub_reads(store_path, backbone_dir, tmp_path):
+    """README.md with the hub's metadata (base model, dataset, the best dev metric as a model-index result), the
+    distillation settings and the store's cache key; huggingface_hub parses it."""
+    import json
+
+    from huggingface_hub import ModelCard
+    from pkd_cache.testing import cli_in_process, show
+
+    out = tmp_path / "student"
+    p = cli_in_process("distill", "--store", store_path, "--student-init", backbone_dir, "--student-layers", "2",
+                       "--max-steps", "3", "--output-dir", out)
+    assert p.returncode == 0, show(p)
+    card = ModelCard.load(out / "README.md")
+    m = json.loads((out / "metrics.json").read_text())
+    assert card.data.base_model == str(backbone_dir)
+    (result,) = card.data.eval_results
+    assert (result.metric_type, result.dataset_type, result.dataset_config, result.dataset_split) == \
+        ("accuracy", "glue", "sst2", "validation")
+    assert result.metric_value == round(m["best_validation_accuracy"], 4)
+    key = pkd_cache.open_store(str(store_path)).info()["cache_key"]
+    assert f"cache key `{key}`" in card.text and "| alpha (KD weight) | 0.5 |" in card.text

@@ -33,6 +33,7 @@ from ..student.layer_map import layer_map
 from ..student.losses import LossWeights, pkd_loss
 from ..training import Accumulation, Member, TrainResult, resolve_device, total_steps_of, train_many, write_metrics
 from .evaluate import main_metric_key, score
+from .model_card import write_model_card
 from .output_lock import OutputLock
 from .paths import check_inputs, check_output_dir, model_inputs, prepare_output, resume_dir, resume_output
 
@@ -346,6 +347,8 @@ class _Student:
         if not self.dist.main:
             return metrics
         write_metrics(self.out, metrics)
+        write_model_card(self.out, Path(config.output_dir).name, metrics, plan.task,
+                         self.meta if config.teacher is None else None)
         checkpoint.remove(self.out)  # finished: the resume aid goes
         final = self.output.commit()  # in place only now: the student it replaces was kept until here
         log(f"best {self.main_key} {result.best_metric:.4f} (epoch {result.best_epoch}); student saved to {final}")
