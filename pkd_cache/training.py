@@ -44,8 +44,12 @@ def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainConf
     Trainer's names) linear decay to 0, cosine decay to 0, or constant."""
     decay = [p for n, p in params if p.requires_grad and not (n.endswith("bias") or "LayerNorm" in n)]
     no_decay = [p for n, p in params if p.requires_grad and (n.endswith("bias") or "LayerNorm" in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:  # the fused kernel (CPU and CUDA), as the Trainer's default optimiser: the per-tensor loop cost ~18% of a
+        # 3-layer MiniLM step on CPU (benchmarks/RESULTS.md, bench_trainer)
+        opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        opt = torch.optim.AdamW(groups, lr=cfg.learning_rate)
     warmup = int(cfg.warmup_ratio * total_steps)
 
     kind = cfg.lr_scheduler_type
