@@ -303,11 +303,22 @@ def eval_(model: str = typer.Option(..., "--model", "--model-name-or-path"),
                                                        help="Default: the length the model was trained at."),
           batch_size: int = typer.Option(64, "--batch-size"),
           max_examples: Optional[int] = typer.Option(None, "--max-examples"),
-          device: Optional[str] = typer.Option(None, "--device")):
-    """Score a saved model on the task's dev split(s)."""
+          device: Optional[str] = typer.Option(None, "--device"),
+          as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON.")):
+    """Score a saved model on the task's dev split(s): a table (or --json); saved as eval_results.json beside a
+    model pkd-cache wrote."""
     metrics = _run("evaluate", EvalConfig(model=model, task=task, data_dir=data_dir, max_seq_length=max_seq_length,
                                           batch_size=batch_size, max_examples=max_examples, device=device))
-    typer.echo(json.dumps(metrics, indent=2))
+    if as_json:
+        typer.echo(json.dumps(metrics, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("metric", "score", title=f"{model} on {task}")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.4f}")
+    Console().print(table)
 
 
 @app.command()

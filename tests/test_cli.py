@@ -57,7 +57,8 @@ def run_pipeline(tmp: Path, backbone: Path, data: Path) -> dict:
                                      "--student-layers", "2", "--student-init", backbone, "--epochs", "1")
             results["info"] = info.result()
     if results.get("distill") and results["distill"].returncode == 0:
-        results["eval"] = cli("eval", "--model", paths["student"], "--task", "sst2", "--data-dir", data)
+        results["eval"] = cli("eval", "--model", paths["student"], "--task", "sst2", "--data-dir", data, "--json")
+        results["eval_table"] = cli("eval", "--model", paths["student"], "--task", "sst2", "--data-dir", data)
     return {"results": results, **paths}
 
 
@@ -527,6 +528,10 @@ def test_end_to_end(ahead, tmp_path, data_dir, backbone_dir):
     assert scores["validation_accuracy"] == pytest.approx(sm["best_validation_accuracy"])
     assert json.loads((student / "eval_results.json").read_text())["validation_accuracy"] == \
         scores["validation_accuracy"]
+    table = res["eval_table"]  # for people: a table, progress, and where the scores went
+    assert f"validation_accuracy │ {scores['validation_accuracy']:.4f}" in table.stdout, show(table)
+    said = " ".join(table.stderr.split())
+    assert "scoring validation: 1 batch" in said and f"wrote {student / 'eval_results.json'}" in said, show(table)
 
 
 def assert_user_error(p: subprocess.CompletedProcess, expect: tuple[str, ...]) -> None:

@@ -4,6 +4,8 @@ import csv
 import pytest
 from pkd_cache.testing import cli_in_process, show
 
+import pkd_cache
+
 
 def sweep_args(store, out, init, *grid, extra=()):
     args = ["sweep", "--store", store, "--student-init", init, "--output-dir", out, "--student-layers", "2",
@@ -34,6 +36,10 @@ def test_a_grid_runs_every_combination_then_resumes(store_path, backbone_dir, tm
         assert r["layer_map"] == ("2 3" if r["strategy"] == "last" else "1 2")
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "best 8 of 8 runs" in p.stdout
+    for r in rows:  # each student's share of its pass, and the pass's time (4 students per pass)
+        assert r["pass_students"] == "4" and float(r["share_seconds"]) == pytest.approx(
+            float(r["wall_seconds"]) / 4, abs=0.06)
+    assert "share: a run's part of its pass's time" in " ".join(p.stdout.split())
     assert "sweep pass 2/2" in p.stderr  # 8 runs, 4 per pass
 
     stamps = {r: (out / r / "metrics.json").stat().st_mtime_ns for r in (x["run"] for x in rows)}
@@ -115,3 +121,30 @@ def test_a_shard_refuses_a_folder_holding_another_sweep(store_path, backbone_dir
     p = cli_in_process(*sweep_args(store_path, out, backbone_dir, "alpha=0.2,0.7", extra=["--max-steps", "1"]),
                        "--shard", "0/2")
     assert p.returncode == 2 and "holds another sweep" in p.stderr, show(p)
+
+
+def test_the_plot_has_a_title_baselines_and_a_panel_per_swept_setting(tmp_path, store_path):
+    """Two settings swept (alpha, temperature) and one given a single value (seed): two panels, each with the best
+    per value and the teacher's and majority class's dev accuracy as lines (from the store); a titled PNG."""
+    import struct
+
+    import numpy as np
+
+    from pkd_cache.commands.sweep_report import baseline_lines, plot
+
+    store = pkd_cache.open_store(str(store_path))
+    lines = baseline_lines(store, "validation_accuracy")
+    labels, logits = store.array("validation", "labels")[:], store.array("validation", "logits")[:]
+    assert lines["teacher"] == pytest.approx(float((logits.argmax(1) == labels).mean()))
+    assert lines["majority class"] == pytest.approx(np.bincount(labels).max() / len(labels))
+    rows = [{"grid_alpha": a, "grid_temperature": t, "grid_seed": 0, "best": 0.5 + a / 10 + t / 100,
+             "metric": "validation_accuracy"} for a in (0.0, 0.5) for t in (1, 10)]
+    png = tmp_path / "sweep.png"
+    fig = plot(png, rows, ["alpha", "temperature", "seed"], lines)
+    assert fig._suptitle.get_text() == "sweep: dev validation_accuracy of 4 run(s)"
+    assert [ax.get_xlabel() for ax in fig.axes] == ["alpha", "temperature"]  # no panel for seed
+    assert [len(ax.lines) for ax in fig.axes] == [3, 3]  # the best per value, the teacher, the majority class
+    assert fig.axes[0].get_legend_handles_labels()[1] == ["best", f"teacher {lines['teacher']:.3f}", f"majority class {lines['majority class']:.3f}"]
+    data = png.read_bytes()
+    width, height = struct.unpack(">II", data[16:24])
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and (width, height) == (880, 396)  # 8 x 3.6 in at 110 dpi

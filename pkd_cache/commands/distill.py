@@ -117,7 +117,7 @@ def distill(config: DistillConfig) -> dict:
     return distill_many([config])[0]
 
 
-def distill_many(configs: list[DistillConfig], description: str = "distill") -> list[dict]:
+def distill_many(configs: list[DistillConfig], description: str = "distill", hint: bool = True) -> list[dict]:
     """Train several students in one pass over the store: each batch is read and decompressed once, then every
     student takes its step on it. Each student trains exactly as it would alone (own seed, RNG, optimiser,
     checkpoint, metrics.json); they must share the store, batch size, seed, epochs and max steps."""
@@ -142,6 +142,9 @@ def distill_many(configs: list[DistillConfig], description: str = "distill") -> 
         dist.barrier()  # every rank has checked the output folders before rank 0 prepares them
         layers = sorted({layer for p in plans if p.need_cls for layer in p.lmap})
         students = [_Student(p, source, layers, len(plans) > 1, dist) for p in plans]
+        for s in students:
+            s.hint = hint and len(plans) == 1  # a `next:` line after a lone student (sweep reports its own way)
+            s.pass_students = len(plans)  # the students sharing this pass's wall time
         metrics = _train_pass(students, _PassBatches(source, configs[0], layers, dist), description, resume)
         dist.barrier()  # every rank returns once rank 0 has written the students
     return metrics
@@ -320,7 +323,8 @@ class _Student:
     def evaluate(self) -> dict:
         size = self.plan.config.per_device_eval_batch_size
         batches = {s: self.source.batches(s, size, shuffle=False, fields=EVAL_FIELDS) for s in self.plan.eval_splits}
-        return score(self.model, batches, self.plan.task, self.dist.device)
+        counts = {s: -(-self.source.num_examples(s) // size) for s in self.plan.eval_splits}
+        return score(self.model, batches, self.plan.task, self.dist.device, counts)
 
     def save_best(self) -> None:  # the projection is a training aid: not part of the saved student
         self.model.save_pretrained(self.out)
@@ -338,6 +342,7 @@ class _Student:
                    "best_epoch": result.best_epoch, "best_step": result.best_step,
                    "best_" + self.main_key: result.best_metric,
                    "history": result.history, "steps": result.steps, "wall_seconds": seconds,
+                   "pass_students": self.pass_students,  # wall_seconds is the pass's, shared by these students
                    "teacher_weights_fingerprint": self.meta.teacher.weights_fingerprint,
                    "config": to_dict(plan.asked or config), "ranks": self.dist.world,
                    "batch": {"global": config.train.batch_size, "ranks": self.dist.world,
@@ -352,6 +357,8 @@ class _Student:
         checkpoint.remove(self.out)  # finished: the resume aid goes
         final = self.output.commit()  # in place only now: the student it replaces was kept until here
         log(f"best {self.main_key} {result.best_metric:.4f} (epoch {result.best_epoch}); student saved to {final}")
+        if self.hint:
+            log(f"next: pkd-cache eval --model {final} --task {plan.task.name}")
         return metrics
 
 

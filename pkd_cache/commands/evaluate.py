@@ -13,6 +13,7 @@ from ..data.loading import load_examples
 from ..data.metrics import compute_metrics, metric_names
 from ..data.tasks import TaskSpec, get_task
 from ..data.tokenize import to_model_inputs, tokenize
+from ..progress import log, progress_bar
 from ..training import predict, resolve_device
 
 
@@ -34,14 +35,34 @@ def main_metric_key(task: TaskSpec, splits: Optional[Iterable[str]] = None, aske
                         f"split's: {', '.join(keys)})")
 
 
-def score(model, batches_by_split: dict[str, Iterable[dict]], task: TaskSpec, device) -> dict[str, float]:
-    """Flat metrics `{split}_{metric}` for every split, e.g. `validation_accuracy`."""
+def score(model, batches_by_split: dict[str, Iterable[dict]], task: TaskSpec, device,
+          counts: Optional[dict[str, int]] = None) -> dict[str, float]:
+    """Flat metrics `{split}_{metric}` for every split, e.g. `validation_accuracy`. With `counts` (batches per
+    split), a progress bar per split."""
     out: dict[str, float] = {}
     for split, batches in batches_by_split.items():
+        if counts is not None:
+            batches = _counted(batches, counts[split], f"scoring {split}")
         logits, labels = predict(model, batches, device, to_model_inputs)
         for k, v in compute_metrics(task, logits.numpy(), labels.numpy()).items():
             out[f"{split}_{k}"] = v
     return out
+
+
+def split_and_metric(key: str, task: TaskSpec) -> tuple[str, str]:
+    """`validation_matched_accuracy` -> ("validation_matched", "accuracy")."""
+    for split in sorted(task.dev_splits, key=len, reverse=True):
+        if key.startswith(split + "_"):
+            return split, key[len(split) + 1:]
+    split, _, metric = key.rpartition("_")
+    return split, metric
+
+
+def _counted(batches: Iterable[dict], total: int, label: str):
+    with progress_bar(total, label, unit="batch") as bar:
+        for batch in batches:
+            yield batch
+            bar.advance(1)
 
 
 def raw_dev_batches(tokenizer, task: TaskSpec, data_dir: Optional[str], max_seq_length: int, batch_size: int,
@@ -75,19 +96,23 @@ def evaluate(config: EvalConfig) -> dict[str, float]:
     model = loaded.model.to(device)
     batches = raw_dev_batches(loaded.tokenizer, task, config.data_dir, max_len, config.batch_size,
                               config.max_examples)
-    metrics = score(model, {s: b.epoch() for s, b in batches.items()}, task, device)
-    _save_results(Path(config.model).expanduser(), {"task": task.name, **metrics})
+    metrics = score(model, {s: b.epoch() for s, b in batches.items()}, task, device,
+                    counts={s: len(b) for s, b in batches.items()})
+    saved = _save_results(Path(config.model).expanduser(), {"task": task.name, **metrics})
+    log(f"wrote {saved}" if saved else f"scores not written: {config.model} is not a folder pkd-cache wrote "
+        f"(its scores are printed only)")
     return metrics
 
 
-def _save_results(folder: Path, results: dict) -> None:
-    """eval_results.json beside a model pkd-cache wrote (a student or teacher folder), written aside and renamed.
-    Any other folder (a downloaded model, another tool's output with its own eval_results.json) is left as it was:
-    the scores are printed either way."""
+def _save_results(folder: Path, results: dict) -> Optional[Path]:
+    """eval_results.json beside a model pkd-cache wrote (a student or teacher folder), written aside and renamed;
+    its path. Any other folder (a downloaded model, another tool's output with its own eval_results.json) is left as
+    it was (None): the scores are printed either way."""
     from .paths import output_kind
 
     if not folder.is_dir() or output_kind(folder) not in ("student", "teacher"):
-        return
+        return None
     tmp = folder / f".eval_results.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(folder / "eval_results.json")
+    return folder / "eval_results.json"

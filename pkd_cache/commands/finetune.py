@@ -37,6 +37,7 @@ def finetune(config: FinetuneConfig, loaded: LoadedModel | None = None) -> dict:
 
 
 def _finetune(config: FinetuneConfig, task, inputs: list, loaded: LoadedModel | None) -> dict:
+    command = loaded is None  # `pkd-cache finetune` itself, not a dump fine-tuning its teacher
     loaded = loaded or load_for_task(config.model, task)
     check_max_length(loaded, config.max_seq_length)
     torch.manual_seed(config.train.seed)
@@ -49,10 +50,13 @@ def _finetune(config: FinetuneConfig, task, inputs: list, loaded: LoadedModel | 
     output = prepare_output(config.output_dir, config.overwrite, "teacher", "finetune", inputs=inputs,
                             always_aside=True)
     try:
-        return _train(config, task, loaded, train_ex, train_batches, dev, output)
+        metrics = _train(config, task, loaded, train_ex, train_batches, dev, output)
     except BaseException:
         output.abandon(keep_checkpoint=False)
         raise
+    if command:  # (a dump fine-tuning its teacher goes on with the dump)
+        log(f"next: pkd-cache dump --teacher {config.output_dir} --task {task.name} --out {task.name}.zarr")
+    return metrics
 
 
 def _train(config: FinetuneConfig, task, loaded: LoadedModel, train_ex, train_batches, dev, output) -> dict:

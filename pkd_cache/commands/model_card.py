@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .evaluate import split_and_metric
+
 
 def model_card(name: str, metrics: dict, task, store_meta) -> str:
     """`metrics`: what distill writes to metrics.json; `task`: its TaskSpec; `store_meta`: the store's StoreMeta, or
     None for online KD."""
     main = next(k for k in metrics if k.startswith("best_") and k not in ("best_epoch", "best_step"))
-    split, metric = _split_and_metric(main[len("best_"):], task)
+    split, metric = split_and_metric(main[len("best_"):], task)
     dataset = {"name": f"GLUE {task.name.upper()}", "type": "glue", "config": task.hub_config or task.name,
                "split": split}
     front = {
@@ -49,14 +51,6 @@ def model_card(name: str, metrics: dict, task, store_meta) -> str:
 
 def write_model_card(folder: Path, name: str, metrics: dict, task, store_meta) -> None:
     (Path(folder) / "README.md").write_text(model_card(name, metrics, task, store_meta))
-
-
-def _split_and_metric(key: str, task) -> tuple[str, str]:
-    for split in sorted(task.dev_splits, key=len, reverse=True):
-        if key.startswith(split + "_"):
-            return split, key[len(split) + 1:]
-    split, _, metric = key.rpartition("_")
-    return split, metric
 
 
 def _batch(b: dict) -> str:

@@ -226,9 +226,9 @@ def sweep(config: SweepConfig) -> list[dict]:
               for k in range(0, len(g), config.students_per_pass)]
     for k, group in enumerate(passes):
         log(f"sweep pass {k + 1}/{len(passes)}: {', '.join(r.name for r in group)}")
-        distill_many([r.config for r in group], description=f"sweep {k + 1}/{len(passes)}")
-        write_report(out, finished(runs), config.top, quiet=True)
-    return write_report(out, finished(runs), config.top)
+        distill_many([r.config for r in group], description=f"sweep {k + 1}/{len(passes)}", hint=False)
+        write_report(out, finished(runs), config.top, quiet=True, store=store)
+    return write_report(out, finished(runs), config.top, store=store)
 
 
 PLAN_FILE = "sweep.json"
@@ -292,7 +292,7 @@ def collect(folder: str, top: int = 10) -> list[dict]:
         raise PkdCacheError(f"--collect {folder}: {PLAN_FILE} is not a sweep plan this version reads ({e})") from None
     shards = int(plan.get("shards", 1))
     missing = [(k, r) for k, r in enumerate(runs) if not is_done(r)]
-    rows = write_report(out, finished(runs), top)
+    rows = write_report(out, finished(runs), top, store=_store_if_there(config.base))
     if missing:
         names = ", ".join(f"{r.name} (shard {shard_of(k, shards)}/{shards})" for k, r in missing[:10])
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
@@ -300,3 +300,13 @@ def collect(folder: str, top: int = 10) -> list[dict]:
     else:
         log(f"collect: all {len(runs)} runs finished")
     return rows
+
+
+def _store_if_there(base: DistillConfig):
+    """The sweep's store for the plot's baselines, or None where `--collect` cannot open it (moved, unreachable)."""
+    from ..store.reader import open_store
+
+    try:
+        return open_store(base.store, allow_no_checksums=base.allow_no_checksums)
+    except PkdCacheError:
+        return None
