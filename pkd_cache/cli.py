@@ -11,10 +11,12 @@ import typer
 
 from .config import DistillConfig, DumpConfig, EvalConfig, FinetuneConfig, TrainConfig
 from .errors import Interrupted, PkdCacheError
-from .cli_options import (Accumulation, AllowNoChecksums, Alpha, BatchSize, BestMetric, Beta, CacheOpt, DataDir,
-                          Bf16, Device, Epochs, EvalBatch, Fp16, EvalSteps, EvalStrategy, LogSteps, Lr, MaxGradNorm, MaxSteps,
-                          PerDevice, Scheduler, Seed, Strategy, StudentInit, StudentLayers, TaskCheck, Temperature,
-                          Warmup, Wd, Workers, _int_list, _train_config)
+from . import cli_store
+from .cli_options import (Accumulation, AllowNoChecksums, Alpha, BatchSize, BestMetric, Beta, Bf16, CacheOpt, DataDir,
+                          Device, Epochs, EvalBatch, EvalSteps, EvalStrategy, Fp16, LogSteps, Lr, MaxGradNorm,
+                          MaxSeqLength, MaxSteps, OutputDir, Overwrite, PerDevice, Scheduler, Seed, Strategy,
+                          StudentInit, StudentLayers, Task, TaskCheck, Temperature, Warmup, Wd, Workers, _fail,
+                          _in_cache, _int_list, _train_config)
 
 def _dashes(token: str) -> str:
     """`--num_train_epochs` is `--num-train-epochs`: option names take run_glue.py's underscores too (click hands
@@ -22,7 +24,7 @@ def _dashes(token: str) -> str:
     return token.replace("_", "-")
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None,
                   context_settings={"token_normalize_func": _dashes},
                   help="Patient Knowledge Distillation with a cached teacher: dump once, distill many students.")
 
@@ -32,11 +34,6 @@ def _env_debug() -> bool:
 
 
 _state = {"debug": _env_debug()}
-
-
-def _fail(message: str, code: int) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def user_errors(fn):
@@ -83,32 +80,25 @@ def _run(api: str, config):
     return getattr(sys.modules[__package__], api)(config)  # the package's lazy attribute imports it
 
 
-def _in_cache(store: Optional[str], cache: Optional[str]) -> Optional[str]:
-    """`--store` as given, or the store of the cache (`--cache`, else PKD_CACHE) that an id names."""
-    if store is None:
-        return None
-    from .store.cache import resolve_store
-
-    return resolve_store(store, cache)
-
-
 
 
 @app.command()
 @user_errors
 def finetune(model: str = typer.Option(..., "--model", "--model-name-or-path", help="Hub name, alias or folder."),
-             task: str = typer.Option(..., "--task", "--task-name"),
-             output_dir: str = typer.Option(..., "--output-dir"),
+             task: str = Task,
+             output_dir: str = OutputDir,
              data_dir: Optional[str] = DataDir,
-             max_seq_length: int = typer.Option(128, "--max-seq-length"),
+             max_seq_length: int = MaxSeqLength,
              batch_size: int = typer.Option(32, "--batch-size", "--per-device-train-batch-size",
                                             "--per_device_train_batch_size",
                                             help="Examples per step (finetune runs as one process: per device)."),
              epochs: float = Epochs, learning_rate: float = Lr, weight_decay: float = Wd,
              warmup_ratio: float = Warmup, seed: int = Seed, max_steps: int = MaxSteps, logging_steps: int = LogSteps,
-             overwrite: bool = typer.Option(False, "--overwrite", "--overwrite-output-dir"),
-             max_train_samples: Optional[int] = typer.Option(None, "--max-train-samples"),
-             max_eval_samples: Optional[int] = typer.Option(None, "--max-eval-samples"),
+             overwrite: bool = Overwrite,
+             max_train_samples: Optional[int] = typer.Option(None, "--max-train-samples", "--max-examples",
+                                                             help="Only the first N train examples (smoke runs)."),
+             max_eval_samples: Optional[int] = typer.Option(None, "--max-eval-samples",
+                                                            help="Only the first N dev examples."),
              max_grad_norm: float = MaxGradNorm, lr_scheduler_type: str = Scheduler,
              eval_strategy: str = EvalStrategy, eval_steps: Optional[int] = EvalSteps,
              metric_for_best_model: Optional[str] = BestMetric):
@@ -128,22 +118,24 @@ def finetune(model: str = typer.Option(..., "--model", "--model-name-or-path", h
 @user_errors
 def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher: folder, hub name, or "
                                                             "bert-base / bert-large (fine-tuned first)."),
-         task: str = typer.Option(..., "--task", "--task-name"),
+         task: str = Task,
          out: Optional[str] = typer.Option(None, "--out", help="Store to write: a folder or an fsspec URL (s3://, "
                                                               "gs://, memory://). Default: its place in the cache."),
          data_dir: Optional[str] = DataDir,
          split: Optional[List[str]] = typer.Option(None, "--split", help="Splits to dump (repeatable); default all."),
-         max_seq_length: int = typer.Option(128, "--max-seq-length"),
-         batch_size: int = typer.Option(64, "--batch-size"),
+         max_seq_length: int = MaxSeqLength,
+         batch_size: int = typer.Option(64, "--batch-size", help="Examples per teacher forward."),
          dtype: str = typer.Option("float16", "--dtype", help="Storage dtype of the CLS vectors."),
          chunk_size: int = typer.Option(1024, "--chunk-size", help="Examples per chunk."),
          sort_window: int = typer.Option(8192, "--sort-window", help="Examples sorted by length together (whole "
                                                                       "chunks) so batches carry little padding."),
-         overwrite: bool = typer.Option(False, "--overwrite"),
+         overwrite: bool = typer.Option(False, "--overwrite", help="Replace the store at --out (only a store)."),
          finetune: bool = typer.Option(True, "--finetune/--no-finetune",
                                        help="Fine-tune a teacher whose head is untrained (else refuse)."),
-         finetune_epochs: float = typer.Option(4.0, "--finetune-epochs"),
-         finetune_learning_rate: float = typer.Option(2e-5, "--finetune-learning-rate"),
+         finetune_epochs: float = typer.Option(4.0, "--finetune-epochs", help="Epochs of the teacher's fine-tune "
+                                                                              "(when it has no task head)."),
+         finetune_learning_rate: float = typer.Option(2e-5, "--finetune-learning-rate",
+                                                      help="Learning rate of that fine-tune."),
          seed: int = Seed,
          device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if any)."),
          precision: str = typer.Option("fp32", "--precision", help="Teacher forward in fp32, fp16 or bf16 (autocast)."),
@@ -174,7 +166,7 @@ def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher:
 @app.command()
 @user_errors
 def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or URL of a store."),
-            output_dir: str = typer.Option(..., "--output-dir"),
+            output_dir: str = OutputDir,
             task: Optional[str] = TaskCheck, student_layers: int = StudentLayers, strategy: str = Strategy,
             layer_map: Optional[str] = typer.Option(None, "--layer-map", help="Teacher layers, e.g. 2,4."),
             alpha: float = Alpha, beta: Optional[float] = Beta, temperature: float = Temperature,
@@ -182,7 +174,7 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
             per_device_train_batch_size: Optional[int] = PerDevice,
             gradient_accumulation_steps: Optional[int] = Accumulation, epochs: float = Epochs, learning_rate: float = Lr, weight_decay: float = Wd,
             warmup_ratio: float = Warmup, seed: int = Seed, max_steps: int = MaxSteps, logging_steps: int = LogSteps,
-            overwrite: bool = typer.Option(False, "--overwrite", "--overwrite-output-dir"),
+            overwrite: bool = Overwrite,
             device: Optional[str] = Device,
             teacher: Optional[str] = typer.Option(None, "--teacher", help="Online KD instead of a store: run this "
                                                                           "fine-tuned teacher on every step."),
@@ -243,7 +235,8 @@ def sweep(store: Optional[str] = typer.Option(None, "--store", help="Path or URL
           per_device_train_batch_size: Optional[int] = PerDevice,
           gradient_accumulation_steps: Optional[int] = Accumulation, epochs: float = Epochs, learning_rate: float = Lr, weight_decay: float = Wd,
           warmup_ratio: float = Warmup, seed: int = Seed, max_steps: int = MaxSteps,
-          logging_steps: int = typer.Option(0, "--logging-steps"), device: Optional[str] = Device,
+          logging_steps: int = typer.Option(0, "--logging-steps", help="Log each run's loss every N steps (0: never)."),
+          device: Optional[str] = Device,
           allow_no_checksums: bool = AllowNoChecksums, cache: Optional[str] = CacheOpt):
     """Train every combination of a grid of student settings from one store (resumable); report the best.
 
@@ -276,9 +269,9 @@ def sweep(store: Optional[str] = typer.Option(None, "--store", help="Path or URL
 @user_errors
 def bench_student(model: str = typer.Option(..., "--model", help="The student (a saved folder)."),
                   teacher: Optional[str] = typer.Option(None, "--teacher", help="The teacher to compare with."),
-                  batch_size: int = typer.Option(32, "--batch-size"),
-                  seq_length: int = typer.Option(128, "--seq-length"),
-                  iterations: int = typer.Option(20, "--iterations"),
+                  batch_size: int = typer.Option(32, "--batch-size", help="Examples per forward, for throughput."),
+                  seq_length: int = typer.Option(128, "--seq-length", help="Tokens per example."),
+                  iterations: int = typer.Option(20, "--iterations", help="Timed forwards per measure."),
                   device: Optional[str] = Device,
                   as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON.")):
     """Parameters, latency and throughput of a student next to its teacher (the PKD paper's Table 2)."""
@@ -296,14 +289,15 @@ def bench_student(model: str = typer.Option(..., "--model", help="The student (a
 
 @app.command("eval")
 @user_errors
-def eval_(model: str = typer.Option(..., "--model", "--model-name-or-path"),
-          task: str = typer.Option(..., "--task", "--task-name"),
+def eval_(model: str = typer.Option(..., "--model", "--model-name-or-path", help="A saved model folder or hub "
+                                                                                   "name."),
+          task: str = Task,
           data_dir: Optional[str] = DataDir,
           max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length",
                                                        help="Default: the length the model was trained at."),
-          batch_size: int = typer.Option(64, "--batch-size"),
-          max_examples: Optional[int] = typer.Option(None, "--max-examples"),
-          device: Optional[str] = typer.Option(None, "--device"),
+          batch_size: int = typer.Option(64, "--batch-size", help="Examples per forward."),
+          max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Only the first N dev examples."),
+          device: Optional[str] = Device,
           as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON.")):
     """Score a saved model on the task's dev split(s): a table (or --json); saved as eval_results.json beside a
     model pkd-cache wrote."""
@@ -321,98 +315,10 @@ def eval_(model: str = typer.Option(..., "--model", "--model-name-or-path"),
     Console().print(table)
 
 
-@app.command()
-@user_errors
-def verify(store: str = typer.Argument(..., help="Path or URL of a store, or its id in the cache."),
-           allow_no_checksums: bool = AllowNoChecksums, cache: Optional[str] = CacheOpt):
-    """Check a store: complete, consistent metadata, every chunk present and matching its dump-time checksum.
-
-    Exit 0 when the store is sound, 1 when it has problems (each printed on its own line), 2 when it cannot be
-    opened as a store at all.
-    """
-    from .store.verify import verify_store
-
-    store = _in_cache(store, cache)
-    report = verify_store(store, allow_no_checksums=allow_no_checksums)
-    for note in report.notes:
-        typer.echo(f"note: {note}", err=True)
-    for problem in report.problems:
-        typer.echo(f"problem: {problem}")
-    if not report.ok:
-        _fail(f"store {store} has {len(report.problems)} problem(s)", 1)
-    checked = "match their checksums" if report.checksummed else "decode"
-    typer.echo(f"ok: {store}: complete, metadata consistent, {report.chunks:,} chunks "
-               f"({report.bytes / 2**20:,.1f} MiB decoded) {checked}")
-
-
-@app.command()
-@user_errors
-def info(store: str = typer.Argument(..., help="Path or URL of a store, or its id in the cache."),
-         as_json: bool = typer.Option(False, "--json", help="Print the raw metadata as JSON."),
-         cache: Optional[str] = CacheOpt):
-    """Describe a store: teacher, tokenizer, task, splits, sizes, completeness."""
-    from .store import open_store
-    from .store.describe import print_info
-
-    s = open_store(_in_cache(store, cache), require_complete=False)
-    if as_json:
-        typer.echo(json.dumps(s.info(), indent=2))
-    else:
-        print_info(s)
-
-
-@app.command("ls")
-@user_errors
-def ls(url: Optional[str] = typer.Argument(None, help="A folder, bucket prefix (s3://, gs://) or `pkd-cache serve` "
-                                                      "address (default: the cache, else the current folder)."),
-       as_json: bool = typer.Option(False, "--json", help="Print the list as JSON."),
-       cache: Optional[str] = CacheOpt):
-    """List the stores under a folder or URL: id, task, teacher, splits, size, completeness, who made them."""
-    from .store.cache import cache_url
-    from .store.listing import list_stores, print_stores
-
-    url = url or cache_url(cache) or "."
-
-    stores = list_stores(url)
-    if as_json:
-        typer.echo(json.dumps(stores, indent=2))
-    elif not stores:
-        typer.echo(f"no pkd-cache stores in {url}")
-    else:
-        print_stores(url, stores)
-
-
-@app.command()
-@user_errors
-def gc(older_than: Optional[str] = typer.Option(None, "--older-than", help="Remove stores unused for this long "
-                                                                             "(90d, 12h, 2w)."),
-       max_size: Optional[str] = typer.Option(None, "--max-size", help="Remove the least recently used stores until "
-                                                                       "the cache holds at most this (2TB, 500GB)."),
-       grace: str = typer.Option("1d", "--grace", help="Never remove a store used within this long."),
-       dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing."),
-       cache: Optional[str] = CacheOpt):
-    """Remove stores from the team cache by age since last use, or least recently used first until it fits."""
-    from .commands.gc import gc as run
-
-    for line in run(cache, older_than, max_size, grace, dry_run):
-        typer.echo(line)
-
-
-@app.command()
-@user_errors
-def serve(folder: str = typer.Argument(..., help="Folder whose stores are served."),
-          host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port"),
-          token: Optional[str] = typer.Option(None, "--token", envvar="PKD_CACHE_SERVE_TOKEN",
-                                              help="Require `Authorization: Bearer <token>` (clients set "
-                                                   "PKD_CACHE_TOKEN)."),
-          idle_timeout: float = typer.Option(60.0, "--idle-timeout", help="Close a connection idle this many "
-                                                                          "seconds."),
-          max_connections: int = typer.Option(128, "--max-connections", help="Connections served at once; one "
-                                                                             "more is answered 503 and closed.")):
-    """Serve the stores in FOLDER over read-only HTTP: `distill --store http://host:port/<store>` reads them."""
-    from .commands.serve import serve as run
-
-    run(folder, host, port, token, idle_timeout=idle_timeout, max_connections=max_connections)
+# the commands that look at stores rather than train (cli_store.py), each a plain function registered here
+for _name, _fn in (("verify", cli_store.verify), ("info", cli_store.info), ("ls", cli_store.ls), ("gc", cli_store.gc),
+                   ("serve", cli_store.serve)):
+    app.command(_name)(user_errors(_fn))
 
 
 def _usage_errors() -> tuple[type, type]:

@@ -18,6 +18,21 @@ def _train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio,
                        save_steps=save_steps, **more)
 
 
+def _fail(message: str, code: int) -> None:
+    """One line on stderr, and exit `code`."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _in_cache(store: Optional[str], cache: Optional[str]) -> Optional[str]:
+    """`--store` as given, or the store of the cache (`--cache`, else PKD_CACHE) that an id names."""
+    if store is None:
+        return None
+    from .store.cache import resolve_store
+
+    return resolve_store(store, cache)
+
+
 def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
     if text is None:
         return None
@@ -29,24 +44,27 @@ def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
 
 Epochs = typer.Option(4.0, "--epochs", "--num-train-epochs", help="Training epochs (paper: 4).")
 Lr = typer.Option(2e-5, "--learning-rate", help="Peak learning rate of AdamW (paper: 2e-5).")
-Wd = typer.Option(0.01, "--weight-decay")
+Wd = typer.Option(0.01, "--weight-decay", help="AdamW's decoupled weight decay (not on biases and LayerNorm).")
 Warmup = typer.Option(0.1, "--warmup-ratio", help="Fraction of steps of linear warm-up.")
-Seed = typer.Option(0, "--seed")
+Seed = typer.Option(0, "--seed", help="Random seed (batch order, dropout, the student's new head).")
 CacheOpt = typer.Option(None, "--cache", envvar="PKD_CACHE", show_envvar=True,
                         help="The team cache, a folder or bucket: dump puts a store there when no --out is given, "
                              "and a store's id names it wherever a store is taken.")
 MaxSteps = typer.Option(-1, "--max-steps", help="Stop after this many optimiser steps (> 0).")
-LogSteps = typer.Option(50, "--logging-steps")
+LogSteps = typer.Option(50, "--logging-steps", help="Log the loss every N optimiser steps (0: never).")
 DataDir = typer.Option(None, "--data-dir", help="Local folder of task files (GLUE TSV, CSV, JSONL, Parquet); "
                                                 "default: the Hugging Face hub.")
 
-TaskCheck = typer.Option(None, "--task", "--task-name", help="Optional check: the task the store must hold.")
-StudentLayers = typer.Option(3, "--student-layers")
+TASK_NAMES = "sst2, cola, mrpc, qqp, mnli, qnli, rte, stsb"  # data/tasks.py (a test keeps the two the same)
+Task = typer.Option(..., "--task", "--task-name", help=f"The GLUE task: {TASK_NAMES}.")
+TaskCheck = typer.Option(None, "--task", "--task-name", help=f"Optional check: the task the store must hold "
+                                                              f"({TASK_NAMES}).")
+StudentLayers = typer.Option(3, "--student-layers", help="k: the student's layers (the first k of --student-init).")
 Strategy = typer.Option("skip", "--strategy", help="PKD-skip or PKD-last layer map.")
 Alpha = typer.Option(0.5, "--alpha", help="Weight of the soft-label loss.")
 Beta = typer.Option(None, "--beta", help="Weight of the patient loss, summed over the hidden dim (default: 100/H, "
                                          "the paper's 100 in its code's units).")
-Temperature = typer.Option(10.0, "--temperature")
+Temperature = typer.Option(10.0, "--temperature", help="Softmax temperature of the KD loss.")
 StudentInit = typer.Option(None, "--student-init", help="Pretrained model to take the first k layers from "
                                                         "(default: the teacher's base model).")
 BatchSize = typer.Option(None, "--batch-size", help="The global batch: examples per optimiser step over all ranks "
@@ -58,7 +76,7 @@ PerDevice = typer.Option(None, "--per-device-train-batch-size", "--per_device_tr
 Accumulation = typer.Option(None, "--gradient-accumulation-steps", "--gradient_accumulation_steps",
                             help="Forwards per optimiser step on each device (default 1, or what --batch-size "
                                  "implies).")
-Device = typer.Option(None, "--device")
+Device = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps (default: cuda if there is one).")
 
 
 AllowNoChecksums = typer.Option(False, "--allow-no-checksums",
@@ -83,3 +101,7 @@ Workers = typer.Option(None, "--dataloader-num-workers", help="Threads that read
                                                               "loop).")
 Fp16 = typer.Option(False, "--fp16", help="Train the student under float16 autocast with loss scaling (CUDA).")
 Bf16 = typer.Option(False, "--bf16", help="Train the student under bfloat16 autocast (CUDA, or CPU).")
+OutputDir = typer.Option(..., "--output-dir", help="Folder to write the model into (written aside, then put in place).")
+Overwrite = typer.Option(False, "--overwrite", "--overwrite-output-dir",
+                         help="Replace an output pkd-cache wrote before (never anything else).")
+MaxSeqLength = typer.Option(128, "--max-seq-length", help="Tokens per example after truncation.")

@@ -1,5 +1,6 @@
 """Output folders: --overwrite replaces only a pkd-cache output of the same kind, never an input or a folder
 holding one; the old output goes only once the new one is complete; one run writes an output at a time."""
+import importlib
 import json
 import os
 import shutil
@@ -233,7 +234,7 @@ def test_finetune_replaces_only_a_teacher_it_wrote(tmp_path, backbone_dir, data_
 
 
 def test_finetune_that_fails_leaves_no_trace(tmp_path, backbone_dir, data_dir, monkeypatch):
-    ft = sys.modules["pkd_cache.commands.finetune"]
+    ft = importlib.import_module("pkd_cache.commands.finetune")  # the module: `pkd_cache.commands.finetune` is the function
 
     def fail(*a, **k):
         raise RuntimeError("boom")

@@ -88,6 +88,13 @@ def test_ls_lists_the_cache_with_ids_and_who_made_them(cache, monkeypatch):
     p = cli_in_process("ls")
     assert p.returncode == 0 and ident in p.stdout and row["created_by"] in p.stdout, show(p)
     assert f"{teacher_name(row)} (4x32)" in p.stdout, show(p)
+    monkeypatch.setenv("COLUMNS", "80")  # narrow: two lines a store, nothing cut or wrapped
+    p = cli_in_process("ls")
+    assert p.returncode == 0 and max(map(len, p.stdout.splitlines())) <= 80, show(p)
+    lines = p.stdout.splitlines()
+    assert lines[1].startswith(f"{name}  id {ident}") and lines[1].endswith(f"by {row['created_by']}"), show(p)
+    assert lines[2].startswith(f"  sst2 | {teacher_name(row)} (4x32) | float16 | ") and \
+        lines[2].endswith("| train 160, validation 48"), show(p)
 
 
 @pytest.mark.parametrize("what, args, says", [

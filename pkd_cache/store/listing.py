@@ -68,9 +68,14 @@ def _served(location: Location) -> list[dict]:
         raise
 
 
-def print_stores(url: str, stores: list[dict]) -> None:
+def print_stores(url: str, stores: list[dict], console: Optional[Console] = None) -> None:
+    """A table on a wide terminal; on one narrower than 120 columns, two lines per store, so that nothing is cut
+    (a table of ten columns cannot be read at 80)."""
     from rich.table import Column
 
+    console = console or Console()
+    if console.width < 120:
+        return _print_narrow(url, stores, console)
     unfinished = any(not s.get("complete") for s in stores)
     table = Table(Column("store", no_wrap=True), "id", "task", "teacher", "splits", "cls", "size", "created", "by",
                   *(["complete"] if unfinished else []), title=f"stores in {url}" if is_url(url) or stores else None)
@@ -83,4 +88,20 @@ def print_stores(url: str, stores: list[dict]) -> None:
                       human_bytes(s["bytes"]) if s.get("bytes") is not None else "?", created,
                       str(s.get("created_by") or "-"),
                       *(["yes" if s.get("complete") else "NO"] if unfinished else []))
-    Console().print(table)
+    console.print(table)
+
+
+def _print_narrow(url: str, stores: list[dict], console: Console) -> None:
+    from rich.markup import escape
+
+    console.print(f"[bold]{len(stores)} store(s) in {escape(url)}[/bold]")
+    for s in stores:
+        teacher = str(s.get("teacher") or "?").rstrip("/").rsplit("/", 1)[-1]
+        splits = ", ".join(f"{k} {v:,}" for k, v in (s.get("splits") or {}).items())
+        created = str(s.get("created_at") or "-").replace("T", " ")[:16]
+        size = human_bytes(s["bytes"]) if s.get("bytes") is not None else "?"
+        state = "" if s.get("complete") else "  [red]UNFINISHED[/red]"
+        console.print(f"[bold]{escape(s['name'])}[/bold]  id {s.get('id') or '-'}  {created} by "
+                      f"{escape(str(s.get('created_by') or '-'))}{state}", overflow="fold")
+        console.print(escape(f"  {s.get('task')} | {teacher} ({s.get('layers')}x{s.get('hidden')}) | "
+                             f"{s.get('cls_dtype')} | {size} | {splits}"), overflow="fold")
