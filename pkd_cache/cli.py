@@ -14,9 +14,9 @@ from .errors import Interrupted, PkdCacheError
 from . import cli_store
 from .cli_options import (Accumulation, AllowNoChecksums, Alpha, BatchSize, BestMetric, Beta, Bf16, CacheOpt, DataDir,
                           Device, Epochs, EvalBatch, EvalSteps, EvalStrategy, Fp16, LogSteps, Lr, MaxGradNorm,
-                          MaxSeqLength, MaxSteps, OutputDir, Overwrite, PerDevice, Scheduler, Seed, Strategy,
-                          StudentInit, StudentLayers, Task, TaskCheck, Temperature, Warmup, Wd, Workers, _fail,
-                          _in_cache, _int_list, _train_config)
+                          MaxSeqLength, MaxSteps, OutputDir, Overwrite, PerDevice, ReportTo, Scheduler, Seed,
+                          Strategy, StudentInit, StudentLayers, Task, TaskCheck, Temperature, Warmup, Wd, Workers,
+                          _fail, _in_cache, _int_list, _names, _train_config)
 
 def _dashes(token: str) -> str:
     """`--num_train_epochs` is `--num-train-epochs`: option names take run_glue.py's underscores too (click hands
@@ -172,7 +172,8 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
             alpha: float = Alpha, beta: Optional[float] = Beta, temperature: float = Temperature,
             student_init: Optional[str] = StudentInit, batch_size: Optional[int] = BatchSize,
             per_device_train_batch_size: Optional[int] = PerDevice,
-            gradient_accumulation_steps: Optional[int] = Accumulation, epochs: float = Epochs, learning_rate: float = Lr, weight_decay: float = Wd,
+            gradient_accumulation_steps: Optional[int] = Accumulation, epochs: float = Epochs,
+            learning_rate: float = Lr, weight_decay: float = Wd,
             warmup_ratio: float = Warmup, seed: int = Seed, max_steps: int = MaxSteps, logging_steps: int = LogSteps,
             overwrite: bool = Overwrite,
             device: Optional[str] = Device,
@@ -190,6 +191,7 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
             eval_strategy: str = EvalStrategy, eval_steps: Optional[int] = EvalSteps,
             metric_for_best_model: Optional[str] = BestMetric, per_device_eval_batch_size: int = EvalBatch,
             dataloader_num_workers: Optional[int] = Workers, fp16: bool = Fp16, bf16: bool = Bf16,
+            report_to: Optional[List[str]] = ReportTo,
             allow_no_checksums: bool = AllowNoChecksums, cache: Optional[str] = CacheOpt):
     """Train a k-layer student from a store (no teacher in memory); keep the best dev checkpoint.
 
@@ -206,6 +208,7 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
                                   gradient_accumulation_steps=gradient_accumulation_steps,
                                   per_device_eval_batch_size=per_device_eval_batch_size,
                                   dataloader_num_workers=dataloader_num_workers, fp16=fp16, bf16=bf16,
+                                  report_to=_names(report_to),
                                   allow_no_checksums=allow_no_checksums,
                                   train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio,
                                                       seed, max_steps, logging_steps, save_steps,
@@ -233,7 +236,8 @@ def sweep(store: Optional[str] = typer.Option(None, "--store", help="Path or URL
           alpha: float = Alpha, beta: Optional[float] = Beta, temperature: float = Temperature,
           student_init: Optional[str] = StudentInit, batch_size: Optional[int] = BatchSize,
           per_device_train_batch_size: Optional[int] = PerDevice,
-          gradient_accumulation_steps: Optional[int] = Accumulation, epochs: float = Epochs, learning_rate: float = Lr, weight_decay: float = Wd,
+          gradient_accumulation_steps: Optional[int] = Accumulation, epochs: float = Epochs,
+          learning_rate: float = Lr, weight_decay: float = Wd,
           warmup_ratio: float = Warmup, seed: int = Seed, max_steps: int = MaxSteps,
           logging_steps: int = typer.Option(0, "--logging-steps", help="Log each run's loss every N steps (0: never)."),
           device: Optional[str] = Device,

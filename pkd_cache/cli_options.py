@@ -105,3 +105,11 @@ OutputDir = typer.Option(..., "--output-dir", help="Folder to write the model in
 Overwrite = typer.Option(False, "--overwrite", "--overwrite-output-dir",
                          help="Replace an output pkd-cache wrote before (never anything else).")
 MaxSeqLength = typer.Option(128, "--max-seq-length", help="Tokens per example after truncation.")
+ReportTo = typer.Option(None, "--report-to", help="Send the training curves to tensorboard (event files in "
+                                                   "<output-dir>/runs), wandb or mlflow (when installed), all, or "
+                                                   "none; repeatable or comma-separated.")
+
+
+def _names(values: Optional[list[str]]) -> Optional[list[str]]:
+    """`--report-to a,b --report-to c` -> [a, b, c]."""
+    return [n.strip() for v in values for n in v.split(",") if n.strip()] if values else None

@@ -136,7 +136,7 @@ class TrainConfig:
     # distill: > 0 also checkpoints every N steps (it always does after each epoch)
     save_steps: int = num(0, lo=0, lo_closed=True, cap=INT_MAX, integer=True)
     lr_scheduler_type: str = "linear"  # after the warm-up: linear | cosine (to 0) | constant_with_warmup
-    eval_strategy: str = "epoch"  # when the dev sets are scored: epoch | steps (every eval_steps) | no (once, at the end)
+    eval_strategy: str = "epoch"  # when the dev sets are scored: epoch | steps (every eval_steps) | no (at the end)
     eval_steps: Optional[int] = positive_int(None, optional=True)  # with eval_strategy steps (default: logging_steps)
     # the dev metric the best checkpoint is chosen by: `accuracy`, or a split's (`validation_matched_accuracy`);
     # None: the task's main metric on its first dev split
@@ -297,6 +297,7 @@ class DistillConfig:
     per_device_train_batch_size: Optional[int] = positive_int(None, optional=True)
     gradient_accumulation_steps: Optional[int] = positive_int(None, optional=True)  # None: 1, or implied
     per_device_eval_batch_size: int = positive_int(128)  # dev scoring (rank 0 alone scores)
+    report_to: Optional[list[str]] = None  # tensorboard | wandb | mlflow | all | none (reporting.py)
     fp16: bool = False  # the student's forward under float16 autocast, its loss scaled (GradScaler): CUDA only
     bf16: bool = False  # the student's forward under bfloat16 autocast (CUDA, or CPU)
     # threads that read and decode store chunks ahead (pkd-cache loads with threads, not worker processes); 0: in the
@@ -321,6 +322,9 @@ class DistillConfig:
             raise PkdCacheError(f"--strategy must be 'skip' or 'last', got {self.strategy!r}")
         if self.fp16 and self.bf16:
             raise PkdCacheError("--fp16 and --bf16 exclude each other; pass one")
+        bad = [n for n in self.report_to or [] if n not in ("tensorboard", "wandb", "mlflow", "all", "none")]
+        if bad:
+            raise PkdCacheError(f"--report-to {bad[0]!r}: one of tensorboard, wandb, mlflow, all or none")
         check_device(self.device)
 
 

@@ -67,9 +67,9 @@ def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainConf
 
 @dataclass(frozen=True)
 class Accumulation:
-    """Gradient accumulation (under torchrun, or with --gradient-accumulation-steps / a per-device size): `split` cuts this rank's part of a
-    batch into (micro-batch, loss weight); `no_sync` is the DDP wrapper's, so that only the last micro-batch
-    all-reduces."""
+    """Gradient accumulation (under torchrun, --gradient-accumulation-steps or a per-device size): `split` cuts this
+    rank's part of a batch into (micro-batch, loss weight); `no_sync` is the DDP wrapper's, so that only the last
+    micro-batch all-reduces."""
 
     split: Callable[[dict], list[tuple[dict, float]]]
     no_sync: Optional[Callable[[], Any]] = None
@@ -106,12 +106,12 @@ class Member:
                  loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], evaluate: Callable[[], dict], main_metric: str,
                  save_best: Callable[[], None], extra_params: Optional[list[tuple[str, torch.nn.Parameter]]] = None, *,
                  name: str = "", output_dir: Optional[Path] = None, accumulation: Optional[Accumulation] = None,
-                 dist: DistContext = DistContext(), scaler: Optional[Any] = None):
+                 dist: DistContext = DistContext(), scaler: Optional[Any] = None, reporter: Optional[Any] = None):
         """Under torchrun (`dist`): `accumulation` cuts this rank's part of a batch into micro-batches, only rank 0
         evaluates, saves and writes checkpoints, and the other ranks' RNG states are gathered into rank 0's
         checkpoint, so a resumed run keeps each rank's dropout stream. `scaler`: fp16's GradScaler (CUDA), which
         scales the loss and skips a step whose gradients overflowed."""
-        self.scaler = scaler
+        self.scaler, self.reporter = scaler, reporter  # reporter: --report-to (reporting.Reporter)
         self.accumulation, self.dist, self.rank, self.main = accumulation, dist, dist.rank, dist.main
         self.model, self.cfg, self.total_steps, self.name = model, cfg, total_steps, name
         self.output_dir, self.extra = output_dir, list(extra_params or [])
@@ -160,6 +160,9 @@ class Member:
         if every > 0 and self.step_count % every == 0:
             self.check_finite()  # the host syncs here anyway
             avg = ", ".join(f"{k} {float(v) / every:.4f}" for k, v in self.running.items())
+            if self.reporter is not None:
+                self.reporter.log(self.step_count, {**{f"train/{k}": float(v) / every for k, v in self.running.items()},
+                                                    "train/learning_rate": self.sched.get_last_lr()[0]})
             log(f"{self.name + ': ' if self.name else ''}step {self.step_count}/{self.total_steps}  {avg}  "
                 f"lr {self.sched.get_last_lr()[0]:.2e}")
             self.running = {}
@@ -276,6 +279,8 @@ class Member:
             return
         metrics = self.evaluate()
         self.result.history.append({"epoch": epoch + 1, "step": self.step_count, **metrics})
+        if self.reporter is not None:
+            self.reporter.log(self.step_count, {f"eval/{k}": v for k, v in metrics.items()})
         score = metrics[self.main_metric]
         better = score > self.result.best_metric
         log(f"{self.name + ': ' if self.name else ''}{when}: "
@@ -332,6 +337,8 @@ def train_many(members: list[Member], steps_per_epoch: int, epoch_batches: Calla
         _save_checkpoints(members, {"epoch": epoch + 1, "batch": 0, "step": step})
     for m in members:
         m.result.steps, m.result.train_seconds = step, time.perf_counter() - t0
+        if m.reporter is not None:
+            m.reporter.close()
     return [m.result for m in members]
 
 

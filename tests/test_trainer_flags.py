@@ -99,3 +99,28 @@ def test_bf16_trains_the_student_under_autocast(store_path, backbone_dir, tmp_pa
     assert p.returncode == 2 and p.stderr.strip() == ("error: --fp16 needs a CUDA GPU (its loss scaling is "
                                                       "CUDA's), and this run is on cpu; use --bf16, or neither"), show(p)
     assert not (tmp_path / "fp16").exists()
+
+
+def test_report_to_tensorboard_writes_the_curves(store_path, backbone_dir, tmp_path):
+    """--report-to tensorboard: event files in the student's runs/ with the loss parts, the learning rate and the
+    dev scores; an integration that is not installed (here: wandb) is one line, and training goes on."""
+    pytest.importorskip("tensorboard")
+    import importlib.util
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "student"
+    asked = "tensorboard" if importlib.util.find_spec("wandb") else "tensorboard,wandb"
+    p = distill(store_path, backbone_dir, out, "--epochs", "2", "--logging-steps", "2", "--report-to", asked)
+    assert p.returncode == 0, show(p)
+    if "wandb" in asked:
+        assert "--report-to wandb: wandb is not installed here; not reporting to it" in p.stderr, show(p)
+    events = EventAccumulator(str(out / "runs"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss_ce", "train/loss_kd", "train/learning_rate",
+            "eval/validation_accuracy"} <= tags, tags
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10]
+    m = json.loads((out / "metrics.json").read_text())
+    assert [e.value for e in events.Scalars("eval/validation_accuracy")] == pytest.approx(
+        [h["validation_accuracy"] for h in m["history"]])

@@ -268,7 +268,7 @@ class _Student:
         self.member = Member(self.model, config.train, total_steps_of(config.train, steps_per_epoch), self.loss,
                              self.evaluate, self.main_key, self.save_best, extra,
                              name=Path(config.output_dir).name if named else "", output_dir=self.out,
-                             accumulation=accumulation, dist=dist, scaler=self._scaler())
+                             accumulation=accumulation, dist=dist, scaler=self._scaler(), reporter=self._reporter())
 
     def _log_start(self) -> None:
         plan, config = self.plan, self.plan.config
@@ -300,6 +300,15 @@ class _Student:
         ddp = DistributedDataParallel(trainable, device_ids=[device] if device.type == "cuda" else None)
         torch.manual_seed(config.train.seed + dist.rank)  # dropout differs across ranks; rank 0's is a 1-rank run's
         return ddp, Accumulation(split, ddp.no_sync)
+
+    def _reporter(self):
+        """--report-to: rank 0's curves, the event files in the student's folder (`runs/`)."""
+        config = self.plan.config
+        if not config.report_to or not self.dist.main:
+            return None
+        from ..reporting import Reporter
+
+        return Reporter(config.report_to, self.out, Path(config.output_dir).name, to_dict(config))
 
     def _scaler(self):
         """fp16's loss scaling (CUDA's GradScaler); None otherwise."""
