@@ -13,7 +13,7 @@ from .config import DistillConfig, DumpConfig, EvalConfig, FinetuneConfig, Train
 from .errors import Interrupted, PkdCacheError
 from . import cli_store
 from .cli_options import (Accumulation, AllowNoChecksums, Alpha, BatchSize, BestMetric, Beta, Bf16, CacheOpt, DataDir,
-                          Device, Epochs, EvalBatch, EvalSteps, EvalStrategy, Fp16, LogSteps, Lr, MaxGradNorm,
+                          Device, DoPredict, Epochs, EvalBatch, EvalSteps, EvalStrategy, Fp16, LogSteps, Lr, MaxGradNorm,
                           MaxSeqLength, MaxSteps, OutputDir, Overwrite, PerDevice, ReportTo, Scheduler, Seed,
                           Strategy, StudentInit, StudentLayers, Task, TaskCheck, Temperature, Warmup, Wd, Workers,
                           _fail, _in_cache, _int_list, _names, _train_config)
@@ -191,7 +191,7 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
             eval_strategy: str = EvalStrategy, eval_steps: Optional[int] = EvalSteps,
             metric_for_best_model: Optional[str] = BestMetric, per_device_eval_batch_size: int = EvalBatch,
             dataloader_num_workers: Optional[int] = Workers, fp16: bool = Fp16, bf16: bool = Bf16,
-            report_to: Optional[List[str]] = ReportTo,
+            report_to: Optional[List[str]] = ReportTo, do_predict: bool = DoPredict,
             allow_no_checksums: bool = AllowNoChecksums, cache: Optional[str] = CacheOpt):
     """Train a k-layer student from a store (no teacher in memory); keep the best dev checkpoint.
 
@@ -208,7 +208,7 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
                                   gradient_accumulation_steps=gradient_accumulation_steps,
                                   per_device_eval_batch_size=per_device_eval_batch_size,
                                   dataloader_num_workers=dataloader_num_workers, fp16=fp16, bf16=bf16,
-                                  report_to=_names(report_to),
+                                  report_to=_names(report_to), do_predict=do_predict,
                                   allow_no_checksums=allow_no_checksums,
                                   train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio,
                                                       seed, max_steps, logging_steps, save_steps,

@@ -113,3 +113,6 @@ ReportTo = typer.Option(None, "--report-to", help="Send the training curves to t
 def _names(values: Optional[list[str]]) -> Optional[list[str]]:
     """`--report-to a,b --report-to c` -> [a, b, c]."""
     return [n.strip() for v in values for n in v.split(",") if n.strip()] if values else None
+DoPredict = typer.Option(False, "--do-predict", help="After training, write the best student's predictions on the "
+                                                       "test split(s) (predict_results_<task>.txt, as run_glue.py; "
+                                                       "local files from --data-dir, else the hub).")

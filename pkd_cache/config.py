@@ -298,6 +298,7 @@ class DistillConfig:
     gradient_accumulation_steps: Optional[int] = positive_int(None, optional=True)  # None: 1, or implied
     per_device_eval_batch_size: int = positive_int(128)  # dev scoring (rank 0 alone scores)
     report_to: Optional[list[str]] = None  # tensorboard | wandb | mlflow | all | none (reporting.py)
+    do_predict: bool = False  # after training: the best student's test-split predictions, as run_glue writes them
     fp16: bool = False  # the student's forward under float16 autocast, its loss scaled (GradScaler): CUDA only
     bf16: bool = False  # the student's forward under bfloat16 autocast (CUDA, or CPU)
     # threads that read and decode store chunks ahead (pkd-cache loads with threads, not worker processes); 0: in the

@@ -124,3 +124,28 @@ def test_report_to_tensorboard_writes_the_curves(store_path, backbone_dir, tmp_p
     m = json.loads((out / "metrics.json").read_text())
     assert [e.value for e in events.Scalars("eval/validation_accuracy")] == pytest.approx(
         [h["validation_accuracy"] for h in m["history"]])
+
+
+def test_do_predict_writes_the_test_predictions_as_run_glue_does(store_path, backbone_dir, data_dir, tmp_path):
+    """GLUE's test.tsv (index and sentence, no label): `predict_results_sst2.txt`, a header and one label name per
+    example in file order, from the best student (the one saved). A missing test file is refused before
+    training."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    data = tmp_path / "SST-2"
+    shutil.copytree(data_dir, data)
+    out = tmp_path / "student"
+    p = distill(store_path, backbone_dir, out, "--max-steps", "2", "--do-predict", "--data-dir", data)
+    assert p.returncode == 2 and "no file for split 'test' of sst2" in p.stderr and not out.exists(), show(p)
+    sentences = ["a great film", "dull and long", "not bad at all", "the worst"]
+    (data / "test.tsv").write_text("index\tsentence\n" + "".join(f"{i}\t{s}\n" for i, s in enumerate(sentences)))
+    p = distill(store_path, backbone_dir, out, "--max-steps", "2", "--do-predict", "--data-dir", data)
+    assert p.returncode == 0, show(p)
+    lines = (out / "predict_results_sst2.txt").read_text().splitlines()
+    model, tok = AutoModelForSequenceClassification.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        want = model(**tok(sentences, padding=True, return_tensors="pt")).logits.argmax(-1).tolist()
+    assert lines == ["index\tprediction"] + [f"{i}\t{['negative', 'positive'][y]}" for i, y in enumerate(want)]
+    assert json.loads((out / "metrics.json").read_text())["predictions"] == ["predict_results_sst2.txt"]

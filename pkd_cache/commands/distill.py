@@ -19,6 +19,7 @@ import torch
 
 from .. import checkpoint
 from ..config import DistillConfig, resolve_batch, to_dict
+from ..data.loading import find_split_file, test_splits
 from ..data.tasks import get_task
 from ..data.tokenize import to_model_inputs
 from ..distributed import DistContext, dist_context, process_group
@@ -93,6 +94,9 @@ def _plan(config: DistillConfig, source: BatchSource) -> _Plan:
     if not init:
         raise PkdCacheError("the store does not record the teacher's base model; pass --student-init")
     main_metric_key(task, eval_splits, config.train.metric_for_best_model)  # an unknown metric: refused now
+    if config.do_predict and config.data_dir is not None:  # missing test files: refused before training
+        for split in test_splits(task):
+            find_split_file(task, split, config.data_dir)
     beta = config.beta if config.beta is not None else 100.0 / source.hidden_size
     inputs = model_inputs(config.store, meta.teacher, ("the teacher", config.teacher), ("--student-init", init),
                           ("--data-dir", config.data_dir))
@@ -310,6 +314,17 @@ class _Student:
 
         return Reporter(config.report_to, self.out, Path(config.output_dir).name, to_dict(config))
 
+    def _predict(self) -> list:
+        """--do-predict: the best student (the one saved) on the test split(s)."""
+        from transformers import AutoModelForSequenceClassification
+
+        from .predict import write_predictions
+
+        config = self.plan.config
+        best = AutoModelForSequenceClassification.from_pretrained(self.out).to(self.dist.device)
+        return write_predictions(best, self.student.tokenizer, self.plan.task, self.out, config.data_dir,
+                                 self.meta.max_seq_length, config.per_device_eval_batch_size, self.dist.device)
+
     def _scaler(self):
         """fp16's loss scaling (CUDA's GradScaler); None otherwise."""
         return torch.amp.GradScaler("cuda") if self.plan.config.fp16 else None
@@ -360,6 +375,8 @@ class _Student:
                              "gradient_accumulation_steps": config.gradient_accumulation_steps}}
         if not self.dist.main:
             return metrics
+        if config.do_predict:
+            metrics["predictions"] = [p.name for p in self._predict()]
         write_metrics(self.out, metrics)
         write_model_card(self.out, Path(config.output_dir).name, metrics, plan.task,
                          self.meta if config.teacher is None else None)

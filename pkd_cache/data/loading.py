@@ -68,11 +68,40 @@ def load_examples(task: TaskSpec, split: str, data_dir: Optional[str] = None,
     return _to_examples(task, rows, source)
 
 
+def test_splits(task: TaskSpec) -> tuple[str, ...]:
+    """The task's test splits, named as on the hub: `test`, or MNLI's `test_matched` and `test_mismatched`."""
+    return tuple(s.replace("validation", "test") for s in task.dev_splits)
+
+
+def load_test_examples(task: TaskSpec, split: str, data_dir: Optional[str] = None,
+                       max_examples: Optional[int] = None) -> Examples:
+    """A test split's texts, in file order (`--do-predict`). GLUE hides test labels (-1 on the hub, no column in
+    test.tsv): the labels here are -1 (NaN for regression) and never read."""
+    if split not in test_splits(task):
+        raise PkdCacheError(f"task {task.name} has no test split {split!r}; its test splits are "
+                            f"{', '.join(test_splits(task))}")
+    if data_dir is None:
+        rows, source = _hub_rows(task, split, max_examples)
+    else:
+        path = find_split_file(task, split, data_dir)
+        rows, source = read_rows(path, task), str(path)
+    rows = rows[:max_examples] if max_examples is not None else rows
+    if not rows:
+        raise PkdCacheError(f"{source}: no examples in split {split!r}")
+    col_a = _column(task, task.text_a, rows[0], source, "text")
+    col_b = _column(task, task.text_b, rows[0], source, "second text") if task.text_b else None
+    text_a = [str(_value(r, col_a, source, i)) for i, r in enumerate(rows)]
+    text_b = [str(_value(r, col_b, source, i)) for i, r in enumerate(rows)] if col_b else None
+    labels = np.full(len(rows), np.nan, np.float32) if task.is_regression else np.full(len(rows), -1, np.int64)
+    return Examples(text_a, text_b, labels, source)
+
+
 def find_split_file(task: TaskSpec, split: str, data_dir: str) -> Path:
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise PkdCacheError(f"--data-dir {data_dir} is not a directory")
-    stems = task.local_dev_names.get(split) or (("train",) if split == "train" else ("dev", "validation"))
+    stems = task.local_dev_names.get(split) or (("train",) if split == "train" else (split,)
+                                                if split.startswith("test") else ("dev", "validation"))
     for folder in (root, root / task.glue_dir):
         for stem in stems:
             for suffix in SUFFIXES:
