@@ -240,7 +240,10 @@ def sweep(store: Optional[str] = typer.Option(None, "--store", help="Path or URL
           learning_rate: float = Lr, weight_decay: float = Wd,
           warmup_ratio: float = Warmup, seed: int = Seed, max_steps: int = MaxSteps,
           logging_steps: int = typer.Option(0, "--logging-steps", help="Log each run's loss every N steps (0: never)."),
-          device: Optional[str] = Device,
+          device: Optional[str] = Device, max_grad_norm: float = MaxGradNorm, lr_scheduler_type: str = Scheduler,
+          eval_strategy: str = EvalStrategy, eval_steps: Optional[int] = EvalSteps,
+          metric_for_best_model: Optional[str] = BestMetric, per_device_eval_batch_size: int = EvalBatch,
+          dataloader_num_workers: Optional[int] = Workers, fp16: bool = Fp16, bf16: bool = Bf16,
           allow_no_checksums: bool = AllowNoChecksums, cache: Optional[str] = CacheOpt):
     """Train every combination of a grid of student settings from one store (resumable); report the best.
 
@@ -263,8 +266,12 @@ def sweep(store: Optional[str] = typer.Option(None, "--store", help="Path or URL
                          student_init=student_init, device=device, allow_no_checksums=allow_no_checksums,
                          per_device_train_batch_size=per_device_train_batch_size,
                          gradient_accumulation_steps=gradient_accumulation_steps,
+                         per_device_eval_batch_size=per_device_eval_batch_size,
+                         dataloader_num_workers=dataloader_num_workers, fp16=fp16, bf16=bf16,
                          train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio, seed,
-                                             max_steps, logging_steps))
+                                             max_steps, logging_steps, max_grad_norm=max_grad_norm,
+                                             lr_scheduler_type=lr_scheduler_type, eval_strategy=eval_strategy,
+                                             eval_steps=eval_steps, metric_for_best_model=metric_for_best_model))
     run(SweepConfig(base=base, grid=parse_grid(grid), students_per_pass=students_per_pass, top=top,
                     shard=parse_shard(shard)))
 

@@ -148,3 +148,21 @@ def test_the_plot_has_a_title_baselines_and_a_panel_per_swept_setting(tmp_path, 
     data = png.read_bytes()
     width, height = struct.unpack(">II", data[16:24])
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and (width, height) == (880, 396)  # 8 x 3.6 in at 110 dpi
+
+
+def test_a_sweep_takes_the_trainer_options_distill_takes(store_path, backbone_dir, tmp_path):
+    """The options distill gained for Trainer users reach every run of a sweep (here: the schedule, the eval
+    strategy and bf16), and a run resumed later compares them as it compares every setting."""
+    import json
+
+    out = tmp_path / "runs"
+    p = cli_in_process(*sweep_args(store_path, out, backbone_dir, "alpha=0,0.5", extra=[
+        "--lr-scheduler-type", "cosine", "--eval-strategy", "no", "--bf16", "--max-steps", "2"]))
+    assert p.returncode == 0, show(p)
+    for run in ("alpha=0", "alpha=0.5"):
+        m = json.loads((out / run / "metrics.json").read_text())
+        assert m["config"]["bf16"] is True and m["config"]["train"]["lr_scheduler_type"] == "cosine"
+        assert [h["step"] for h in m["history"]] == [2]
+    p = cli_in_process(*sweep_args(store_path, out, backbone_dir, "alpha=0,0.5", extra=[
+        "--lr-scheduler-type", "cosine", "--eval-strategy", "no", "--bf16", "--max-steps", "2"]))
+    assert p.returncode == 0 and "2 already done, 0 to train" in " ".join(p.stderr.split()), show(p)
