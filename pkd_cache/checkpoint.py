@@ -52,3 +52,18 @@ def load(output_dir: Path) -> Optional[tuple[dict[str, torch.Tensor], dict]]:
 def remove(output_dir: Path) -> None:
     for name in (NAME, f".{NAME}.tmp", f".{NAME}.old"):
         shutil.rmtree(output_dir / name, ignore_errors=True)
+
+
+def keep_snapshot(output_dir: Path, step: int, limit: int) -> None:
+    """`--save-total-limit`: the checkpoint just saved, kept as `checkpoint-<step>/` (the Trainer's name for it;
+    resumable like the rolling one), and at most `limit` of them: the oldest go."""
+    src, dst = output_dir / NAME, output_dir / f"{NAME}-{step}"
+    if not dst.exists():
+        tmp = output_dir / f".{NAME}-{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        os.replace(tmp, dst)
+    snapshots = sorted((p for p in output_dir.glob(f"{NAME}-*") if p.name[len(NAME) + 1:].isdigit()),
+                       key=lambda p: int(p.name[len(NAME) + 1:]))
+    for old in snapshots[:-limit]:
+        shutil.rmtree(old, ignore_errors=True)

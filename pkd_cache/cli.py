@@ -12,11 +12,11 @@ import typer
 from .config import DistillConfig, DumpConfig, EvalConfig, FinetuneConfig, TrainConfig
 from .errors import Interrupted, PkdCacheError
 from . import cli_store
-from .cli_options import (Accumulation, AllowNoChecksums, Alpha, BatchSize, BestMetric, Beta, Bf16, CacheOpt, DataDir,
-                          Device, DoPredict, Epochs, EvalBatch, EvalSteps, EvalStrategy, Fp16, LogSteps, Lr, MaxGradNorm,
-                          MaxSeqLength, MaxSteps, OutputDir, Overwrite, PerDevice, ReportTo, Scheduler, Seed,
-                          Strategy, StudentInit, StudentLayers, Task, TaskCheck, Temperature, Warmup, Wd, Workers,
-                          _fail, _in_cache, _int_list, _names, _train_config)
+from .cli_options import (Accumulation, AllowNoChecksums, Alpha, BatchSize, BestMetric, Beta, Bf16, CacheOpt,
+                          DataDir, Device, DoPredict, Epochs, EvalBatch, EvalSteps, EvalStrategy, Fp16, LogSteps, Lr,
+                          MaxGradNorm, MaxSeqLength, MaxSteps, OutputDir, Overwrite, PerDevice, ReportTo,
+                          SaveTotalLimit, Scheduler, Seed, Strategy, StudentInit, StudentLayers, Task, TaskCheck,
+                          Temperature, Warmup, Wd, Workers, _fail, _in_cache, _int_list, _names, _train_config)
 
 def _dashes(token: str) -> str:
     """`--num_train_epochs` is `--num-train-epochs`: option names take run_glue.py's underscores too (click hands
@@ -192,6 +192,7 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
             metric_for_best_model: Optional[str] = BestMetric, per_device_eval_batch_size: int = EvalBatch,
             dataloader_num_workers: Optional[int] = Workers, fp16: bool = Fp16, bf16: bool = Bf16,
             report_to: Optional[List[str]] = ReportTo, do_predict: bool = DoPredict,
+            save_total_limit: Optional[int] = SaveTotalLimit,
             allow_no_checksums: bool = AllowNoChecksums, cache: Optional[str] = CacheOpt):
     """Train a k-layer student from a store (no teacher in memory); keep the best dev checkpoint.
 
@@ -214,7 +215,8 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
                                                       seed, max_steps, logging_steps, save_steps,
                                                       max_grad_norm=max_grad_norm, lr_scheduler_type=lr_scheduler_type,
                                                       eval_strategy=eval_strategy, eval_steps=eval_steps,
-                                                      metric_for_best_model=metric_for_best_model)))
+                                                      metric_for_best_model=metric_for_best_model,
+                                                      save_total_limit=save_total_limit)))
 
 
 @app.command()

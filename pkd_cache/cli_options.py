@@ -116,3 +116,5 @@ def _names(values: Optional[list[str]]) -> Optional[list[str]]:
 DoPredict = typer.Option(False, "--do-predict", help="After training, write the best student's predictions on the "
                                                        "test split(s) (predict_results_<task>.txt, as run_glue.py; "
                                                        "local files from --data-dir, else the hub).")
+SaveTotalLimit = typer.Option(None, "--save-total-limit", help="Also keep each checkpoint saved (every --save-steps "
+                                                               "and epoch) as checkpoint-<step>/, at most N of them.")

@@ -141,6 +141,8 @@ class TrainConfig:
     # the dev metric the best checkpoint is chosen by: `accuracy`, or a split's (`validation_matched_accuracy`);
     # None: the task's main metric on its first dev split
     metric_for_best_model: Optional[str] = None
+    # distill: also keep each checkpoint saved as checkpoint-<step>/, at most this many (the oldest removed)
+    save_total_limit: Optional[int] = positive_int(None, optional=True)
 
     def check(self, flag: str = "--", flags: Optional[dict[str, str]] = None) -> None:
         """`flag` prefixes the option names in messages (dump's fine-tuning options are --finetune-...)."""

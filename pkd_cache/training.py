@@ -353,6 +353,8 @@ def _save_checkpoints(members: list[Member], position: dict) -> None:
             if m.main:
                 tensors, meta = m.state(others)
                 checkpoint.save(m.output_dir, tensors, {**meta, "position": position})
+                if m.cfg.save_total_limit:
+                    checkpoint.keep_snapshot(m.output_dir, position["step"], m.cfg.save_total_limit)
 
 
 def _resume(members: list[Member]) -> tuple[int, int, int]:

@@ -149,3 +149,17 @@ def test_do_predict_writes_the_test_predictions_as_run_glue_does(store_path, bac
         want = model(**tok(sentences, padding=True, return_tensors="pt")).logits.argmax(-1).tolist()
     assert lines == ["index\tprediction"] + [f"{i}\t{['negative', 'positive'][y]}" for i, y in enumerate(want)]
     assert json.loads((out / "metrics.json").read_text())["predictions"] == ["predict_results_sst2.txt"]
+
+
+def test_save_total_limit_keeps_the_last_n_checkpoints(store_path, backbone_dir, tmp_path):
+    """--save-steps 2 over 10 steps (2 epochs) with --save-total-limit 2: the checkpoints of steps 8 and 10 are
+    kept as checkpoint-8/ and checkpoint-10/ (each resumable state), the rolling resume checkpoint is gone, and an
+    --overwrite later replaces the folder as pkd-cache's own."""
+    out = tmp_path / "student"
+    p = distill(store_path, backbone_dir, out, "--epochs", "2", "--save-steps", "2", "--save-total-limit", "2")
+    assert p.returncode == 0, show(p)
+    assert sorted(q.name for q in out.glob("checkpoint*")) == ["checkpoint-10", "checkpoint-8"]
+    state = json.loads((out / "checkpoint-8" / "state.json").read_text())
+    assert state["position"]["step"] == 8 and (out / "checkpoint-8" / "state.safetensors").is_file()
+    p = distill(store_path, backbone_dir, out, "--max-steps", "1", "--overwrite")
+    assert p.returncode == 0 and not list(out.glob("checkpoint*")), show(p)

@@ -35,7 +35,8 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "mo
                "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "chat_template.jinja")
 RESULTS = (MARKER, f".{MARKER}.*.tmp", "metrics.json", "metrics.json.tmp", "eval_results.json",
            ".eval_results.json.*.tmp")
-OURS = {"student": (*RESULTS, *CHECKPOINTS, *MODEL_FILES, "README.md", "runs", "predict_results_*.txt"),
+SNAPSHOTS = ("checkpoint-*", ".checkpoint-*.tmp")  # --save-total-limit's copies (checkpoint.keep_snapshot)
+OURS = {"student": (*RESULTS, *CHECKPOINTS, *SNAPSHOTS, *MODEL_FILES, "README.md", "runs", "predict_results_*.txt"),
         "teacher": (*RESULTS, "pkd_cache_finetune.json", *MODEL_FILES)}
 KIND_NAMES = {"student": "student folder", "teacher": "fine-tuned teacher folder", "sweep": "sweep folder",
               "store": "store"}
