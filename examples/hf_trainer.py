@@ -7,7 +7,9 @@ TrainingArguments drive the run (batch sizes, schedule, logging, saving, devices
 (CE + KD + patient), from the teacher outputs in the store: no teacher in memory.
 """
 import argparse
+import os
 
+import torch
 from transformers import TrainingArguments
 
 import pkd_cache
@@ -29,7 +31,10 @@ student = build_student(a.student_init, get_task(store.meta.task.name), a.studen
                         store.meta.tokenizer.vocab_fingerprint)
 args = TrainingArguments(output_dir=a.output_dir, per_device_train_batch_size=32, learning_rate=2e-5,
                          num_train_epochs=a.epochs, max_steps=a.max_steps, warmup_steps=0.1, logging_steps=50,
-                         save_strategy="no", report_to=[])
+                         save_strategy="no", report_to=[],
+                         # CPUs under torchrun need gloo named (the Trainer picks NCCL for GPUs by itself)
+                         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", 1)) > 1
+                         and not torch.cuda.is_available() else None)
 trainer = DistillationTrainer(model=student.model, args=args, store=store,
                               distillation=DistillationArguments(alpha=0.5, temperature=10.0))
 trainer.train()

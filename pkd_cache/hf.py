@@ -198,10 +198,13 @@ class DistillationTrainer(_trainer_base()):
                          **kwargs)
 
     def _get_train_sampler(self, *args, **kwargs):
+        """StoreSampler's order (a chunk decoded about once an epoch, where random rows would decode one per row).
+        It is the same on every process (seeded by the run's seed and the epoch), so under torchrun or accelerate
+        the Trainer's batch sharding splits it as it splits any sampler's."""
         dataset = self.train_dataset
-        if isinstance(dataset, StoreDataset) and self.args.world_size == 1:
+        if isinstance(dataset, StoreDataset):
             return StoreSampler(dataset, seed=self.args.seed)
-        return super()._get_train_sampler(*args, **kwargs)  # several processes: the Trainer shards its sampler
+        return super()._get_train_sampler(*args, **kwargs)
 
     def _get_collator_with_removed_columns(self, data_collator, description=None):
         return data_collator  # the teacher's fields are not the model's arguments, and must reach compute_loss

@@ -170,3 +170,34 @@ def test_a_student_folder_has_a_model_card_the_hub_reads(store_path, backbone_di
     assert result.metric_value == round(m["best_validation_accuracy"], 4)
     key = pkd_cache.open_store(str(store_path)).info()["cache_key"]
     assert f"cache key `{key}`" in card.text and "| alpha (KD weight) | 0.5 |" in card.text
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_the_trainer_example_under_torchrun_shards_the_batches(store_path, backbone_dir, tmp_path):
+    """examples/hf_trainer.py under torchrun with 2 CPU ranks (gloo): each rank trains on its own batches of the
+    one StoreSampler order (the Trainer's batch sharding), not both on the same."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pkd_cache.testing import cli_env
+
+    pytest.importorskip("accelerate")
+    script = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
+    probe = tmp_path / "probe.py"  # the example, with each batch's first ids printed by rank
+    probe.write_text(
+        "import os, sys\nimport pkd_cache.hf as hf\norig = hf.DistillationTrainer.compute_loss\n"
+        "def loss(self, model, inputs, *a, **k):\n"
+        "    print('BATCH', os.environ['RANK'], self.args.world_size, int(inputs['input_ids'].sum()), flush=True)\n"
+        "    return orig(self, model, inputs, *a, **k)\n"
+        f"hf.DistillationTrainer.compute_loss = loss\nexec(open({str(script)!r}).read())\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(probe), "--store", str(store_path), "--student-init", str(backbone_dir),
+                        "--student-layers", "2", "--output-dir", str(tmp_path / "student"), "--max-steps", "2"],
+                       env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = [line.split()[1:] for line in r.stdout.splitlines() if line.startswith("BATCH")]
+    assert sorted({w for _, w, _ in seen}) == ["2"] and len(seen) == 4, r.stdout
+    by_rank = {rank: [s for q, _, s in seen if q == rank] for rank in ("0", "1")}
+    assert not set(by_rank["0"]) & set(by_rank["1"]), by_rank  # two ranks, different batches
