@@ -185,11 +185,12 @@ def test_the_trainer_example_under_torchrun_shards_the_batches(store_path, backb
 
     pytest.importorskip("accelerate")
     script = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
-    probe = tmp_path / "probe.py"  # the example, with each batch's first ids printed by rank
+    probe = tmp_path / "probe.py"  # the example, each rank noting its batches (a sum of their ids) in a file
     probe.write_text(
         "import os, sys\nimport pkd_cache.hf as hf\norig = hf.DistillationTrainer.compute_loss\n"
         "def loss(self, model, inputs, *a, **k):\n"
-        "    print('BATCH', os.environ['RANK'], self.args.world_size, int(inputs['input_ids'].sum()), flush=True)\n"
+        f"    with open(os.path.join({str(tmp_path)!r}, 'batches.' + os.environ['RANK']), 'a') as f:\n"
+        "        f.write(f\"{os.environ['RANK']} {self.args.world_size} {int(inputs['input_ids'].sum())}\\n\")\n"
         "    return orig(self, model, inputs, *a, **k)\n"
         f"hf.DistillationTrainer.compute_loss = loss\nexec(open({str(script)!r}).read())\n")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -197,7 +198,7 @@ def test_the_trainer_example_under_torchrun_shards_the_batches(store_path, backb
                         "--student-layers", "2", "--output-dir", str(tmp_path / "student"), "--max-steps", "2"],
                        env=cli_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    seen = [line.split()[1:] for line in r.stdout.splitlines() if line.startswith("BATCH")]
+    seen = [line.split() for rank in (0, 1) for line in (tmp_path / f"batches.{rank}").read_text().splitlines()]
     assert sorted({w for _, w, _ in seen}) == ["2"] and len(seen) == 4, r.stdout
     by_rank = {rank: [s for q, _, s in seen if q == rank] for rank in ("0", "1")}
     assert not set(by_rank["0"]) & set(by_rank["1"]), by_rank  # two ranks, different batches
