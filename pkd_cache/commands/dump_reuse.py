@@ -82,8 +82,8 @@ class Donor:
         return [self.index.get(d.tobytes()) for d in digests]
 
     def outputs(self, places: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray]:
-        """(logits, cls as float32) of the donor's rows `places`, in that order: each donor chunk they touch is
-        read once (the rows of a grown, reshuffled dataset come in any order)."""
+        """(logits, cls: as stored, or float32 dequantised from int8) of the donor's rows `places`, in that order:
+        each donor chunk they touch is read once (the rows of a grown, reshuffled dataset come in any order)."""
         size = self.store.meta.chunk_size
         by_chunk: dict[tuple[str, int], list[int]] = {}
         for i, (split, row) in enumerate(places):
@@ -94,21 +94,21 @@ class Donor:
             lg, cl = self._read(split, c, "logits")[at], self._read(split, c, "cls")[at]
             if logits is None:
                 logits = np.empty((len(places),) + lg.shape[1:], np.float32)
-                cls = np.empty((len(places),) + cl.shape[1:], np.float32)
+                cls = np.empty((len(places),) + cl.shape[1:], cl.dtype)
             logits[idx], cls[idx] = lg, cl
         self.reused += len(places)
         return logits, cls
 
     def _read(self, split: str, c: int, name: str) -> np.ndarray:
-        """Chunk `c` of array `name` (float32 CLS, dequantised for int8); the last few are kept."""
+        """Chunk `c` of array `name` (CLS as stored: float16 stays float16, the dump's own dtype, with no float32
+        round trip; int8 is dequantised to float32); the last few are kept."""
         key = (split, name, c)
         if key not in self._chunks:
             size = self.store.meta.chunk_size
             rows = slice(c * size, (c + 1) * size)
             values = self.store.array(split, name)[rows]
-            if name == "cls":
-                values = dequantize_int8(values, self.store.array(split, "cls_scale")[rows], np.float32) \
-                    if self.int8 else values.astype(np.float32)
+            if name == "cls" and self.int8:
+                values = dequantize_int8(values, self.store.array(split, "cls_scale")[rows], np.float32)
             self._chunks[key] = values
             while len(self._chunks) > 4:
                 self._chunks.popitem(last=False)

@@ -345,7 +345,7 @@ def _teacher_outputs(job: _Job, tokens: dict, cls_dtype, digests) -> tuple[np.nd
     logits, cls = job.donor.outputs([p for p in places if p is not None])
     out_logits = np.empty((len(known),) + logits.shape[1:], np.float32)
     out_cls = np.empty((len(known),) + cls.shape[1:], cls_dtype)
-    out_logits[known], out_cls[known] = logits, cls.astype(cls_dtype)
+    out_logits[known], out_cls[known] = logits, cls  # cast on assignment (none when the dtypes are the same)
     if not known.all():
         out_logits[~known], out_cls[~known] = run({k: v[~known] for k, v in tokens.items()})
     return out_logits, out_cls
