@@ -131,7 +131,7 @@ def distill_many(configs: list[DistillConfig], description: str = "distill", hin
     configs = [dataclasses.replace(c, store=resolve_store(c.store, None)) if c.store else c for c in configs]
     resume = _check_pass(configs)
     dist = dist_context(resolve_device(configs[0].device))
-    asked, configs = configs, [_with_batch(c, dist.world) for c in configs]
+    asked, configs = configs, [_resolved_batch(c, dist.world) for c in configs]
     if configs[0].fp16 and dist.device.type != "cuda":
         raise PkdCacheError(f"--fp16 needs a CUDA GPU (its loss scaling is CUDA's), and this run is on "
                             f"{dist.device.type}; use --bf16, or neither")
@@ -154,7 +154,7 @@ def distill_many(configs: list[DistillConfig], description: str = "distill", hin
     return metrics
 
 
-def _with_batch(config: DistillConfig, world: int) -> DistillConfig:
+def _resolved_batch(config: DistillConfig, world: int) -> DistillConfig:
     """The config with its global batch, rows per forward and accumulation steps resolved for `world` ranks (as
     the Trainer counts them: per-device x ranks x accumulation; config.resolve_batch)."""
     batch, per_device, steps = resolve_batch(config.train.batch_size, config.per_device_train_batch_size,
@@ -282,13 +282,19 @@ class _Student:
             + (f", CLS projected {self.widths[0]} -> {self.widths[1]}" if self.projection is not None else "")
             + f"; batch {self._batch_in_words()}")
 
-    def _batch_in_words(self) -> str:
+    def _batch(self) -> dict:
+        """How the global batch is made (metrics.json's `batch`, the start line)."""
         config, world = self.plan.config, self.dist.world
-        batch, steps = config.train.batch_size, config.gradient_accumulation_steps or 1
-        if world == 1 and steps == 1 and not config.per_device_train_batch_size:
-            return str(batch)
-        per_device = config.per_device_train_batch_size or -(-batch // world)
-        return f"{batch} ({per_device} per device x {world} rank(s) x {steps} accumulation step(s))"
+        batch = config.train.batch_size
+        return {"global": batch, "ranks": world, "per_device": config.per_device_train_batch_size or -(-batch // world),
+                "gradient_accumulation_steps": config.gradient_accumulation_steps}
+
+    def _batch_in_words(self) -> str:
+        b, config = self._batch(), self.plan.config
+        steps = b["gradient_accumulation_steps"] or 1
+        if b["ranks"] == 1 and steps == 1 and not config.per_device_train_batch_size:
+            return str(b["global"])
+        return f"{b['global']} ({b['per_device']} per device x {b['ranks']} rank(s) x {steps} accumulation step(s))"
 
     def _wrap(self, trainable: _Trainable) -> tuple[torch.nn.Module, Optional[Accumulation]]:
         """The module a step calls (DDP's wrapper under torchrun) and how a rank accumulates its part of a batch."""
@@ -369,10 +375,7 @@ class _Student:
                    "pass_students": self.pass_students,  # wall_seconds is the pass's, shared by these students
                    "teacher_weights_fingerprint": self.meta.teacher.weights_fingerprint,
                    "config": to_dict(plan.asked or config), "ranks": self.dist.world,
-                   "batch": {"global": config.train.batch_size, "ranks": self.dist.world,
-                             "per_device": config.per_device_train_batch_size or -(-config.train.batch_size //
-                                                                                  self.dist.world),
-                             "gradient_accumulation_steps": config.gradient_accumulation_steps}}
+                   "batch": self._batch()}
         if not self.dist.main:
             return metrics
         if config.do_predict:

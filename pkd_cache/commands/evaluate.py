@@ -42,7 +42,7 @@ def score(model, batches_by_split: dict[str, Iterable[dict]], task: TaskSpec, de
     out: dict[str, float] = {}
     for split, batches in batches_by_split.items():
         if counts is not None:
-            batches = _counted(batches, counts[split], f"scoring {split}")
+            batches = counted(batches, counts[split], f"scoring {split}")
         logits, labels = predict(model, batches, device, to_model_inputs)
         for k, v in compute_metrics(task, logits.numpy(), labels.numpy()).items():
             out[f"{split}_{k}"] = v
@@ -58,7 +58,8 @@ def split_and_metric(key: str, task: TaskSpec) -> tuple[str, str]:
     return split, metric
 
 
-def _counted(batches: Iterable[dict], total: int, label: str):
+def counted(batches: Iterable[dict], total: int, label: str):
+    """`batches`, with a progress bar of `total` (predicting, scoring)."""
     with progress_bar(total, label, unit="batch") as bar:
         for batch in batches:
             yield batch

@@ -13,8 +13,9 @@ from ..data.batches import ArrayBatches
 from ..data.loading import load_test_examples, test_splits
 from ..data.tasks import TaskSpec
 from ..data.tokenize import to_model_inputs, tokenize
-from ..progress import log, progress_bar
+from ..progress import log
 from ..training import predict
+from .evaluate import counted
 
 
 def write_predictions(model, tokenizer, task: TaskSpec, folder: Path, data_dir: Optional[str], max_seq_length: int,
@@ -26,12 +27,8 @@ def write_predictions(model, tokenizer, task: TaskSpec, folder: Path, data_dir: 
         arrays = tokenize(tokenizer, ex, 0, len(ex), max_seq_length)
         arrays["labels"] = ex.labels
         batches = ArrayBatches(arrays, batch_size)
-        with progress_bar(len(batches), f"predicting {split}", unit="batch") as bar:
-            def counted():
-                for b in batches.epoch():
-                    yield b
-                    bar.advance(1)
-            logits, _ = predict(model, counted(), device, to_model_inputs)
+        logits, _ = predict(model, counted(batches.epoch(), len(batches), f"predicting {split}"), device,
+                            to_model_inputs)
         suffix = "-mm" if split.endswith("mismatched") else ""
         path = Path(folder) / f"predict_results_{task.name}{suffix}.txt"
         if task.is_regression:

@@ -56,16 +56,22 @@ def load_examples(task: TaskSpec, split: str, data_dir: Optional[str] = None,
         raise PkdCacheError(f"task {task.name} has no split {split!r}; its splits are {', '.join(task.splits)}")
     if max_examples is not None and max_examples <= 0:  # rows[:-n] would silently drop the last n
         raise PkdCacheError(f"the number of examples to take must be > 0, got {max_examples}")
+    rows, source = _split_rows(task, split, data_dir, max_examples)
+    return _to_examples(task, rows, source)
+
+
+def _split_rows(task: TaskSpec, split: str, data_dir: Optional[str],
+                max_examples: Optional[int]) -> tuple[list[dict], str]:
+    """The split's rows (the first `max_examples`) from the hub or `data_dir`, and where they came from."""
     if data_dir is None:
         rows, source = _hub_rows(task, split, max_examples)
     else:
         path = find_split_file(task, split, data_dir)
         rows, source = read_rows(path, task), str(path)
-    if max_examples is not None:
-        rows = rows[:max_examples]
+    rows = rows[:max_examples] if max_examples is not None else rows
     if not rows:
         raise PkdCacheError(f"{source}: no examples in split {split!r}")
-    return _to_examples(task, rows, source)
+    return rows, source
 
 
 def test_splits(task: TaskSpec) -> tuple[str, ...]:
@@ -80,18 +86,8 @@ def load_test_examples(task: TaskSpec, split: str, data_dir: Optional[str] = Non
     if split not in test_splits(task):
         raise PkdCacheError(f"task {task.name} has no test split {split!r}; its test splits are "
                             f"{', '.join(test_splits(task))}")
-    if data_dir is None:
-        rows, source = _hub_rows(task, split, max_examples)
-    else:
-        path = find_split_file(task, split, data_dir)
-        rows, source = read_rows(path, task), str(path)
-    rows = rows[:max_examples] if max_examples is not None else rows
-    if not rows:
-        raise PkdCacheError(f"{source}: no examples in split {split!r}")
-    col_a = _column(task, task.text_a, rows[0], source, "text")
-    col_b = _column(task, task.text_b, rows[0], source, "second text") if task.text_b else None
-    text_a = [str(_value(r, col_a, source, i)) for i, r in enumerate(rows)]
-    text_b = [str(_value(r, col_b, source, i)) for i, r in enumerate(rows)] if col_b else None
+    rows, source = _split_rows(task, split, data_dir, max_examples)
+    text_a, text_b = _texts(task, rows, source)
     labels = np.full(len(rows), np.nan, np.float32) if task.is_regression else np.full(len(rows), -1, np.int64)
     return Examples(text_a, text_b, labels, source)
 
@@ -189,13 +185,17 @@ def _column(task: TaskSpec, names: tuple[str, ...], row: dict, source: str, what
                         f"found: {', '.join(map(str, row))})")
 
 
-def _to_examples(task: TaskSpec, rows: list[dict], source: str) -> Examples:
-    first = rows[0]
-    col_a = _column(task, task.text_a, first, source, "text")
-    col_b = _column(task, task.text_b, first, source, "second text") if task.text_b else None
-    col_label = _column(task, task.label, first, source, "label")
+def _texts(task: TaskSpec, rows: list[dict], source: str) -> tuple[list[str], Optional[list[str]]]:
+    col_a = _column(task, task.text_a, rows[0], source, "text")
+    col_b = _column(task, task.text_b, rows[0], source, "second text") if task.text_b else None
     text_a = [str(_value(r, col_a, source, i)) for i, r in enumerate(rows)]
     text_b = [str(_value(r, col_b, source, i)) for i, r in enumerate(rows)] if col_b else None
+    return text_a, text_b
+
+
+def _to_examples(task: TaskSpec, rows: list[dict], source: str) -> Examples:
+    text_a, text_b = _texts(task, rows, source)
+    col_label = _column(task, task.label, rows[0], source, "label")
     labels = [parse_label(task, _value(r, col_label, source, i), source, i) for i, r in enumerate(rows)]
     dtype = np.float32 if task.is_regression else np.int64
     return Examples(text_a, text_b, np.asarray(labels, dtype=dtype), source)
