@@ -135,3 +135,16 @@ def test_another_teacher_is_refused(teacher_dir, data_dir, tmp_path, backbone_di
     p = dump(backbone_dir, data_dir, "--out", out, "--add-split", "validation")
     assert p.returncode == 2 and "was dumped from another teacher or with other settings (differs in: teacher " \
         "weights" in p.stderr, show(p)
+
+
+@pytest.mark.parametrize("setting, value", [("sort_window", -5), ("precision", "fp7"), ("max_examples", 0.5)])
+def test_a_store_recording_impossible_settings_is_refused(teacher_dir, data_dir, tmp_path, setting, value):
+    """The settings --add-split takes from the store are checked as if given on the command line."""
+    out = tmp_path / "s.zarr"
+    assert dump(teacher_dir, data_dir, "--out", out, "--split", "train").returncode == 0
+    doc = json.loads((out / "zarr.json").read_text())
+    doc["attributes"]["settings"][setting] = value
+    (out / "zarr.json").write_text(json.dumps(doc))
+    p = dump(teacher_dir, data_dir, "--out", out, "--add-split", "validation")
+    assert p.returncode == 2 and "records a setting no dump takes" in p.stderr, show(p)
+    assert len(p.stderr.strip().splitlines()) == 1 and not (out / "validation").exists(), show(p)

@@ -92,6 +92,8 @@ def _with_store_settings(config: DumpConfig, recorded: dict, target: str) -> Dum
             continue
         theirs = recorded[name]
         if name == "finetune_train":
+            if not isinstance(theirs, dict):
+                raise PkdCacheError(f"{target} records an impossible fine-tune setting ({theirs!r}); dump it again")
             theirs = TrainConfig(**{k: v for k, v in theirs.items() if k in TrainConfig.__dataclass_fields__})
         mine = getattr(config, name)
         if mine != getattr(default, name) and mine != theirs:
@@ -100,7 +102,12 @@ def _with_store_settings(config: DumpConfig, recorded: dict, target: str) -> Dum
         taken[name] = theirs
     if taken.get("dtype", config.dtype) not in CLS_DTYPES:
         raise PkdCacheError(f"{target} records an unknown CLS dtype {taken['dtype']!r}")
-    return dataclasses.replace(config, **taken)
+    config = dataclasses.replace(config, **taken)
+    try:  # the store's values are as untrusted as any input: checked as if given on the command line
+        config.check()
+    except PkdCacheError as e:
+        raise PkdCacheError(f"{target} records a setting no dump takes ({e}); dump it again") from None
+    return config
 
 
 def _flag(name: str) -> str:

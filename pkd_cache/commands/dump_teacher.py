@@ -82,6 +82,8 @@ def _copy_from(shared: Location, target: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
     aside.mkdir(parents=True)
     for name in shared.list(""):
+        if name.startswith(".") or "/" in name or "\\" in name:  # a name that could leave the folder: not ours
+            continue
         (aside / name).write_bytes(shared.read(name))
     try:
         os.rename(aside, target)
