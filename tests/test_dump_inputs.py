@@ -120,7 +120,7 @@ def test_a_full_disk_before_the_first_chunk_leaves_the_store_resumable(tmp_path,
 
 def test_a_failure_after_a_durable_chunk_keeps_the_store_resumable(tmp_path, teacher_dir, data_dir, monkeypatch):
     out = tmp_path / "some.zarr"
-    full_disk_after(monkeypatch, 12)  # the first chunk's 11 files (cls: one per layer) and its record
+    full_disk_after(monkeypatch, 13)  # the first chunk's 12 files (cls: one per layer) and its record
     p = cli_in_process(*dump_args(teacher_dir, data_dir, out))
     assert p.returncode == 2 and "No space left on device" in p.stderr, show(p)
     assert json.loads((out / "zarr.json").read_text())["attributes"]["complete"] is False

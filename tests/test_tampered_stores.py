@@ -155,8 +155,8 @@ def test_crafted_sizes_are_refused_by_arithmetic_not_by_listing(copy):
         doc = read_json(f)
         doc["shape"][0] = big
         write_json(f, doc)
-    refused(copy, "the layout needs 171,875,000,011 chunks but the manifest records 44")
-    assert verify_problems(copy)[0].startswith("checksums: the layout needs 171,875,000,011 chunks")
+    refused(copy, "the layout needs 187,500,000,012 chunks but the manifest records 48")
+    assert verify_problems(copy)[0].startswith("checksums: the layout needs 187,500,000,012 chunks")
 
 
 # --- 3 and 5. values: non-finite, labels and ids out of range, even with their checksums recomputed -----------------

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pkd_cache.testing import cli_env, cli_in_process, show, tree_digest
 
@@ -245,13 +246,17 @@ def test_bad_gc_input_is_one_line(cache, args, says):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
-def test_a_grown_dataset_reuses_the_cached_rows_and_equals_a_fresh_dump(teacher_dir, data_dir, tmp_path, dtype):
-    """The data grew by 12 examples (inserted among the old ones): the teacher runs on those 12 only, and the store
-    equals a fresh dump of the whole up to float noise (reused rows were computed in other batches, whose padding
-    changes the forward's float order): |a - b| <= 1e-5 + 1e-4 |b| for logits, 2e-3 + 1e-2 |b| for CLS."""
+def test_a_grown_dataset_reuses_the_cached_rows_and_equals_a_fresh_dump(teacher_dir, data_dir, tmp_path, dtype,
+                                                                          monkeypatch):
+    """The data grew by 12 examples (inserted among the old ones), and 5 old ones were re-spaced (other text, the
+    same tokens): the teacher runs on those 12 only, only the 17 are tokenised (the others are found by their text
+    hash), and the store equals a fresh dump of the whole up to float noise (reused rows were computed in other
+    batches, whose padding changes the forward's float order): |a - b| <= 1e-5 + 1e-4 |b| for logits,
+    2e-3 + 1e-2 |b| for CLS."""
     import random
 
     import numpy as np
+    from pkd_cache.commands import dump_run
     from pkd_cache.testing import synthetic_rows
 
     cache = tmp_path / "cache"
@@ -263,15 +268,26 @@ def test_a_grown_dataset_reuses_the_cached_rows_and_equals_a_fresh_dump(teacher_
     grown.mkdir(parents=True)
     rows = (data_dir / "train.tsv").read_text().splitlines()
     new = [f"{s} again\t{y}" for s, y in synthetic_rows(12, 99)]
-    body = rows[1:] + new
+    respaced = [row.replace(" ", "  ", 1) if i < 5 else row for i, row in enumerate(rows[1:])]
+    assert sum(a != b for a, b in zip(respaced, rows[1:])) == 5
+    body = respaced + new
     random.Random(0).shuffle(body)
     (grown / "train.tsv").write_text("\n".join([rows[0]] + body) + "\n")
     shutil.copy(data_dir / "dev.tsv", grown / "dev.tsv")
 
+    tokenised = []
+
+    def counting(tokenizer, examples, start, stop, max_length):
+        tokenised.append(stop - start)
+        return tokenize(tokenizer, examples, start, stop, max_length)
+
+    tokenize = dump_run.tokenize
+    monkeypatch.setattr(dump_run, "tokenize", counting)
     p = cli_in_process(*dump_args(teacher_dir, grown, cache, *args))
     assert p.returncode == 0, show(p)
     said = " ".join(p.stderr.split())
     assert "reused 208 of 220 examples from" in said and "teacher ran on 12" in said, show(p)
+    assert sum(tokenised) == 12 + 5 + 2 * 2, tokenised  # new, re-spaced, and the probe's 2 rows of each split
     incremental = next(pkd_cache.open_store(str(cache / n)) for n, _ in entries(str(cache))
                        if pkd_cache.open_store(str(cache / n)).meta.splits["train"].num_examples == 172)
     fresh = pkd_cache.dump(pkd_cache.DumpConfig(teacher=str(teacher_dir), task="sst2", data_dir=str(grown),
@@ -284,6 +300,36 @@ def test_a_grown_dataset_reuses_the_cached_rows_and_equals_a_fresh_dump(teacher_
         a, b = incremental.read(split, 0, fresh.num_examples(split)), fresh.read(split, 0, fresh.num_examples(split))
         np.testing.assert_allclose(a["logits"], b["logits"], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(a["cls"].astype(np.float32), b["cls"].astype(np.float32), rtol=1e-2, atol=2e-3)
+
+
+def test_a_store_from_before_text_hashes_grows_and_gives_rows_by_token_hash(teacher_dir, data_dir, tmp_path,
+                                                                           monkeypatch):
+    """A store written before text hashes (its `extra_arrays` lists only example_hash) keeps its own layout when a
+    split is added to it, and as a donor its rows are found by their token digests."""
+    from pkd_cache.commands import dump_run
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with monkeypatch.context() as m:
+        m.setattr(dump_run, "EXTRA_ARRAYS", ("example_hash",))  # what pkd-cache wrote before text hashes
+        p = cli_in_process(*dump_args(teacher_dir, data_dir, cache, "--split", "train"))
+        assert p.returncode == 0, show(p)
+    (name, _), = entries(str(cache))
+    p = cli_in_process(*dump_args(teacher_dir, data_dir, cache, "--out", cache / name, "--add-split", "validation"))
+    assert p.returncode == 0, show(p)
+    old = pkd_cache.open_store(str(cache / name))
+    assert old.info()["extra_arrays"] == ["example_hash"] and old.splits == ["train", "validation"]
+    p = cli_in_process("verify", cache / name)
+    assert p.returncode == 0, show(p)
+
+    p = cli_in_process(*dump_args(teacher_dir, data_dir, cache, "--max-examples", "100"))  # other data: a miss
+    assert p.returncode == 0, show(p)
+    said = " ".join(p.stderr.split())
+    assert "reused 148 of 148 examples from" in said and "teacher ran on 0" in said, show(p)
+    new = next(pkd_cache.open_store(str(cache / n)) for n, _ in entries(str(cache)) if n != name)
+    assert new.info()["extra_arrays"] == ["example_hash", "text_hash"]
+    for split in ("train", "validation"):
+        np.testing.assert_array_equal(new.array(split, "input_ids")[:], old.array(split, "input_ids")[:100])
 
 
 def test_a_miss_in_a_cache_it_cannot_write_is_one_line(cache, teacher_dir, data_dir, tmp_path, monkeypatch):

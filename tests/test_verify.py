@@ -25,9 +25,9 @@ def test_a_sound_store_verifies(store_path):
     r = verify_store(str(store_path))
     assert r.ok and r.checksummed, r.problems
     manifest = json.loads((store_path / "checksums.json").read_text())
-    # 3 chunks x (5 token/label/logit arrays + 5 CLS layers + example_hash) for train (160 rows), 1 x 11 for
-    # validation (48 rows)
-    assert r.chunks == len(manifest["chunks"]) == 3 * 11 + 1 * 11
+    # 3 chunks x (5 token/label/logit arrays + 5 CLS layers + example_hash + text_hash) for train (160 rows),
+    # 1 x 12 for validation (48 rows)
+    assert r.chunks == len(manifest["chunks"]) == 3 * 12 + 1 * 12
     p = cli_in_process("verify", store_path)
     assert p.returncode == 0 and p.stdout.startswith("ok: ") and "match their checksums" in p.stdout, show(p)
 

@@ -26,20 +26,23 @@ from ..distributed import Ranks, barrier, broadcast, gather, process_group, rank
 from ..errors import Interrupted, PkdCacheError
 from ..models import LoadedModel, check_max_length, load_for_task
 from ..progress import log, progress_bar
+from ..store.arrays.text_hash import NAME as TEXT_HASH
+from ..store.arrays.text_hash import text_hashes
 from ..store.fingerprint import vocab_fingerprint, weights_fingerprint
 from ..store.format import now, split_arrays, with_derived
-from ..store.arrays.example_hash import row_hashes
+from ..store.location import Location
 from ..store.quantize import quantize_int8
+from ..store.registry import read_metadata
 from ..store.writer import BackgroundWriter, attach_writer, open_writer
 from ..teacher.run import run_chunk
 from ..training import resolve_device
-from .dump_reuse import Donor, find_donor
+from .dump_reuse import Donor, find_donor, window_arrays
 from .dump_shares import chunk_ranges, share_windows, sort_windows, window_tokens
 from .dump_teacher import teacher_to_run
 from .interrupt import stop_on_sigterm
 
 
-EXTRA_ARRAYS = ("example_hash",)  # optional arrays (store/arrays/) every new store holds
+EXTRA_ARRAYS = ("example_hash", "text_hash")  # optional arrays (store/arrays/) every new store holds
 
 
 def run_dump(config: DumpConfig, task: TaskSpec, examples: dict, key_parts: dict, key: str, resuming: bool,
@@ -63,7 +66,8 @@ def run_dump(config: DumpConfig, task: TaskSpec, examples: dict, key_parts: dict
     device = rank_device(ranks, resolve_device(config.device))
     loaded.model.to(device).eval()
     job = _Job(config, task, examples, key_parts, resuming, ranks, device, loaded.model, loaded.tokenizer,
-               find_donor(config.cache, task.name, key_parts, config.out), extend)
+               find_donor(config.cache, task.name, key_parts, config.out), extend,
+               _held_extras(config.out, resuming, extend))
     metadata = _metadata(job, loaded, finetuned_dir, key) if extend is None else _extended(job, extend)
     _probe(job)  # what would fail mid-dump fails here, before any write
     writer = _write(job, metadata)
@@ -91,6 +95,7 @@ class _Job:
     tokenizer: Any
     donor: Optional[Donor] = None  # a cached store whose rows this dump reuses (commands/dump_reuse.py)
     extend: Optional[dict] = None  # the metadata of the complete store this dump adds splits to
+    extras: tuple[str, ...] = EXTRA_ARRAYS  # the optional arrays (store/arrays/) the store holds
 
     @property
     def num_layers(self) -> int:
@@ -103,6 +108,13 @@ class _Job:
     @property
     def total(self) -> int:
         return sum(len(e) for e in self.examples.values())
+
+
+def _held_extras(out: str, resuming: bool, extend: Optional[dict]) -> tuple[str, ...]:
+    """The optional arrays the store holds: a new store's EXTRA_ARRAYS; a store resumed or added to keeps its own
+    (one begun by an older pkd-cache lacks the newer ones)."""
+    meta = extend if extend is not None else (read_metadata(Location(out)) or {}) if resuming else None
+    return EXTRA_ARRAYS if meta is None else tuple(meta.get("extra_arrays") or ())
 
 
 def _absolute(name: Optional[str]) -> Optional[str]:
@@ -141,7 +153,7 @@ def _metadata(job: _Job, loaded: LoadedModel, finetuned_dir: Optional[Path], key
                  "is_regression": task.is_regression, "metric": task.metric, "dev_splits": list(task.dev_splits)},
         "max_seq_length": config.max_seq_length, "cls_dtype": config.dtype, "chunk_size": config.chunk_size,
         "settings": to_dict(config), "cache_key": key, "cache_key_parts": job.key_parts,
-        "extra_arrays": list(EXTRA_ARRAYS),
+        "extra_arrays": list(job.extras),
     }
 
 
@@ -257,7 +269,7 @@ def _split_arrays(job: _Job, n: int) -> dict:
     """{array: (shape, dtype)} of a split of `n` examples (every array kind it holds, store/arrays/)."""
     config, task = job.config, job.task
     return split_arrays(n, config.max_seq_length, task.num_labels, job.num_layers, job.hidden, config.dtype,
-                        "float32" if task.is_regression else "int64", EXTRA_ARRAYS)
+                        "float32" if task.is_regression else "int64", job.extras)
 
 
 def _plan(job: _Job, writer) -> dict:
@@ -310,16 +322,17 @@ def _run_window(job: _Job, background: BackgroundWriter, split: str, ex, window:
     cls_dtype = np.dtype(np.float32 if int8 else config.dtype)  # int8 is quantised from float32 below
     todo = [c for c in chunk_ranges(start, stop, config.chunk_size) if c[0] // config.chunk_size not in durable]
     holds = _split_arrays(job, len(ex))
-    # tokenised a chunk at a time: the tokenizer's per-example objects never exist for a whole window (same arrays
-    # either way; benchmarks/RESULTS.md, B6)
-    parts = [tokenize(job.tokenizer, ex, a, b, config.max_seq_length)
-             for a, b in chunk_ranges(start, stop, config.chunk_size)]
-    tokens = {k: np.concatenate([t[k] for t in parts]) for k in parts[0]}
-    digests = row_hashes(tokens) if job.donor is not None else None  # else the writer derives them
-    logits, cls = _teacher_outputs(job, tokens, cls_dtype, digests)
-    arrays = {**tokens, "labels": ex.labels[start:stop], "logits": logits, "cls": cls}
-    if digests is not None:
-        arrays["example_hash"] = digests
+    part = ex.take(slice(start, stop))
+    texts = text_hashes(part.text_a, part.text_b)
+    if job.donor is None:
+        tokens = _tokenize(job, part)
+        logits, cls = _run_teacher(job, tokens, cls_dtype)
+        arrays = {**tokens, "logits": logits, "cls": cls}  # the writer derives example_hash
+    else:
+        arrays = window_arrays(job.donor, texts, lambda rows: _tokenize(job, part.take(rows)),
+                               lambda tokens: _run_teacher(job, tokens, cls_dtype), cls_dtype)
+    arrays["labels"], arrays[TEXT_HASH] = part.labels, texts
+    arrays = {k: v for k, v in arrays.items() if k in holds}  # a store begun by an older version lacks newer extras
     queued = 0
     for a, b in todo:
         chunk = {k: v[a - start:b - start] for k, v in arrays.items()}
@@ -330,25 +343,19 @@ def _run_window(job: _Job, background: BackgroundWriter, split: str, ex, window:
     return queued
 
 
-def _teacher_outputs(job: _Job, tokens: dict, cls_dtype, digests) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, cls) of a window: the teacher run on it, or only on the examples the donor store does not hold."""
+def _tokenize(job: _Job, ex) -> dict[str, np.ndarray]:
+    """The token arrays of `ex`, tokenised a chunk at a time: the tokenizer's per-example objects never exist for a
+    whole window (same arrays either way; benchmarks/RESULTS.md, B6)."""
+    size, width = job.config.chunk_size, job.config.max_seq_length
+    parts = [tokenize(job.tokenizer, ex, a, min(a + size, len(ex)), width) for a in range(0, len(ex), size)]
+    return {k: np.concatenate([t[k] for t in parts]) for k in parts[0]}
+
+
+def _run_teacher(job: _Job, tokens: dict, cls_dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, cls) of the teacher on `tokens`."""
     config = job.config
-
-    def run(part: dict):
-        return run_chunk(job.model, part, config.batch_size, bucketed=not config.pad_to_max_length,
-                         cls_dtype=cls_dtype, device=job.device, precision=config.precision)
-
-    places = job.donor.lookup(digests) if job.donor is not None else []
-    known = np.array([p is not None for p in places], bool)
-    if not known.any():
-        return run(tokens)
-    logits, cls = job.donor.outputs([p for p in places if p is not None])
-    out_logits = np.empty((len(known),) + logits.shape[1:], np.float32)
-    out_cls = np.empty((len(known),) + cls.shape[1:], cls_dtype)
-    out_logits[known], out_cls[known] = logits, cls  # cast on assignment (none when the dtypes are the same)
-    if not known.all():
-        out_logits[~known], out_cls[~known] = run({k: v[~known] for k, v in tokens.items()})
-    return out_logits, out_cls
+    return run_chunk(job.model, tokens, config.batch_size, bucketed=not config.pad_to_max_length,
+                     cls_dtype=cls_dtype, device=job.device, precision=config.precision)
 
 
 def release_free_memory() -> None:

@@ -46,8 +46,15 @@ class Examples:
         return h.hexdigest()
 
     def head(self, n: int) -> "Examples":
-        b = None if self.text_b is None else self.text_b[:n]
-        return Examples(self.text_a[:n], b, self.labels[:n], self.source)
+        return self.take(slice(0, n))
+
+    def take(self, rows) -> "Examples":
+        """The examples at `rows` (a slice, or integer indices), in that order."""
+        def pick(values: list) -> list:
+            return values[rows] if isinstance(rows, slice) else [values[i] for i in rows]
+
+        b = None if self.text_b is None else pick(self.text_b)
+        return Examples(pick(self.text_a), b, self.labels[rows], self.source)
 
 
 def load_examples(task: TaskSpec, split: str, data_dir: Optional[str] = None,
