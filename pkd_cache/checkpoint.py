@@ -3,7 +3,7 @@
     <output_dir>/checkpoint/state.safetensors   model.*, extra.* (e.g. the CLS projection), opt.<i>.<key>, rng.*
                                                 (rank 0's; under torchrun rng.rank<r>.* holds rank r's)
     <output_dir>/checkpoint/state.json          position {epoch, batch, step}, optimiser param groups, scheduler,
-                                                best metric and history
+                                                fp16's loss scale (`scaler`), best metric and history
 
 A new checkpoint is written beside the old one and swapped in by renames, so a crash never leaves a half-written
 one in its place. `distill --resume` continues from it; a finished run removes it (it is a resume aid, three

@@ -109,8 +109,8 @@ class Member:
                  dist: DistContext = DistContext(), scaler: Optional[Any] = None, reporter: Optional[Any] = None):
         """Under torchrun (`dist`): `accumulation` cuts this rank's part of a batch into micro-batches, only rank 0
         evaluates, saves and writes checkpoints, and the other ranks' RNG states are gathered into rank 0's
-        checkpoint, so a resumed run keeps each rank's dropout stream. `scaler`: fp16's GradScaler (CUDA), which
-        scales the loss and skips a step whose gradients overflowed."""
+        checkpoint, so a resumed run keeps each rank's dropout stream. `scaler`: fp16's GradScaler, which scales the
+        loss and skips a step whose gradients overflowed (its scale is saved in the checkpoint)."""
         self.scaler, self.reporter = scaler, reporter  # reporter: --report-to (reporting.Reporter)
         self.accumulation, self.dist, self.rank, self.main = accumulation, dist, dist.rank, dist.main
         self.model, self.cfg, self.total_steps, self.name = model, cfg, total_steps, name
@@ -223,8 +223,9 @@ class Member:
         return self.dist.gather(_rng_to_json(self.rng))[1:]
 
     def state(self, other_ranks_rng: list[dict] = ()) -> tuple[dict[str, torch.Tensor], dict]:
-        """Everything needed to continue bit for bit: weights, optimiser, schedule, RNG (this rank's and, under
-        torchrun, `other_ranks_rng`), results so far."""
+        """Everything needed to continue bit for bit: weights, optimiser, schedule, fp16's loss scale (a fresh
+        scaler would start again at 2**16 and skip steps to find it), RNG (this rank's and, under torchrun,
+        `other_ranks_rng`), results so far."""
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors.update({f"extra.{k}": p for k, p in self.extra})
         opt = self.opt.state_dict()
@@ -241,7 +242,8 @@ class Member:
         sched = {k: v for k, v in self.sched.state_dict().items() if k != "lr_lambdas"}
         meta = {"param_groups": opt["param_groups"], "scheduler": sched, "step_count": self.step_count,
                 "best_metric": self.result.best_metric, "best_epoch": self.result.best_epoch,
-                "history": self.result.history, "cuda_rng": len(cuda or []), "rng_ranks": 1 + len(other_ranks_rng)}
+                "history": self.result.history, "cuda_rng": len(cuda or []), "rng_ranks": 1 + len(other_ranks_rng),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}  # plain numbers
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -256,6 +258,8 @@ class Member:
                 state.setdefault(int(i), {})[name] = v
         self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(self.opt.param_groups)})
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
         self.rng = self._saved_rng(tensors, meta)
         self.step_count = meta["step_count"]
         self.result.best_metric, self.result.best_epoch = meta["best_metric"], meta["best_epoch"]

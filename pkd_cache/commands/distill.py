@@ -39,6 +39,9 @@ from .output_lock import OutputLock
 from .paths import check_inputs, check_output_dir, model_inputs, prepare_output, resume_dir, resume_output
 
 EVAL_FIELDS = tuple(TOKEN_DTYPES) + ("labels",)
+# --fp16 runs on these devices. CUDA only for users: float16 matmuls are slow on most CPUs, where --bf16 is the way.
+# The tests add "cpu" to run the same autocast and GradScaler path on a machine without a GPU.
+FP16_DEVICES = ("cuda",)
 
 
 def _store_task(meta: StoreMeta, config: DistillConfig):
@@ -132,7 +135,7 @@ def distill_many(configs: list[DistillConfig], description: str = "distill", hin
     resume = _check_pass(configs)
     dist = dist_context(resolve_device(configs[0].device))
     asked, configs = configs, [_resolved_batch(c, dist.world) for c in configs]
-    if configs[0].fp16 and dist.device.type != "cuda":
+    if configs[0].fp16 and dist.device.type not in FP16_DEVICES:
         raise PkdCacheError(f"--fp16 needs a CUDA GPU (its loss scaling is CUDA's), and this run is on "
                             f"{dist.device.type}; use --bf16, or neither")
     # log lines and bars from rank 0 only
@@ -193,6 +196,8 @@ def _train_pass(students: list[_Student], batches: _PassBatches, description: st
         return [s.finish(result, time.perf_counter() - t0) for s, result in zip(students, results)]
     except BaseException:
         for s in students:  # a failed run: the old output stays, a resumable checkpoint too
+            if s.member.reporter is not None:  # its wandb/mlflow run ends as failed (not left open to the next)
+                s.member.reporter.close(failed=True)
             if s.output is not None:
                 s.output.abandon()
         raise
@@ -332,8 +337,8 @@ class _Student:
                                  self.meta.max_seq_length, config.per_device_eval_batch_size, self.dist.device)
 
     def _scaler(self):
-        """fp16's loss scaling (CUDA's GradScaler); None otherwise."""
-        return torch.amp.GradScaler("cuda") if self.plan.config.fp16 else None
+        """fp16's loss scaling (a GradScaler on the run's device: CUDA, or the tests' CPU); None otherwise."""
+        return torch.amp.GradScaler(self.dist.device.type) if self.plan.config.fp16 else None
 
     def loss(self, batch: dict):
         """The PKD loss of a batch (the single loss seam, student/losses.py). With --fp16/--bf16 the student's
