@@ -13,7 +13,7 @@ CE + alpha x KD (TokenKD). The targets come from the teacher ONLINE, each step (
 drawn with a torch.Generator seeded by (seed, step), so reruns are identical): a store reader will replace that
 one function with targets read from a dump.
 
-Reported per run: held-out perplexity (lm_teacher.perplexity), the mean train CE of the last 10 steps, the
+Reported per run: held-out perplexity (as `pkd-cache eval --task lm` scores it), the mean train CE of the last 10 steps, the
 student's step speed (forward + loss + backward + AdamW: what training from a store costs, reading aside), the
 teacher's (forward + target making: what a dump costs, writing aside), the speed of coding the targets
 (store/sparse_codec.py), and bytes per token of the first --byte-batches batches' targets: as coded, and after
@@ -176,7 +176,7 @@ def main() -> None:
     vocab = teacher.get_output_embeddings().weight.shape[0]
     t0 = time.perf_counter()
     teacher_ppl = perplexity(teacher, held.input_ids, held.offsets)
-    teacher.eval()  # perplexity() leaves the model in train mode
+    teacher.eval()
     print(f"teacher {a.teacher}: {teacher.config.num_hidden_layers} layers, vocab {vocab:,}, held-out perplexity "
           f"{teacher_ppl:.2f} ({held.num_tokens:,} tokens, {time.perf_counter() - t0:.1f}s); train "
           f"{train.summary(a.seq)}; students: {a.student_layers} layers, {a.steps} steps of {a.batch} x {a.seq}, "

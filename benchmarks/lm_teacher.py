@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from common import GLUE, header, table
 
+from pkd_cache.commands.evaluate_lm import perplexity as scored_perplexity
 from pkd_cache.data.corpus import load_corpus, token_budget_batches, tokenize_corpus
 
 EOS = "<|endoftext|>"
@@ -59,25 +60,9 @@ def train_tokenizer(train_txt: Path, vocab: int, folder: Path):
     return tok
 
 
-@torch.no_grad()
-def perplexity(model, ids: np.ndarray, offsets: np.ndarray, batch: int = 32) -> float:
-    """exp(mean next-token NLL) over every held-out sequence (each position t predicts token t + 1)."""
-    model.eval()
-    nll, count = 0.0, 0
-    seqs = [ids[offsets[i]:offsets[i + 1]].astype(np.int64) for i in range(len(offsets) - 1)]
-    for a in range(0, len(seqs), batch):
-        group = [s for s in seqs[a:a + batch] if len(s) >= 2]
-        width = max(len(s) for s in group)
-        x = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.bool)
-        for i, s in enumerate(group):
-            x[i, :len(s)], mask[i, :len(s)] = torch.from_numpy(s), True
-        logits = model(input_ids=x, attention_mask=mask.long()).logits[:, :-1]
-        target, keep = x[:, 1:], mask[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")
-        nll, count = nll + float(loss), count + int(keep.sum())
-    model.train()
-    return math.exp(nll / count)
+def perplexity(model, ids: np.ndarray, offsets: np.ndarray) -> float:
+    """Held-out perplexity as `pkd-cache eval --task lm` scores it (each position t on token t + 1)."""
+    return scored_perplexity(model, ids, offsets)[0]
 
 
 def main() -> None:

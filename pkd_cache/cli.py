@@ -12,9 +12,9 @@ import typer
 from .config import DistillConfig, DumpConfig, EvalConfig, FinetuneConfig, TrainConfig
 from .errors import Interrupted, PkdCacheError
 from . import cli_store
-from .cli_options import (Accumulation, AllowNoChecksums, Alpha, BatchSize, BestMetric, Beta, Bf16, CacheOpt,
-                          DataDir, Device, DoPredict, Epochs, EvalBatch, EvalSteps, EvalStrategy, Fp16, LogSteps, Lr,
-                          MaxGradNorm, MaxSeqLength, MaxSteps, OutputDir, Overwrite, PerDevice, ReportTo,
+from .cli_options import (TASK_NAMES, Accumulation, AllowNoChecksums, Alpha, BatchSize, BestMetric, Beta, Bf16,
+                          CacheOpt, DataDir, Device, DoPredict, Epochs, EvalBatch, EvalSteps, EvalStrategy, Fp16,
+                          LogSteps, Lr, MaxGradNorm, MaxSeqLength, MaxSteps, OutputDir, Overwrite, PerDevice, ReportTo,
                           SaveTotalLimit, Scheduler, Seed, Strategy, StudentInit, StudentLayers, Task, TaskCheck,
                           Temperature, Warmup, Wd, Workers, _fail, _in_cache, _int_list, _names, _train_config)
 
@@ -304,18 +304,25 @@ def bench_student(model: str = typer.Option(..., "--model", help="The student (a
 @user_errors
 def eval_(model: str = typer.Option(..., "--model", "--model-name-or-path", help="A saved model folder or hub "
                                                                                    "name."),
-          task: str = Task,
+          task: str = typer.Option(..., "--task", "--task-name", help=f"The GLUE task ({TASK_NAMES}), or lm: a "
+                                                                     f"causal LM's perplexity on --data-files."),
           data_dir: Optional[str] = DataDir,
           max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length",
-                                                       help="Default: the length the model was trained at."),
+                                                       help="Default: the length the model was trained at (lm: its "
+                                                            "context, at most 1024)."),
           batch_size: int = typer.Option(64, "--batch-size", help="Examples per forward."),
           max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Only the first N dev examples."),
           device: Optional[str] = Device,
+          data_files: Optional[list[str]] = typer.Option(None, "--data-files", help="--task lm: the held-out "
+                                                         "corpus (txt, jsonl, parquet or a hub dataset); repeatable."),
+          text_column: str = typer.Option("text", "--text-column", help="--task lm: the jsonl field or parquet "
+                                                                         "column holding each document."),
           as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON.")):
-    """Score a saved model on the task's dev split(s): a table (or --json); saved as eval_results.json beside a
-    model pkd-cache wrote."""
+    """Score a saved model on the task's dev split(s), or a causal LM's perplexity on --data-files (--task lm): a
+    table (or --json); saved as eval_results.json beside a model pkd-cache wrote."""
     metrics = _run("evaluate", EvalConfig(model=model, task=task, data_dir=data_dir, max_seq_length=max_seq_length,
-                                          batch_size=batch_size, max_examples=max_examples, device=device))
+                                          batch_size=batch_size, max_examples=max_examples, device=device,
+                                          data_files=data_files, text_column=text_column))
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
         return
@@ -324,7 +331,7 @@ def eval_(model: str = typer.Option(..., "--model", "--model-name-or-path", help
 
     table = Table("metric", "score", title=f"{model} on {task}")
     for k, v in metrics.items():
-        table.add_row(k, f"{v:.4f}")
+        table.add_row(k, f"{v:,}" if isinstance(v, int) else f"{v:.4f}")
     Console().print(table)
 
 

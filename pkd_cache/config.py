@@ -343,10 +343,16 @@ class EvalConfig:
     batch_size: int = positive_int(64)
     device: Optional[str] = None
     max_examples: Optional[int] = positive_int(None, optional=True)
+    data_files: Optional[list[str]] = None  # --task lm: the held-out corpus (txt, jsonl, parquet or a hub dataset)
+    text_column: str = "text"  # --task lm: the jsonl field or parquet column holding each document
 
     def check(self) -> None:
         check_numbers(self)
         check_device(self.device)
+        if self.task == "lm" and not self.data_files:
+            raise PkdCacheError("eval --task lm scores perplexity on a held-out corpus: pass --data-files FILE")
+        if self.task != "lm" and self.data_files:
+            raise PkdCacheError(f"--data-files is for --task lm; {self.task} reads its dev split from --data-dir")
 
 
 def to_dict(config) -> dict:

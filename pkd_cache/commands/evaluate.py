@@ -1,8 +1,6 @@
 """Scoring a model on a task's dev split(s): from raw data (`pkd-cache eval`, fine-tuning) or any batches."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -15,6 +13,7 @@ from ..data.tasks import TaskSpec, get_task
 from ..data.tokenize import to_model_inputs, tokenize
 from ..progress import log, progress_bar
 from ..training import predict, resolve_device
+from .paths import save_eval_results
 
 
 def main_metric_key(task: TaskSpec, splits: Optional[Iterable[str]] = None, asked: Optional[str] = None) -> str:
@@ -85,10 +84,15 @@ def trained_max_length(loaded) -> int:
 
 
 def evaluate(config: EvalConfig) -> dict[str, float]:
-    """`pkd-cache eval`: load a saved model and score it on the task's dev split(s)."""
+    """`pkd-cache eval`: load a saved model and score it on the task's dev split(s), or (`--task lm`) a causal LM's
+    perplexity on `--data-files` (commands/evaluate_lm.py)."""
     from ..models import check_max_length, load_for_task
 
     config.check()
+    if config.task == "lm":
+        from .evaluate_lm import evaluate_lm  # torch, transformers: only for this task
+
+        return evaluate_lm(config)
     task = get_task(config.task)
     loaded = load_for_task(config.model, task, what="model")
     max_len = config.max_seq_length or trained_max_length(loaded)
@@ -99,21 +103,7 @@ def evaluate(config: EvalConfig) -> dict[str, float]:
                               config.max_examples)
     metrics = score(model, {s: b.epoch() for s, b in batches.items()}, task, device,
                     counts={s: len(b) for s, b in batches.items()})
-    saved = _save_results(Path(config.model).expanduser(), {"task": task.name, **metrics})
+    saved = save_eval_results(Path(config.model).expanduser(), {"task": task.name, **metrics})
     log(f"wrote {saved}" if saved else f"scores not written: {config.model} is not a folder pkd-cache wrote "
         f"(its scores are printed only)")
     return metrics
-
-
-def _save_results(folder: Path, results: dict) -> Optional[Path]:
-    """eval_results.json beside a model pkd-cache wrote (a student or teacher folder), written aside and renamed;
-    its path. Any other folder (a downloaded model, another tool's output with its own eval_results.json) is left as
-    it was (None): the scores are printed either way."""
-    from .paths import output_kind
-
-    if not folder.is_dir() or output_kind(folder) not in ("student", "teacher"):
-        return None
-    tmp = folder / f".eval_results.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(folder / "eval_results.json")
-    return folder / "eval_results.json"

@@ -254,3 +254,15 @@ def mark_folder(folder: Path, kind: str, command: str) -> None:
     """A marker for a folder pkd-cache fills over time (a sweep's), if it has none."""
     if not (folder / MARKER).is_file():
         _write_json(folder / MARKER, {"kind": kind, "command": command, "pkd_cache_version": __version__})
+
+
+def save_eval_results(folder: Path, results: dict) -> Optional[Path]:
+    """eval_results.json beside a model pkd-cache wrote (a student or teacher folder), written aside and renamed;
+    its path. Any other folder (a downloaded model, another tool's output with its own eval_results.json) is left as
+    it was (None): the scores are printed either way."""
+    if not folder.is_dir() or output_kind(folder) not in ("student", "teacher"):
+        return None
+    tmp = folder / f".eval_results.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(folder / "eval_results.json")
+    return folder / "eval_results.json"

@@ -47,6 +47,26 @@ def _check_causal(config, name: str) -> None:
                             f"a token-level student must be one")
 
 
+def load_causal_lm(name_or_path: str, config_overrides: Optional[dict] = None, pretrained: bool = True):
+    """An `AutoModelForCausalLM` from a folder or hub name (or a random init from its config with
+    `pretrained=False`); anything that is not a causal LM, or does not load, is one line."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models import quiet_transformers
+
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **(config_overrides or {}))
+    except Exception as e:  # OSError, ValueError, ...: one line
+        raise PkdCacheError(f"could not load a model config from {name_or_path}: {_first_line(e)}") from e
+    _check_causal(config, name_or_path)
+    try:
+        return (AutoModelForCausalLM.from_pretrained(name_or_path, config=config) if pretrained
+                else AutoModelForCausalLM.from_config(config))
+    except Exception as e:
+        raise PkdCacheError(f"could not load {name_or_path} as a causal LM: {_first_line(e)}") from e
+
+
 def causal_lm_student(name_or_path: str, layers: Optional[int] = None, config_overrides: Optional[dict] = None,
                       pretrained: bool = True):
     """An `AutoModelForCausalLM` made of the embeddings, the first `layers` blocks, the final norm and the LM head
@@ -54,21 +74,17 @@ def causal_lm_student(name_or_path: str, layers: Optional[int] = None, config_ov
     before loading; shape-changing ones only make sense with `pretrained=False` (a random init from the config,
     cut to `layers` the same way). The config's layer count is updated, so save_pretrained/from_pretrained
     round-trip. The student is in train mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, **(config_overrides or {}))
-    except Exception as e:  # OSError, ValueError, ...: one line
-        raise PkdCacheError(f"could not load a model config from {name_or_path}: {_first_line(e)}") from e
-    _check_causal(config, name_or_path)
-    available = getattr(config, "num_hidden_layers", None)
-    if layers is not None and available is not None and not 1 <= layers <= available:
-        raise PkdCacheError(f"--student-layers {layers}: {name_or_path} has {available} layers (use 1..{available})")
-    try:
-        model = (AutoModelForCausalLM.from_pretrained(name_or_path, config=config) if pretrained
-                 else AutoModelForCausalLM.from_config(config))
-    except Exception as e:
-        raise PkdCacheError(f"could not load {name_or_path} as a causal LM: {_first_line(e)}") from e
+    if layers is not None:  # checked on the config, before any weights load
+        try:
+            available = getattr(AutoConfig.from_pretrained(name_or_path), "num_hidden_layers", None)
+        except Exception:  # noqa: BLE001 - load_causal_lm says why in one line
+            available = None
+        if available is not None and not 1 <= layers <= available:
+            raise PkdCacheError(f"--student-layers {layers}: {name_or_path} has {available} layers "
+                                f"(use 1..{available})")
+    model = load_causal_lm(name_or_path, config_overrides, pretrained)
     path, blocks = find_blocks(model)
     if layers is not None and layers != len(blocks):
         if not 1 <= layers <= len(blocks):

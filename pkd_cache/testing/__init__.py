@@ -96,6 +96,24 @@ def make_bert(folder: Path, layers: int = 4, hidden: int = 32, head: bool = True
     return folder
 
 
+def make_causal_lm(folder: Path, layers: int = 2, hidden: int = 16, seed: int = 0) -> Path:
+    """A random GPT-2 saved with a word-level tokenizer of the synthetic task's words (eos `</s>`), like a hub
+    causal LM."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = ["[UNK]", "</s>"] + sorted(set(POSITIVE + NEGATIVE + FILLER))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>", pad_token="</s>")
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_positions=64, n_embd=hidden, n_layer=layers, n_head=2,
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def make_store(out: Path, teacher: Path, data: Path, chunk_size: int = 64) -> Path:
     """`pkd_cache.dump` of `teacher` on the SST-2 files in `data` into `out` (sequences of 24, batches of 16)."""
     import pkd_cache
