@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from pkd_cache.testing.tamper import decode, edit_array, edit_attributes, rewrite_chunk
 
-from pkd_cache.testing import cli, cli_env, cli_in_process, make_bert, show, tree_digest
+from pkd_cache.testing import cli, cli_env, cli_in_process, make_bert, show, tree_digest, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # ~60 CLI processes in all
 
@@ -261,6 +261,13 @@ CASES: dict[str, Case] = {
         ("--max-seq-length 128", "position embeddings")),
     "eval-unknown-model": Case(lambda c: ["eval", "--model", c.tmp / "no-such-model", "--task", "sst2", "--data-dir",
                                           c.data], ("no-such-model", "does not exist")),
+    "eval-lm-without-data-files": Case(lambda c: ["eval", "--model", c.teacher, "--task", "lm"],
+                                       ("eval --task lm scores perplexity on a held-out corpus",)),
+    "eval-lm-not-a-causal-lm": Case(lambda c: ["eval", "--model", c.teacher, "--task", "lm", "--data-files",
+                                               write_jsonl(c.tmp / "heldout.jsonl", [{"text": "a good film"}])],
+                                    ("is a bert model, not a causal LM",)),
+    "eval-lm-empty-corpus": Case(lambda c: ["eval", "--model", c.teacher, "--task", "lm", "--data-files",
+                                            write_jsonl(c.tmp / "empty.jsonl", [])], ("the corpus is empty",)),
     "distill-unknown-student-init": Case(lambda c: distill_args(c, "--student-init", c.tmp / "no-such-model"),
                                          ("no-such-model", "does not exist"), no_student),
     "ragged-row": Case(lambda c: dump_args(c, data=sst2_files(c.tmp / "d", "sentence\tlabel",

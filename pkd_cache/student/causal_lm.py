@@ -43,8 +43,8 @@ def _check_causal(config, name: str) -> None:
     kind = getattr(config, "model_type", "?")
     encoder = kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
     if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder or getattr(config, "is_encoder_decoder", False):
-        raise PkdCacheError(f"{name} is a {kind} model, not a causal LM (decoder-only, AutoModelForCausalLM); "
-                            f"a token-level student must be one")
+        raise PkdCacheError(f"{name} is a {kind} model, not a causal LM (decoder-only, AutoModelForCausalLM): "
+                            f"--task lm needs one")
 
 
 def load_causal_lm(name_or_path: str, config_overrides: Optional[dict] = None, pretrained: bool = True):
