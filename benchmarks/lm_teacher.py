@@ -129,12 +129,13 @@ def main() -> None:
             if time.perf_counter() - start > budget:
                 done = True
                 break
-        epoch += 1
+        else:
+            epoch += 1
     seconds = time.perf_counter() - start
     ppl = perplexity(model, held.input_ids, held.offsets)
     rows.append((step, epoch, round(seconds), round(loss.item(), 3), round(ppl, 2)))
     model.save_pretrained(a.out / "teacher")
-    print(table(rows, ("step", "epoch", "seconds", "train loss", "held-out ppl")))
+    print(table(rows, ("step", "epoch (from 0)", "seconds", "train loss", "held-out ppl")))
     print(f"teacher: {sum(p.numel() for p in model.parameters()):,} parameters, {a.layers} layers x {a.hidden}; "
           f"{step * a.batch * a.seq / seconds:,.0f} train tokens/s; held-out perplexity {ppl:.2f}; "
           f"saved to {a.out / 'teacher'}")
