@@ -159,10 +159,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = p.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    from pkd_cache.models import quiet_transformers
+
+    quiet_transformers()  # the library's own quieting of transformers' load reports
     if a.threads:
         torch.set_num_threads(a.threads)
     runs = [r.strip() for r in a.runs.split(",") if r.strip()]
