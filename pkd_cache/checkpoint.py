@@ -28,13 +28,25 @@ def save(output_dir: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None
     final, tmp, old = output_dir / NAME, output_dir / f".{NAME}.tmp", output_dir / f".{NAME}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+    save_file(_unshared(tensors), str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors safetensors can write: tied weights (a causal LM's embeddings and head share one tensor) are
+    saved once per name, as copies; loading them back copies both into the one parameter."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else None
+        out[k] = v.clone() if key is not None and key in seen else v
+        seen.add(key)
+    return out
 
 
 def load(output_dir: Path) -> Optional[tuple[dict[str, torch.Tensor], dict]]:

@@ -152,15 +152,39 @@ def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher:
                                                                    "the same store, or refuse at once."),
          add_split: Optional[List[str]] = typer.Option(None, "--add-split", help="Extend the complete store at --out "
                                                        "(or this dump's store in the cache) with this split, with "
-                                                       "the store's teacher and settings (repeatable).")):
-    """Run the teacher once; write token ids, labels, logits and every layer's [CLS] to a store."""
+                                                       "the store's teacher and settings (repeatable)."),
+         data_files: Optional[List[str]] = typer.Option(None, "--data-files", help="--task lm: the corpus (txt, "
+                                                        "jsonl, parquet or a hub dataset); repeatable."),
+         validation_file: Optional[List[str]] = typer.Option(None, "--validation-file", help="--task lm: a held-out "
+                                                             "corpus, stored as split validation; repeatable."),
+         text_column: str = typer.Option("text", "--text-column", help="--task lm: the jsonl field or parquet column "
+                                                                        "holding each document."),
+         logits: str = typer.Option("sample:64", "--logits", help="--task lm: the teacher's next-token "
+                                    "distribution as sample:N (RS-KD draws), topk:K, or none."),
+         hidden_layers: Optional[str] = typer.Option(None, "--hidden-layers", help="--task lm: teacher layers whose "
+                                                     "per-token hidden states are stored, e.g. 4,8 (0 = embeddings); "
+                                                     "stored as --dtype."),
+         sequence_mode: str = typer.Option("pack", "--sequence-mode", help="--task lm: pack documents into "
+                                           "--max-seq-length sequences (run_clm), cut each document to it, or none "
+                                           "(refuse longer ones)."),
+         sample_seed: int = typer.Option(0, "--sample-seed", help="--task lm: the seed of sample:N's draws (part "
+                                                                   "of the cache key)."),
+         temperature: float = typer.Option(1.0, "--temperature", help="--task lm: the teacher's softmax "
+                                                                      "temperature of the stored targets."),
+         chunk_tokens: int = typer.Option(4096, "--chunk-tokens", help="--task lm: tokens per chunk of the store.")):
+    """Run the teacher once; write token ids, labels, logits and every layer's [CLS] to a store (--task lm: a
+    causal LM's per-token sparse logits and hidden states over a corpus)."""
     _run("dump", DumpConfig(teacher=teacher, task=task, out=out, data_dir=data_dir, splits=split or None,
                             max_seq_length=max_seq_length, batch_size=batch_size, dtype=dtype, chunk_size=chunk_size,
                             sort_window=sort_window, overwrite=overwrite, finetune=finetune, device=device,
                             max_examples=max_examples, precision=precision, pad_to_max_length=pad_to_max_length,
                             format=store_format, resume=resume, cache=cache, wait=wait, add_splits=add_split or None,
                             finetune_train=TrainConfig(epochs=finetune_epochs, learning_rate=finetune_learning_rate,
-                                                       seed=seed)))
+                                                       seed=seed),
+                            data_files=data_files or None, validation_files=validation_file or None,
+                            text_column=text_column, logits=logits,
+                            hidden_layers=_int_list(hidden_layers, "--hidden-layers"), sequence_mode=sequence_mode,
+                            sample_seed=sample_seed, temperature=temperature, chunk_tokens=chunk_tokens))
 
 
 @app.command()

@@ -56,7 +56,8 @@ DataDir = typer.Option(None, "--data-dir", help="Local folder of task files (GLU
                                                 "default: the Hugging Face hub.")
 
 TASK_NAMES = "sst2, cola, mrpc, qqp, mnli, qnli, rte, stsb"  # data/tasks.py (a test keeps the two the same)
-Task = typer.Option(..., "--task", "--task-name", help=f"The GLUE task: {TASK_NAMES}.")
+Task = typer.Option(..., "--task", "--task-name", help=f"The GLUE task: {TASK_NAMES}; or lm (dump: a causal LM "
+                                                        f"over --data-files).")
 TaskCheck = typer.Option(None, "--task", "--task-name", help=f"Optional check: the task the store must hold "
                                                               f"({TASK_NAMES}).")
 StudentLayers = typer.Option(3, "--student-layers", help="k: the student's layers (the first k of --student-init).")
@@ -64,7 +65,8 @@ Strategy = typer.Option("skip", "--strategy", help="PKD-skip or PKD-last layer m
 Alpha = typer.Option(0.5, "--alpha", help="Weight of the soft-label loss.")
 Beta = typer.Option(None, "--beta", help="Weight of the patient loss, summed over the hidden dim (default: 100/H, "
                                          "the paper's 100 in its code's units).")
-Temperature = typer.Option(10.0, "--temperature", help="Softmax temperature of the KD loss.")
+Temperature = typer.Option(None, "--temperature", help="Softmax temperature of the KD loss (default 10; a token "
+                                                       "store's: the temperature its targets were dumped at).")
 StudentInit = typer.Option(None, "--student-init", help="Pretrained model to take the first k layers from "
                                                         "(default: the teacher's base model).")
 BatchSize = typer.Option(None, "--batch-size", help="The global batch: examples per optimiser step over all ranks "

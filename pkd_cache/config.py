@@ -250,9 +250,23 @@ class DumpConfig:
     cache: Optional[str] = None  # a folder or bucket of stores found by content (store/cache.py); None: $PKD_CACHE
     wait: bool = True  # in the cache, wait for another dump writing the same store; False: refuse at once
     add_splits: Optional[list[str]] = None  # extend the complete store at `out` (or in the cache) with these splits
+    # --task lm (a token store of a causal-LM teacher, docs/FORMAT.md version 2; docs/TOKEN_KD.md):
+    data_files: Optional[list[str]] = None  # the training corpus: txt, jsonl, parquet or a hub dataset
+    validation_files: Optional[list[str]] = None  # a held-out corpus, stored as split "validation"
+    text_column: str = "text"  # the jsonl field or parquet column holding each document
+    logits: str = "sample:64"  # sample:N | topk:K | none (logit_spec.py)
+    hidden_layers: Optional[list[int]] = None  # teacher layers whose per-token hidden states are stored (0 = embeddings)
+    sequence_mode: str = "pack"  # pack | cut | none: documents packed into, cut to, or refused beyond max_seq_length
+    sample_seed: int = num(0, lo=0, lo_closed=True, integer=True, cap=INT_MAX)  # sample:N's draws (in the cache key)
+    temperature: float = num(1.0, lo=0)  # the teacher's softmax temperature of the stored targets
+    chunk_tokens: int = positive_int(4096)  # tokens per chunk (row) of a token store
 
     def __post_init__(self) -> None:
         self.finetune_train = with_batch(self.finetune_train)  # part of the cache key: never None there
+
+    @property
+    def is_lm(self) -> bool:
+        return self.task == LM_TASK
 
     def check(self) -> None:
         check_numbers(self)
@@ -261,11 +275,35 @@ class DumpConfig:
                                 "--overwrite")
         if self.dtype not in CLS_DTYPES:
             raise PkdCacheError(f"--dtype must be float16, float32 or int8, got {self.dtype!r}")
+        self._check_lm()
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise PkdCacheError(f"--precision must be fp32, fp16 or bf16, got {self.precision!r}")
         # checked with or without --finetune: a nonsense value is refused, not silently ignored
         self.finetune_train.check(flag="--finetune-", flags={"seed": "--seed"})
         check_device(self.device)
+
+
+    def _check_lm(self) -> None:
+        lm_only = {"--data-files": self.data_files, "--validation-file": self.validation_files,
+                   "--hidden-layers": self.hidden_layers}
+        if not self.is_lm:
+            given = [flag for flag, value in lm_only.items() if value]
+            if given:
+                raise PkdCacheError(f"{given[0]} is for --task lm; {self.task} reads its data from --data-dir")
+            return
+        from .logit_spec import LogitSpec
+
+        if not self.data_files:
+            raise PkdCacheError("dump --task lm needs a corpus: pass --data-files FILE (txt, jsonl, parquet, or a hub "
+                                "dataset)")
+        LogitSpec.parse(self.logits)
+        if self.sequence_mode not in SEQUENCE_MODES:
+            raise PkdCacheError(f"--sequence-mode must be one of {', '.join(SEQUENCE_MODES)}, got "
+                                f"{self.sequence_mode!r}")
+        if self.add_splits:
+            raise PkdCacheError("--add-split is for sentence-level stores; dump the corpus again for --task lm")
+        if self.format != "zarr":
+            raise PkdCacheError("--task lm writes zarr stores; drop --format")
 
 
 @dataclass
@@ -285,7 +323,7 @@ class DistillConfig:
     layer_map: Optional[list[int]] = None
     alpha: float = num(0.5, lo=0, lo_closed=True, hi=1)
     beta: Optional[float] = num(None, lo=0, lo_closed=True, optional=True)
-    temperature: float = num(10.0, lo=0)
+    temperature: Optional[float] = num(None, lo=0, optional=True)  # None: 10 (PKD); a token store's own (lm)
     student_init: Optional[str] = None  # default: the teacher's base model recorded in the store
     task: Optional[str] = None  # a check: when given, it must be the store's task
     train_split: str = "train"
@@ -313,6 +351,14 @@ class DistillConfig:
     chunk_size: int = positive_int(1024)  # batches in the order of a store with this chunk size
     max_examples: Optional[int] = positive_int(None, optional=True)
     allow_no_checksums: bool = False  # read a store without a checksum manifest (pkd-cache 0.1.0)
+    # token stores (--task lm): real tokens per batch (default: batch_size x the store's max_seq_length, as run_clm's
+    # batches of block_size sequences); the loss is CE + alpha x KD, + beta x hidden-state MSE on --layer-map
+    max_tokens: Optional[int] = positive_int(None, optional=True)
+
+    @property
+    def kd_temperature(self) -> float:
+        """The KD temperature of a sentence-level distill: --temperature, 10 by default (the PKD paper's sweeps)."""
+        return 10.0 if self.temperature is None else self.temperature
 
     def check(self) -> None:
         self.train.check()
@@ -353,6 +399,10 @@ class EvalConfig:
             raise PkdCacheError("eval --task lm scores perplexity on a held-out corpus: pass --data-files FILE")
         if self.task != "lm" and self.data_files:
             raise PkdCacheError(f"--data-files is for --task lm; {self.task} reads its dev split from --data-dir")
+
+
+LM_TASK = "lm"  # `--task lm`: a causal-LM teacher over a plain-text corpus, a token store (docs/FORMAT.md v2)
+SEQUENCE_MODES = ("pack", "cut", "none")  # data/corpus.py MODES
 
 
 def to_dict(config) -> dict:

@@ -106,7 +106,8 @@ class Member:
                  loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], evaluate: Callable[[], dict], main_metric: str,
                  save_best: Callable[[], None], extra_params: Optional[list[tuple[str, torch.nn.Parameter]]] = None, *,
                  name: str = "", output_dir: Optional[Path] = None, accumulation: Optional[Accumulation] = None,
-                 dist: DistContext = DistContext(), scaler: Optional[Any] = None, reporter: Optional[Any] = None):
+                 dist: DistContext = DistContext(), scaler: Optional[Any] = None, reporter: Optional[Any] = None,
+                 greater_is_better: bool = True):
         """Under torchrun (`dist`): `accumulation` cuts this rank's part of a batch into micro-batches, only rank 0
         evaluates, saves and writes checkpoints, and the other ranks' RNG states are gathered into rank 0's
         checkpoint, so a resumed run keeps each rank's dropout stream. `scaler`: fp16's GradScaler, which scales the
@@ -118,7 +119,8 @@ class Member:
         self.loss_fn, self.evaluate, self.main_metric, self.save_best = loss_fn, evaluate, main_metric, save_best
         self.params = list(model.named_parameters()) + list(extra_params or [])
         self.opt, self.sched = build_optimizer(self.params, cfg, total_steps)
-        self.result = TrainResult(best_metric=-math.inf, best_epoch=-1)
+        self.greater_is_better = greater_is_better  # the Trainer's: False for a loss (token stores: eval_loss)
+        self.result = TrainResult(best_metric=-math.inf if greater_is_better else math.inf, best_epoch=-1)
         self.running: dict[str, torch.Tensor] = {}
         self.step_count = 0
         self.rng = _rng_state()  # the state right after the caller seeded and built the model
@@ -286,7 +288,7 @@ class Member:
         if self.reporter is not None:
             self.reporter.log(self.step_count, {f"eval/{k}": v for k, v in metrics.items()})
         score = metrics[self.main_metric]
-        better = score > self.result.best_metric
+        better = score > self.result.best_metric if self.greater_is_better else score < self.result.best_metric
         log(f"{self.name + ': ' if self.name else ''}{when}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + ("  (best so far, saved)" if better else ""))
         if better:

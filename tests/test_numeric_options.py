@@ -29,7 +29,8 @@ LEGAL = {
     "beta": lambda v: v >= 0, "temperature": lambda v: v > 0, "per_device_train_batch_size": lambda v: v > 0,
     "gradient_accumulation_steps": lambda v: v > 0, "eval_steps": lambda v: v > 0,
     "per_device_eval_batch_size": lambda v: v > 0, "dataloader_num_workers": lambda v: v >= 0,
-    "save_total_limit": lambda v: v > 0,
+    "save_total_limit": lambda v: v > 0, "sample_seed": lambda v: v >= 0, "chunk_tokens": lambda v: v > 0,
+    "max_tokens": lambda v: v > 0,
 }
 
 

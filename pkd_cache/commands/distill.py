@@ -132,6 +132,11 @@ def distill_many(configs: list[DistillConfig], description: str = "distill", hin
         return []
     # an id names a store of the cache (store/cache.py): the checks below compare folders with its real place
     configs = [dataclasses.replace(c, store=resolve_store(c.store, None)) if c.store else c for c in configs]
+    token_store = _token_store(configs[0])
+    if token_store is not None:  # `dump --task lm`: causal-LM students (commands/distill_lm.py), one at a time
+        from .distill_lm import distill_lm
+
+        return [distill_lm(c, token_store if c.store == configs[0].store else _token_store(c)) for c in configs]
     resume = _check_pass(configs)
     dist = dist_context(resolve_device(configs[0].device))
     asked, configs = configs, [_resolved_batch(c, dist.world) for c in configs]
@@ -155,6 +160,21 @@ def distill_many(configs: list[DistillConfig], description: str = "distill", hin
         metrics = _train_pass(students, _PassBatches(source, configs[0], layers, dist), description, resume)
         dist.barrier()  # every rank returns once rank 0 has written the students
     return metrics
+
+
+def _token_store(config: DistillConfig):
+    """The store of `config` opened, if it is a token store (format version 2, `layout: tokens`); else None."""
+    if not config.store:
+        return None
+    from ..store.registry import read_metadata
+    from ..store.location import Location
+
+    meta = read_metadata(Location(config.store))
+    if not isinstance(meta, dict) or meta.get("layout") != "tokens":
+        return None
+    from ..store.reader import open_store
+
+    return open_store(config.store, allow_no_checksums=config.allow_no_checksums)
 
 
 def _resolved_batch(config: DistillConfig, world: int) -> DistillConfig:
@@ -263,7 +283,7 @@ class _Student:
         self.model.to(dist.device)
         if self.projection is not None:
             self.projection.to(dist.device)
-        self.weights = LossWeights(alpha=config.alpha, beta=plan.beta, temperature=config.temperature)
+        self.weights = LossWeights(alpha=config.alpha, beta=plan.beta, temperature=config.kd_temperature)
         self.positions = [layers.index(layer) for layer in plan.lmap] if plan.need_cls else []
         self.all_layers = self.positions == list(range(len(layers)))  # the batch's CLS rows are this student's
         self._log_start()
@@ -283,7 +303,7 @@ class _Student:
         plan, config = self.plan, self.plan.config
         log(f"distilling a {plan.k}-layer student from {plan.init} on {plan.task.name} into {config.output_dir}: "
             f"layer map {plan.lmap} of {self.source.teacher_layers} teacher layers, alpha {config.alpha:g}, "
-            f"beta {plan.beta:g}, T {config.temperature:g}"
+            f"beta {plan.beta:g}, T {config.kd_temperature:g}"
             + (f", CLS projected {self.widths[0]} -> {self.widths[1]}" if self.projection is not None else "")
             + f"; batch {self._batch_in_words()}")
 
@@ -372,7 +392,7 @@ class _Student:
         metrics = {"task": plan.task.name, "store": config.store, "online_teacher": config.teacher,
                    "student_init": plan.init, "student_layers": plan.k,
                    "layer_map": plan.lmap, "alpha": config.alpha, "beta": plan.beta,
-                   "temperature": config.temperature,
+                   "temperature": config.kd_temperature,
                    "cls_projection": list(self.widths) if self.projection else None,
                    "best_epoch": result.best_epoch, "best_step": result.best_step,
                    "best_" + self.main_key: result.best_metric,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Optional
 
 from ..config import DumpConfig
 from ..data.loading import load_examples
@@ -36,16 +37,23 @@ def dump(config: DumpConfig):
     cache = cache_url(config.cache)
     if config.out is None and cache is None:
         raise PkdCacheError("dump needs --out, or a cache to put the store in (--cache URL or PKD_CACHE)")
-    task = get_task(config.task)
-    existing = existing_store(config) if config.out else None  # fail before any expensive work
-    examples = _load_examples(config, task)
-    key_parts = dump_key_parts(config, task, examples)
+    if config.is_lm:
+        from .dump_lm import lm_key_parts, load_corpora
+
+        task, existing = None, existing_store(config) if config.out else None
+        examples = load_corpora(config)
+        key_parts = lm_key_parts(config, examples)
+    else:
+        task = get_task(config.task)
+        existing = existing_store(config) if config.out else None  # fail before any expensive work
+        examples = _load_examples(config, task)
+        key_parts = dump_key_parts(config, task, examples)
     key = cache_key(key_parts)
     if config.out is not None:
         policy = cache_policy(config, existing, key, key_parts)
         return existing if policy == "hit" else _run(config, task, examples, key_parts, key, policy)
     # its place in the cache: an unfinished store there is this dump's (the key is in the name), so it is resumed
-    config = dataclasses.replace(config, out=entry_url(cache, task.name, config.teacher, key, config.format),
+    config = dataclasses.replace(config, out=entry_url(cache, task.name if task else config.task, config.teacher, key, config.format),
                                  resume=True)
     claim = Location(claim_url(config.out))  # held by the one dump of this key that runs the teacher
     store_location, name = Location(config.out), config.out[len(cache.rstrip("/")) + 1:]  # name: `task/entry`
@@ -73,7 +81,11 @@ def dump(config: DumpConfig):
             lock.release()  # the (hidden, empty) claim folder stays: removing it could remove a newer claim
 
 
-def _run(config: DumpConfig, task: TaskSpec, examples: dict, key_parts: dict, key: str, policy: str):
+def _run(config: DumpConfig, task: Optional[TaskSpec], examples: dict, key_parts: dict, key: str, policy: str):
+    if config.is_lm:
+        from .dump_lm import run_lm_dump
+
+        return run_lm_dump(config, examples, key_parts, key, resuming=policy == "resume")
     from .dump_run import run_dump  # torch, transformers: only once there is work to do
 
     return run_dump(config, task, examples, key_parts, key, resuming=policy == "resume")

@@ -27,11 +27,15 @@ from ..config import CLS_DTYPES  # noqa: F401 - defined with the dump settings t
 from .arrays import BY_NAME, KINDS, Dims
 
 FORMAT_NAME = "pkd-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what a store of examples (sentence-level) is written as: unchanged since 0.1
+TOKEN_FORMAT_VERSION = 2  # a token store (`dump --task lm`, store/arrays/lm.py): `layout: tokens`
+READ_VERSION = TOKEN_FORMAT_VERSION  # the newest format this pkd-cache reads
+LAYOUTS = {"examples": FORMAT_VERSION, "tokens": TOKEN_FORMAT_VERSION}  # layout -> its format version
 # the array kinds (store/arrays/, one module each): names by role
-TOKEN_ARRAYS = tuple(k.name for k in KINDS if k.token)
-TOKEN_DTYPES = {k.name: k.dtype for k in KINDS if k.token}  # as stored
-ARRAYS = tuple(k.name for k in KINDS if not k.companion and k.in_batches)  # what a batch holds by default
+_EXAMPLE_KINDS = tuple(k for k in KINDS if k.layout == "examples")
+TOKEN_ARRAYS = tuple(k.name for k in _EXAMPLE_KINDS if k.token)
+TOKEN_DTYPES = {k.name: k.dtype for k in _EXAMPLE_KINDS if k.token}  # as stored
+ARRAYS = tuple(k.name for k in _EXAMPLE_KINDS if not k.companion and k.in_batches)  # what a batch holds by default
 JOURNAL = ".pkd_cache"  # an unfinished store's progress records and writer lock (store/integrity.py, journal.py)
 
 # `cls` is stored one layer per chunk (Zarr) or per column (Arrow): a student reads only the layers its map names.
@@ -86,10 +90,15 @@ def compressor(name: str, dtype_size: int):
 
 
 def split_arrays(n: int, seq_len: int, num_labels: int, layers: int, hidden: int, cls_dtype: str,
-                 label_dtype: str, extras: tuple[str, ...] = ()) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{array: (shape, dtype)} of one split of N examples: every kind of store/arrays/ it holds."""
-    d = Dims(n, seq_len, num_labels, layers, hidden, cls_dtype, label_dtype, tuple(extras))
-    return {k.name: (tuple(k.shape(d)), k.dtype_of(d)) for k in KINDS if k.present(d)}
+                 label_dtype: str, extras: tuple[str, ...] = (),
+                 lm: Optional[dict] = None) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{array: (shape, dtype)} of one split of N rows (examples; token chunks for a token store, whose metadata's
+    `lm` entry is `lm`): every kind of store/arrays/ it holds."""
+    tokens = {} if lm is None else {
+        "layout": "tokens", "chunk_tokens": lm["chunk_tokens"], "hidden_layers": len(lm["hidden_layers"]),
+        "target_slot": lm["target_slot"], "target_parts": lm["target_parts"], "id_dtype": lm["id_dtype"]}
+    d = Dims(n, seq_len, num_labels, layers, hidden, cls_dtype, label_dtype, tuple(extras), **tokens)
+    return {k.name: (tuple(k.shape(d)), k.dtype_of(d)) for k in KINDS if k.layout == d.layout and k.present(d)}
 
 
 def with_derived(chunk: dict, holds) -> dict:
@@ -108,8 +117,10 @@ def now() -> str:
 
 def new_metadata(metadata: dict, store_format: str, package_version: str) -> dict:
     """The metadata a new store starts with (`complete` false until the writer's last write): the one place the
-    format's own entries are written; `metadata` adds the dump's (teacher, task, tokenizer, settings, ...)."""
-    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "complete": False,
+    format's own entries are written; `metadata` adds the dump's (teacher, task, tokenizer, settings, ...; a token
+    store's `layout: tokens` and `lm` entry, which make it format version 2)."""
+    version = LAYOUTS[metadata.get("layout", "examples")]
+    return {"format": FORMAT_NAME, "format_version": version, "complete": False,
             "package_version": package_version, "created_at": now(), "created_by": created_by(),
             "store_format": store_format, **metadata, "splits": {}}
 
@@ -217,6 +228,16 @@ class StoreMeta:
         return tuple(self.raw.get("extra_arrays") or ())
 
     @property
+    def layout(self) -> str:
+        """"examples" (one row per example) or "tokens" (one row per chunk of the token stream; `lm` says more)."""
+        return str(self.raw.get("layout") or "examples")
+
+    @property
+    def lm(self) -> dict:
+        """A token store's `lm` entry (chunk_tokens, targets, hidden_layers, ...; checked by trust.meta_problems)."""
+        return dict(self.raw.get("lm") or {})
+
+    @property
     def label_dtype(self) -> str:
         return "float32" if self.task.is_regression else "int64"
 
@@ -224,7 +245,7 @@ class StoreMeta:
         """{array: (shape, dtype)} the metadata promises for `split`."""
         return split_arrays(self.splits[split].num_examples, self.max_seq_length, self.task.num_labels,
                             self.teacher.num_layers, self.teacher.hidden_size, self.cls_dtype, self.label_dtype,
-                            self.extra_arrays)
+                            self.extra_arrays, self.lm if self.layout == "tokens" else None)
 
     def expected_arrays(self) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
         return {s: self.split_arrays(s) for s in self.splits}

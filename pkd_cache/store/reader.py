@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import PkdCacheError
 from .backend import Backend, ChunkedArray, CheckedChunks, LayoutProblem, checked_source
-from .format import ARRAYS, FORMAT_NAME, FORMAT_VERSION, LAYER_AXIS_ARRAYS, StoreMeta
+from .format import ARRAYS, FORMAT_NAME, LAYER_AXIS_ARRAYS, READ_VERSION, StoreMeta
 from .integrity import NO_MANIFEST, ChunkFiles, file_problems, load_manifest, manifest_problems
 from .location import Location
 from .quantize import dequantize_int8
@@ -41,9 +41,9 @@ class Store:
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
             raise PkdCacheError(f"{path} is not a pkd-cache store (no 'format: {FORMAT_NAME}' attribute)")
         version = attrs.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or version > READ_VERSION:
             raise PkdCacheError(f"store {path} has format version {version}; this pkd-cache reads up to "
-                                f"{FORMAT_VERSION}: upgrade pkd-cache")
+                                f"{READ_VERSION}: upgrade pkd-cache")
         if require_complete and not attrs.get("complete"):
             raise PkdCacheError(f"store {path} is not complete (its dump did not finish); re-run the dump")
         self._raw = attrs  # the metadata as stored; `meta` is it typed, once checked
@@ -237,6 +237,9 @@ class Store:
 
         if batch_size <= 0:
             raise PkdCacheError(f"batch size must be > 0, got {batch_size}")
+        if self.meta.layout == "tokens":
+            raise PkdCacheError(f"store {self.path} is a token store (dump --task lm): it is read in token-budget "
+                                f"batches (pkd_cache.store.token_stream), not as examples")
         self._split_meta(split)
         return iter_batches(self, split, batch_size, shuffle, seed, epoch, layers, fields, shuffle_chunks,
                             prefetch=0 if workers == 0 else prefetch, workers=workers or None,

@@ -27,8 +27,11 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
+from ..logit_spec import KINDS as LOGIT_KINDS
+from ..logit_spec import LogitSpec
 from .arrays import BY_NAME
-from .format import CLS_DTYPES, chunk_shape
+from .format import CLS_DTYPES, LAYOUTS, chunk_shape
+from .token_targets import slot_bytes
 
 if TYPE_CHECKING:
     from .format import StoreMeta
@@ -70,7 +73,12 @@ def meta_problems(meta: dict) -> list[str]:
     need(isinstance(regression, bool), f"task.is_regression {regression!r} is not true or false")
     need(_int(labels, 1, LIMITS["task.num_labels"]), f"task.num_labels {labels!r} is not an integer in "
                                                       f"[1, {LIMITS['task.num_labels']:,}]")
-    if regression is False and _int(labels, 1):
+    layout = meta.get("layout", "examples")
+    need(layout in LAYOUTS and meta.get("format_version") == LAYOUTS.get(layout),
+         f"layout {layout!r} of format version {meta.get('format_version')!r} is not one pkd-cache writes")
+    if layout == "tokens":
+        problems += _token_problems(meta, need)
+    elif regression is False and _int(labels, 1):
         names = task.get("label_names")
         need(isinstance(names, list) and len(names) == labels, f"task.label_names {names!r} does not name "
                                                                f"{labels} labels")
@@ -84,6 +92,44 @@ def meta_problems(meta: dict) -> list[str]:
         for name, split in splits.items():
             n = split.get("num_examples") if isinstance(split, dict) else None
             need(_int(n, 1), f"splits.{name}.num_examples {n!r} is not an integer >= 1")
+    return problems
+
+
+def _token_problems(meta: dict, need) -> list[str]:
+    """A token store's `lm` entry and split sizes (store/arrays/lm.py): what sizes its arrays must be consistent,
+    and the row size of its coded targets is derived, never read."""
+    lm, problems = meta.get("lm"), []
+    if not isinstance(lm, dict):
+        return ["metadata: a token store has no `lm` entry"]
+    vocab, layers = meta["tokenizer"].get("vocab_size"), meta["teacher"].get("num_layers")
+    c, spec = lm.get("chunk_tokens"), lm.get("targets")
+    need(meta.get("chunk_size") == 1, f"chunk_size {meta.get('chunk_size')!r} is not 1 (one row of tokens per chunk)")
+    need(_int(c, 1, 1 << 24), f"lm.chunk_tokens {c!r} is not an integer in [1, {1 << 24:,}]")
+    need(lm.get("id_dtype") in ("uint8", "uint16", "uint32") and _int(vocab, 1) and
+         np.iinfo(lm["id_dtype"]).max >= vocab - 1, f"lm.id_dtype {lm.get('id_dtype')!r} does not hold the vocabulary")
+    ok = isinstance(spec, dict) and spec.get("kind") in LOGIT_KINDS and (
+        spec["kind"] == "none" or (_int(spec.get("count"), 1, 1 << 20) and _int(spec.get("seed"), 0) and
+                                   isinstance(spec.get("temperature"), (int, float)) and
+                                   math.isfinite(spec["temperature"]) and spec["temperature"] > 0))
+    need(ok, f"lm.targets {spec!r} is not a logit spec (kind, count, seed, temperature)")
+    if ok and _int(c, 1, 1 << 24) and _int(vocab, 1, LIMITS["tokenizer.vocab_size"]):
+        parsed = LogitSpec(spec["kind"], int(spec.get("count") or 0))
+        need(parsed.kind != "topk" or parsed.count <= vocab, f"lm.targets: top-{parsed.count} of {vocab} ids")
+        need(lm.get("target_slot") == slot_bytes(parsed, vocab, c) and lm.get("target_parts") == parsed.parts,
+             f"lm.target_slot {lm.get('target_slot')!r} / target_parts {lm.get('target_parts')!r} are not those of "
+             f"{parsed} at {c} tokens per row")
+    hidden = lm.get("hidden_layers")
+    need(isinstance(hidden, list) and len(set(map(str, hidden))) == len(hidden) and
+         all(_int(h, 0, layers if _int(layers, 1) else 0) for h in hidden),
+         f"lm.hidden_layers {hidden!r} is not a list of distinct layers in [0, {layers}]")
+    need(lm.get("hidden_dtype") == meta.get("cls_dtype"), "lm.hidden_dtype differs from cls_dtype")
+    for name, split in (meta.get("splits") or {}).items() if isinstance(meta.get("splits"), dict) else ():
+        rows = split.get("num_examples") if isinstance(split, dict) else None
+        t, s = (split.get("num_tokens"), split.get("num_sequences")) if isinstance(split, dict) else (None, None)
+        if _int(rows, 1) and _int(c, 1):
+            need(_int(t, (rows - 1) * c + 1, rows * c), f"splits.{name}.num_tokens {t!r} does not fill {rows} rows "
+                                                          f"of {c} tokens")
+            need(_int(s, 1, t if _int(t, 1) else 1), f"splits.{name}.num_sequences {s!r} is not in [1, num_tokens]")
     return problems
 
 

@@ -3,7 +3,7 @@
 The same checks distill makes when it opens and reads a store (store/trust.py), collected rather than raised, so one
 run names everything that is wrong: the metadata against each array and the manifest, then every chunk of every
 array fetched, checked against the CRC-32C recorded at dump time, decoded and its values checked (finite floats,
-labels in range, 0/1 masks, ids inside the vocabulary).
+labels in range, 0/1 masks, ids inside the vocabulary); a token store's coded targets are decoded too.
 """
 from __future__ import annotations
 
@@ -62,7 +62,24 @@ def verify_store(path: str, storage_options: Optional[dict] = None, allow_no_che
         for split, name, reader, coords in jobs:
             _check_chunk(split, name, reader, coords, report)
             bar.advance(1)
+    if store.meta.layout == "tokens" and report.ok:
+        _check_token_rows(store, report)
     return report
+
+
+def _check_token_rows(store, report: Report) -> None:
+    """A token store's rows as distill decodes them: the sequence starts against the metadata, and every row's coded
+    targets (store/token_targets.py: stream sizes, ids inside the vocabulary, counts summing to N, log-probs)."""
+    from .token_stream import RowCache, sequence_offsets
+
+    for split in store.splits:
+        try:
+            sequence_offsets(store, split)
+            cache = RowCache(store, split, hidden=False, size=1)
+            for r in range(store.num_examples(split)):
+                cache.get(r)
+        except PkdCacheError as e:
+            report.problems.append(str(e).removeprefix(f"store {store.path}: ").split("; run `pkd-cache verify")[0])
 
 
 def _check_chunk(split, name, reader, coords, report: Report) -> None:

@@ -24,6 +24,12 @@ class Dims:
     cls_dtype: str
     label_dtype: str  # int64, or float32 for a regression task
     extras: tuple[str, ...] = ()  # the optional arrays the store holds (its metadata's `extra_arrays`)
+    layout: str = "examples"  # "examples" (format 1: one row per example) or "tokens" (format 2, arrays/lm.py)
+    chunk_tokens: int = 0  # tokens: tokens per row (one row = one chunk of the token stream)
+    hidden_layers: int = 0  # tokens: how many teacher layers' per-token hidden states are stored
+    target_slot: int = 0  # tokens: bytes per row of the coded sparse targets (0: none stored)
+    target_parts: int = 0  # tokens: how many byte streams the coded targets of a row are
+    id_dtype: str = "uint32"  # tokens: the smallest unsigned type of the vocabulary
 
 
 def _always(_: Dims) -> bool:
@@ -49,6 +55,7 @@ class ArrayKind:
     check: Optional[Callable[[np.ndarray, StoreMeta], Optional[str]]] = None  # why values are impossible, or None
     # computed by the writer from a chunk's other arrays ({name: rows}), when the dump does not hand it over
     derive: Optional[Callable[[dict[str, np.ndarray]], np.ndarray]] = None
+    layout: str = "examples"  # the store layout it belongs to (Dims.layout)
 
     def dtype_of(self, dims: Dims) -> str:
         return self.dtype(dims) if callable(self.dtype) else self.dtype

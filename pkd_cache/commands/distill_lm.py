@@ -1,0 +1,210 @@
+"""`pkd-cache distill` from a token store (`dump --task lm`): a causal-LM student trained on the stored tokens and
+the teacher's stored sparse targets, with no teacher in memory.
+
+    loss = CE(next token) + alpha * KD(stored targets) [+ beta * hidden-state MSE on mapped layers]
+
+KD is RS-KD's estimator on sample:N targets and top-K with the leftover bucket on topk:K targets, both at the
+temperature the targets were dumped at (student/sparse_kd.py, docs/TOKEN_KD.md). The student is the first k blocks
+of `--student-init` (default: the store's teacher). Batches are token budgets (store/token_stream.py): at most
+`--max-tokens` real tokens, by default batch size x the store's max_seq_length (run_clm's batches of block_size).
+The checkpoint kept is the one with the lowest loss on the store's validation split (CE, the student alone), or on
+the first batches of the training split when the store has no validation split (said so in metrics.json).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint
+from ..config import DistillConfig, resolve_batch, to_dict
+from ..errors import PkdCacheError
+from ..logit_spec import LogitSpec
+from ..progress import log
+from ..store.token_stream import iter_token_batches, steps_per_epoch
+from ..student.causal_lm import HiddenStateMSE, TokenKD, causal_lm_student, check_same_vocab
+from ..training import Member, resolve_device, total_steps_of, train_many, write_metrics
+from .output_lock import OutputLock
+from .paths import check_inputs, check_output_dir, model_inputs, prepare_output, resume_dir, resume_output
+
+EVAL_BATCHES = 8  # training batches scored when the store has no validation split
+
+
+def distill_lm(config: DistillConfig, store) -> dict:
+    """Train one causal-LM student from the token store `store` (opened); returns its metrics."""
+    plan = _Plan(config, store)
+    with OutputLock(Path(config.output_dir), config.output_dir):
+        student = _LMStudent(plan)
+        t0 = time.perf_counter()
+        steps = steps_per_epoch(store, config.train_split, plan.max_tokens)
+        results = train_many([student.member], steps, plan.batches, "distill", config.train.save_steps,
+                             config.resume)
+        return student.finish(results[0], time.perf_counter() - t0)
+
+
+class _Plan:
+    """The student's settings resolved against the store; every check before anything is built or written."""
+
+    def __init__(self, config: DistillConfig, store):
+        config.check()
+        if config.teacher is not None:
+            raise PkdCacheError("online KD (--teacher) is for sentence-level tasks; distil an LM from a token store")
+        if config.fp16:
+            raise PkdCacheError("--fp16 is not supported for token stores yet; use --bf16 or neither")
+        self.config, self.store, meta = config, store, store.meta
+        lm = meta.lm
+        self.spec = LogitSpec(lm["targets"]["kind"], int(lm["targets"].get("count") or 0))
+        stored_t = lm["targets"].get("temperature")
+        if config.temperature is not None and stored_t is not None and config.temperature != stored_t:
+            raise PkdCacheError(f"--temperature {config.temperature:g}: the store's targets were drawn at temperature "
+                                f"{stored_t:g}; KD on them uses that (drop --temperature, or dump again)")
+        self.temperature = float(stored_t or 1.0)
+        store.num_examples(config.train_split)  # names the store's splits if this one is missing
+        self.eval_split = next((s for s in (config.eval_splits or ["validation"]) if s in store.splits), None)
+        if config.eval_splits and self.eval_split is None:
+            raise PkdCacheError(f"--eval-split {config.eval_splits[0]}: the store has {', '.join(store.splits)}")
+        batch, _, steps = resolve_batch(config.train.batch_size, config.per_device_train_batch_size,
+                                        config.gradient_accumulation_steps, 1)
+        if steps > 1:
+            raise PkdCacheError("--gradient-accumulation-steps is not supported for token stores yet; raise "
+                                "--max-tokens instead")
+        self.max_tokens = config.max_tokens or batch * meta.max_seq_length
+        self.init = config.student_init or meta.teacher.name_or_path
+        if not self.init:
+            raise PkdCacheError("the store does not record its teacher; pass --student-init")
+        self.k = config.student_layers
+        self.beta = config.beta if config.beta is not None else 0.0
+        self.alpha = config.alpha if self.spec.kind != "none" else 0.0
+        self.hidden_map = self._hidden_map(meta) if self.beta > 0 else {}
+        self.inputs = model_inputs(config.store, meta.teacher, ("--student-init", self.init))
+        if config.resume:
+            check_inputs(Path(config.output_dir), self.inputs, "--output-dir", config.output_dir)
+            if checkpoint.load(resume_dir(config.output_dir)) is None:
+                raise PkdCacheError(f"--resume: no checkpoint in {config.output_dir} to continue from")
+        else:
+            check_output_dir(config.output_dir, config.overwrite, "student", inputs=self.inputs)
+
+    def _hidden_map(self, meta) -> dict[int, int]:
+        """{student layer: position among the stored hidden layers}: --layer-map names a teacher layer for each
+        student layer 1..k (fewer: the first ones); by default student layer j takes teacher layer j L / k."""
+        stored = list(meta.lm["hidden_layers"])
+        if not stored:
+            raise PkdCacheError(f"--beta {self.beta:g}: the store holds no hidden states (dump it with "
+                                f"--hidden-layers)")
+        teacher_layers = meta.teacher.num_layers
+        wanted = self.config.layer_map or [round(j * teacher_layers / self.k) for j in range(1, self.k + 1)]
+        if len(wanted) > self.k:
+            raise PkdCacheError(f"--layer-map names {len(wanted)} teacher layers for a {self.k}-layer student")
+        missing = [t for t in wanted if t not in stored]
+        if missing:
+            raise PkdCacheError(f"teacher layer {missing[0]} of the layer map {wanted} is not in the store (it holds "
+                                f"layers {stored}); pass --layer-map with those, or dump with --hidden-layers")
+        return {j: stored.index(t) for j, t in enumerate(wanted, start=1)}
+
+    def batches(self, epoch: int, start_batch: int = 0):
+        c = self.config
+        return iter_token_batches(self.store, c.train_split, self.max_tokens, True, c.train.seed, epoch,
+                                  start_batch=start_batch, hidden=bool(self.hidden_map),
+                                  prefetch=0 if c.dataloader_num_workers == 0 else 2, targets=self.alpha > 0)
+
+
+class _LMStudent:
+    def __init__(self, plan: _Plan):
+        self.plan, config, meta = plan, plan.config, plan.store.meta
+        self.device = resolve_device(config.device)
+        torch.manual_seed(config.train.seed)
+        self.model = causal_lm_student(plan.init, plan.k)
+        check_same_vocab(self.model, meta.tokenizer.vocab_size, f"the store {config.store}")
+        self.kd = TokenKD("sample" if plan.spec.kind == "sample" else "topk" if plan.spec.kind == "topk" else "full",
+                          alpha=plan.alpha, temperature=plan.temperature)
+        self.mse = HiddenStateMSE(plan.hidden_map, self.model.config.hidden_size, meta.teacher.hidden_size) \
+            if plan.hidden_map else None
+        self.output = resume_output(config.output_dir, "student", "distill") if config.resume else \
+            prepare_output(config.output_dir, config.overwrite, "student", "distill", inputs=plan.inputs)
+        self.out = self.output.work
+        self.model.to(self.device)
+        extra = None
+        if self.mse is not None:
+            self.mse.to(self.device)
+            extra = list(self.mse.named_parameters(prefix="hidden_projection"))
+        log(f"distilling a {plan.k}-layer causal-LM student from {plan.init} on {config.store} into "
+            f"{config.output_dir}: CE + {plan.alpha:g} x KD ({plan.spec}, T {plan.temperature:g})"
+            + (f" + {plan.beta:g} x hidden MSE (student->teacher layers "
+               f"{ {j: meta.lm['hidden_layers'][p] for j, p in plan.hidden_map.items()} })" if self.mse else "")
+            + f"; batches of at most {plan.max_tokens:,} tokens")
+        self.main_key = "eval_loss" if plan.eval_split else "train_subset_loss"
+        steps = steps_per_epoch(plan.store, config.train_split, plan.max_tokens)
+        self.member = Member(self.model, config.train, total_steps_of(config.train, steps), self.loss, self.evaluate,
+                             self.main_key, self.save_best, extra, output_dir=self.out, greater_is_better=False)
+
+    def _forward(self, batch: dict):
+        half = torch.bfloat16 if self.plan.config.bf16 else None
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        with torch.autocast(self.device.type, dtype=half) if half is not None else contextlib.nullcontext():
+            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=self.mse is not None)
+        return out, ids, mask
+
+    def loss(self, batch: dict):
+        out, ids, mask = self._forward(batch)
+        targets = None
+        if self.plan.alpha > 0:
+            second = "target_counts" if self.plan.spec.kind == "sample" else "target_logprobs"
+            targets = (batch["target_ids"].to(self.device), batch[second].to(self.device))
+        loss, parts = self.kd(out.logits.float(), ids, mask, targets)
+        watched = {"ce": parts["ce"], "kd": parts["kd"]}
+        if self.mse is not None:
+            teacher = batch["hidden"].to(self.device)
+            hidden = self.mse(out.hidden_states, [teacher[:, :, p] for p in range(teacher.shape[2])], mask)
+            loss, watched["hidden"] = loss + self.plan.beta * hidden, hidden.detach()
+        return loss, watched
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean next-token CE (and its perplexity) of the student alone on the evaluation tokens."""
+        plan, config = self.plan, self.plan.config
+        self.model.eval()
+        split = plan.eval_split or config.train_split
+        batches = iter_token_batches(plan.store, split, plan.max_tokens, shuffle=False, targets=False)
+        total, tokens = 0.0, 0
+        for i, batch in enumerate(batches):
+            if plan.eval_split is None and i >= EVAL_BATCHES:
+                break
+            out, ids, mask = self._forward(batch)
+            valid = (mask[:, :-1] & mask[:, 1:]).bool()
+            logits = out.logits[:, :-1][valid].float()
+            total += float(torch.nn.functional.cross_entropy(logits, ids[:, 1:][valid], reduction="sum"))
+            tokens += int(valid.sum())
+        loss = total / max(1, tokens)
+        prefix = "eval" if plan.eval_split else "train_subset"
+        return {f"{prefix}_loss": loss, f"{prefix}_perplexity": math.exp(min(loss, 700.0))}
+
+    def save_best(self) -> None:
+        from transformers import AutoTokenizer
+
+        self.model.save_pretrained(self.out)
+        tokenizer = self.plan.store.meta.tokenizer.name_or_path or self.plan.init
+        with contextlib.suppress(Exception):  # a store from elsewhere may name a tokenizer this machine lacks
+            AutoTokenizer.from_pretrained(tokenizer).save_pretrained(self.out)
+        self.output.record()
+
+    def finish(self, result, seconds: float) -> dict:
+        plan, config, meta = self.plan, self.plan.config, self.plan.store.meta
+        metrics = {"task": "lm", "store": config.store, "student_init": plan.init, "student_layers": plan.k,
+                   "logits": str(plan.spec), "alpha": plan.alpha, "temperature": plan.temperature, "beta": plan.beta,
+                   "hidden_layer_map": {j: meta.lm["hidden_layers"][p] for j, p in plan.hidden_map.items()},
+                   "max_tokens": plan.max_tokens, "eval_split": plan.eval_split or f"{config.train_split} (first "
+                   f"{EVAL_BATCHES} batches: the store has no validation split)",
+                   "best_epoch": result.best_epoch, "best_step": result.best_step,
+                   "best_" + self.main_key: result.best_metric, "history": result.history, "steps": result.steps,
+                   "wall_seconds": seconds, "teacher_weights_fingerprint": meta.teacher.weights_fingerprint,
+                   "config": to_dict(config)}
+        write_metrics(self.out, metrics)
+        checkpoint.remove(self.out)
+        final = self.output.commit()
+        log(f"best {self.main_key} {result.best_metric:.4f} (perplexity {math.exp(min(result.best_metric, 700)):.2f}); "
+            f"student saved to {final}")
+        log(f"next: pkd-cache eval --model {final} --task lm --data-files <held-out corpus>")
+        return metrics

@@ -1,0 +1,179 @@
+"""`pkd-cache dump --task lm`: a causal-LM teacher run once over a corpus, its per-token outputs written to a token
+store (docs/FORMAT.md, version 2): the tokens, the sparse next-token targets of `--logits` (sample:N or topk:K) and
+the hidden states of `--hidden-layers`.
+
+The cache key (store/cache_key.py) holds the teacher's and tokenizer's files, each corpus's content, and every
+setting that changes what is stored: the logit spec, its sampling seed and temperature, the hidden layers and their
+dtype, the sequence length and mode, the rows' size. `dump` (commands/dump.py) uses it as for any store: a hit
+returns the store, an unfinished store of the same key is resumed.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from ..config import DumpConfig, to_dict
+from ..data.corpus import TokenizedCorpus, id_dtype, load_corpus, tokenize_corpus
+from ..errors import Interrupted, PkdCacheError
+from ..identity import model_identity, tokenizer_identity
+from ..logit_spec import LogitSpec
+from ..progress import log, progress_bar
+from ..store.format import TOKEN_FORMAT_VERSION, split_arrays
+from ..store.token_targets import slot_bytes
+from ..store.worker import Consumer
+from ..store.writer import open_writer
+from .dump_lm_rows import RowAssembler, RowSpec, encode, needs_run, rows_of, teacher_batches, teacher_outputs
+from .interrupt import stop_on_sigterm
+
+SPLITS = {"train": "data_files", "validation": "validation_files"}  # split -> the DumpConfig field of its corpus
+
+
+def load_corpora(config: DumpConfig) -> dict:
+    """{split: Corpus} of the dump: `--data-files` as train, `--validation-file` as validation."""
+    return {split: load_corpus(getattr(config, field), config.text_column, config.max_examples)
+            for split, field in SPLITS.items() if getattr(config, field)}
+
+
+def lm_key_parts(config: DumpConfig, corpora: dict) -> dict:
+    """The cache key's parts of a token store: the teacher and tokenizer from their files, each corpus's content, and
+    what changes the stored values or their layout."""
+    spec = LogitSpec.parse(config.logits)
+    settings = {"task": "lm", "max_seq_length": config.max_seq_length, "sequence_mode": config.sequence_mode,
+                "logits": str(spec), "hidden_layers": sorted(config.hidden_layers or []),
+                "chunk_tokens": config.chunk_tokens, "precision": config.precision, "format": config.format,
+                "format_version": TOKEN_FORMAT_VERSION, "splits": list(corpora)}
+    if spec.kind != "none":
+        settings["temperature"] = config.temperature
+    if spec.kind == "sample":
+        settings["sample_seed"] = config.sample_seed
+    if config.hidden_layers:
+        settings["dtype"] = config.dtype
+    return {"teacher": model_identity(config.teacher), "tokenizer": tokenizer_identity(config.teacher),
+            "data": {s: c.fingerprint() for s, c in corpora.items()}, "settings": settings}
+
+
+def run_lm_dump(config: DumpConfig, corpora: dict, key_parts: dict, key: str, resuming: bool):
+    """Load the teacher, tokenise the corpora and write the token store at `config.out`; returns it opened."""
+    from transformers import AutoTokenizer
+
+    from ..store.fingerprint import vocab_fingerprint, weights_fingerprint
+    from ..student.causal_lm import load_causal_lm
+    from ..training import resolve_device
+
+    model = load_causal_lm(config.teacher)
+    tokenizer = AutoTokenizer.from_pretrained(config.teacher)
+    rows = _row_spec(config, model)
+    device = resolve_device(config.device)
+    model.to(device).eval()
+    tokenized = {}
+    for split, corpus in corpora.items():
+        tokenized[split] = tokenize_corpus(tokenizer, corpus, config.max_seq_length, config.sequence_mode)
+        log(f"{split}: {tokenized[split].summary(config.max_seq_length)}")
+    teacher = {"name_or_path": config.teacher, "model_type": model.config.model_type,
+               "architecture": type(model).__name__, "num_layers": model.config.num_hidden_layers,
+               "hidden_size": model.config.hidden_size, "weights_fingerprint": weights_fingerprint(model),
+               "identity": key_parts["teacher"], "config": json.loads(model.config.to_json_string())}
+    spec = rows.spec
+    metadata = {
+        "layout": "tokens", "teacher": teacher,
+        "tokenizer": {"name_or_path": config.teacher, "class": type(tokenizer).__name__, "vocab_size": rows.vocab,
+                      "vocab_fingerprint": vocab_fingerprint(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                      "eos_token_id": tokenizer.eos_token_id},
+        "task": {"name": "lm", "num_labels": rows.vocab, "is_regression": False},
+        "max_seq_length": config.max_seq_length, "cls_dtype": rows.hidden_dtype, "chunk_size": 1,
+        "lm": {"chunk_tokens": rows.chunk_tokens, "id_dtype": rows.id_dtype, "sequence_mode": config.sequence_mode,
+               "targets": {"kind": spec.kind, **({"count": spec.count, "seed": rows.seed,
+                                                  "temperature": rows.temperature} if spec.kind != "none" else {})},
+               "target_slot": rows.slot, "target_parts": spec.parts, "hidden_layers": list(rows.hidden_layers),
+               "hidden_dtype": rows.hidden_dtype, "alignment": "the outputs at position t predict token t + 1"},
+        "settings": to_dict(config), "cache_key": key, "cache_key_parts": key_parts,
+    }
+    sink = open_writer(config.out, config.overwrite, metadata, "zarr", resume=resuming)
+    t0, discard = time.perf_counter(), False
+    try:
+        for split, tok in tokenized.items():
+            sink.create_split(split, _arrays(rows, model, tok), {
+                "num_tokens": tok.num_tokens, "num_sequences": tok.num_sequences,
+                "data_fingerprint": key_parts["data"][split], "source": ", ".join(corpora[split].sources)})
+        with stop_on_sigterm():
+            for split, tok in tokenized.items():
+                _dump_split(config, model, rows, sink, split, tok, device)
+        sink.metadata["dump_seconds"] = round(time.perf_counter() - t0, 3)
+        sink.finish()
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: {sum(len(d) for d in sink.durable.values()):,} rows are durable in "
+                          f"{config.out}; run the same command with --resume to continue") from None
+    except Exception as e:
+        # bad input (or a bug) before the first durable row: the fresh store is ours and holds nothing to resume
+        discard = not resuming and not any(sink.durable.values()) and not isinstance(e, OSError)
+        raise
+    finally:
+        if discard:
+            sink.location.remove_all()  # still under our lock
+        sink.close()
+    total = sum(t.num_tokens for t in tokenized.values())
+    log(f"wrote {total:,} tokens ({', '.join(f'{s} {t.num_tokens:,}' for s, t in tokenized.items())}) to "
+        f"{config.out} in {time.perf_counter() - t0:.1f}s; logits {spec}"
+        + (f", hidden layers {list(rows.hidden_layers)} ({rows.hidden_dtype})" if rows.hidden_layers else ""))
+    log(f"next: pkd-cache distill --store {config.out} --student-init {config.teacher} --student-layers "
+        f"{max(1, model.config.num_hidden_layers // 2)} --output-dir student/")
+    from ..store.reader import open_store
+
+    return open_store(config.out)
+
+
+def _row_spec(config: DumpConfig, model) -> RowSpec:
+    """The rows' contents, once the teacher is known: its vocabulary bounds K and N, its layers --hidden-layers."""
+    head = model.get_output_embeddings()
+    vocab = int(getattr(head, "out_features", 0) or model.config.vocab_size)
+    spec = LogitSpec.parse(config.logits)
+    spec.check(vocab)
+    layers = model.config.num_hidden_layers
+    bad = [h for h in config.hidden_layers or [] if not 0 <= h <= layers]
+    if bad:
+        raise PkdCacheError(f"--hidden-layers {bad[0]} is out of range: the teacher has {layers} layers (0 = the "
+                            f"embeddings, 1..{layers} the blocks' outputs)")
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if isinstance(limit, int) and config.max_seq_length > limit:
+        raise PkdCacheError(f"--max-seq-length {config.max_seq_length} is longer than the teacher's {limit} "
+                            f"positions")
+    hidden = tuple(sorted(set(config.hidden_layers or [])))
+    return RowSpec(config.chunk_tokens, spec, vocab, slot_bytes(spec, vocab, config.chunk_tokens), hidden,
+                   config.dtype if hidden else "float16", str(id_dtype(vocab)), config.sample_seed,
+                   float(config.temperature))
+
+
+def _arrays(rows: RowSpec, model, tok: TokenizedCorpus) -> dict:
+    lm = {"chunk_tokens": rows.chunk_tokens, "hidden_layers": list(rows.hidden_layers), "target_slot": rows.slot,
+          "target_parts": rows.spec.parts, "id_dtype": rows.id_dtype}
+    n = -(-tok.num_tokens // rows.chunk_tokens)
+    return split_arrays(n, 0, rows.vocab, model.config.num_hidden_layers, model.config.hidden_size,
+                        rows.hidden_dtype, "int64", (), lm)
+
+
+def _dump_split(config: DumpConfig, model, rows: RowSpec, sink, split: str, tok: TokenizedCorpus, device) -> None:
+    """Run the teacher over one split's pending batches; a thread codes and writes each row not yet durable."""
+    durable = sink.load_durable(split)
+    ids = tok.input_ids.astype(np.int64)
+    assembler = RowAssembler(rows.chunk_tokens)
+    writer = Consumer(lambda item: sink.write(split, item[0], encode(rows, item[1])), 4, "pkd-cache-writer")
+    try:
+        with progress_bar(tok.num_tokens, f"dump lm {split}", unit="tok") as bar:
+            for batch in teacher_batches(tok.offsets, config.batch_size):
+                start, stop = int(tok.offsets[batch[0]]), int(tok.offsets[batch[1]])
+                if not needs_run(rows_of(start, stop, rows.chunk_tokens), durable):
+                    assembler.skip_to(stop)
+                else:
+                    assembler.add(start, teacher_outputs(model, ids, tok.offsets, batch, rows, device,
+                                                         config.precision))
+                    for r, row in assembler.rows():
+                        if r not in durable:
+                            writer.put((r, row))
+                bar.advance(stop - start)
+            for r, row in assembler.rows(final=True):
+                if r not in durable:
+                    writer.put((r, row))
+    finally:
+        writer.close()  # what is queued is written (durable); a write error is raised here

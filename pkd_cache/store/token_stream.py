@@ -1,0 +1,180 @@
+"""A token store -> token-budget batches of sequences (store/arrays/lm.py, docs/FORMAT.md version 2).
+
+Order, a pure function of (seed, epoch) as for a store of examples (store/stream.py): the rows (chunks of C tokens)
+are visited in a seeded random order, `shuffle_chunks` rows at a time; the sequences that start in a group's rows
+are shuffled together and packed, in that order, into batches of at most `max_tokens` real tokens (next fit: a batch
+ends where the next sequence would pass the budget; batches never span groups). Rank r of W takes batches r, r + W,
+...; the last `len % W` batches of the epoch are left out on every rank. `start_batch` skips a rank's first batches
+(a resumed run). Reading a group's rows together keeps the reads sequential and each row decoded once (a sequence
+that runs into the next row reads that row too).
+
+A batch (torch tensors, sequences padded on the right with id 0):
+    input_ids [B, L] int64, attention_mask [B, L] int64 (1 = real token)
+    sample:N  target_ids [B, L, M] int64, target_counts [B, L, M] int64 (count 0 = padding slot)
+    topk:K    target_ids [B, L, K] int64, target_logprobs [B, L, K] float32
+    hidden    [B, L, h, H] float32 (with `hidden=True`: the stored layers, dequantised)
+The targets at position t are the teacher's distribution of token t + 1 (student/causal_lm.TokenKD aligns them).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from ..errors import PkdCacheError
+from ..logit_spec import LogitSpec
+from .quantize import dequantize_int8
+from .token_targets import decode_row
+from .worker import produce
+
+if TYPE_CHECKING:
+    import torch
+
+
+def sequence_offsets(store, split: str) -> np.ndarray:
+    """int64 [S + 1]: sequence i is tokens offsets[i]:offsets[i + 1] of the split's stream (from `seq_start`)."""
+    meta = store.meta.splits[split]
+    total, c = int(store.info()["splits"][split]["num_tokens"]), int(store.meta.lm["chunk_tokens"])
+    flags = store.array(split, "seq_start")
+    starts = np.concatenate([np.flatnonzero(flags.chunk(r)[0]) + r * c for r in range(meta.num_examples)])
+    starts = starts[starts < total]
+    sequences = int(store.info()["splits"][split]["num_sequences"])
+    if len(starts) != sequences or (len(starts) and starts[0] != 0):
+        raise PkdCacheError(f"store {store.path}: split {split} marks {len(starts):,} sequence starts (first at "
+                            f"{int(starts[0]) if len(starts) else None}), its metadata says {sequences:,} from 0; "
+                            f"run `pkd-cache verify {store.path}`")
+    return np.append(starts, total).astype(np.int64)
+
+
+def token_plan(offsets: np.ndarray, chunk_tokens: int, max_tokens: int, shuffle: bool = True, seed: int = 0,
+               epoch: int = 0, shuffle_chunks: int = 8, rank: int = 0, world: int = 1) -> list[np.ndarray]:
+    """The epoch's batches of rank `rank` (arrays of sequence indices), as the module docstring says."""
+    if max_tokens < 1 or world < 1 or not 0 <= rank < world:
+        raise PkdCacheError(f"bad token batching: max_tokens {max_tokens}, rank {rank} of {world}")
+    lengths = np.diff(offsets)
+    if len(lengths) and lengths.max() > max_tokens:
+        raise PkdCacheError(f"a sequence has {int(lengths.max()):,} tokens, more than the {max_tokens:,} tokens of a "
+                            f"batch; allow at least {int(lengths.max()):,} tokens per batch")
+    row_of = offsets[:-1] // chunk_tokens
+    rows = int(row_of[-1]) + 1 if len(row_of) else 0
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(rows) if shuffle else np.arange(rows)
+    first = np.searchsorted(row_of, np.arange(rows + 1))  # sequences starting in row r: first[r]:first[r + 1]
+    batches = []
+    step = max(1, shuffle_chunks) if shuffle else max(1, rows)
+    for g in range(0, rows, step):
+        seqs = np.concatenate([np.arange(first[r], first[r + 1]) for r in order[g:g + step]])
+        if shuffle:
+            seqs = seqs[rng.permutation(len(seqs))]
+        cum = np.concatenate([[0], np.cumsum(lengths[seqs])])
+        a = 0
+        while a < len(seqs):
+            b = int(np.searchsorted(cum, cum[a] + max_tokens, side="right")) - 1
+            batches.append(seqs[a:b])
+            a = b
+    keep = len(batches) - len(batches) % world
+    return batches[rank:keep:world]
+
+
+class RowCache:
+    """Decoded rows of one split, the most recent few kept: a group's rows are read once."""
+
+    def __init__(self, store, split: str, hidden: bool, size: int, targets: bool = True):
+        self.store, self.split, self.size = store, split, size
+        lm = store.meta.lm
+        self.c, self.vocab = int(lm["chunk_tokens"]), store.meta.tokenizer.vocab_size
+        stored = lm["targets"]
+        self.spec = LogitSpec(stored["kind"], int(stored.get("count") or 0)) if targets else LogitSpec("none")
+        self.total = int(store.info()["splits"][split]["num_tokens"])
+        names = ["tokens"] + (["targets", "target_bytes"] if self.spec.kind != "none" else [])
+        self.hidden = hidden and bool(lm["hidden_layers"])
+        if hidden and not lm["hidden_layers"]:
+            raise PkdCacheError(f"store {store.path} holds no hidden states (dump it with --hidden-layers)")
+        names += ["hidden"] + (["hidden_scale"] if store.meta.cls_dtype == "int8" else []) if self.hidden else []
+        self.arrays = {n: store.array(split, n) for n in names}
+        self.rows: OrderedDict[int, dict] = OrderedDict()
+
+    def get(self, r: int) -> dict[str, np.ndarray]:
+        if r in self.rows:
+            self.rows.move_to_end(r)
+            return self.rows[r]
+        t = min(self.c, self.total - r * self.c)
+        raw = {n: a.chunk(r)[0] for n, a in self.arrays.items()}
+        row = {"tokens": raw["tokens"][:t].astype(np.int64)}
+        if self.spec.kind != "none":
+            try:
+                row["first"], row["second"] = decode_row(self.spec, raw["targets"], raw["target_bytes"], t,
+                                                         self.vocab)
+            except ValueError as e:
+                raise PkdCacheError(f"store {self.store.path}: {self.split}/targets row {r}: {e}; run "
+                                    f"`pkd-cache verify {self.store.path}`") from None
+        if self.hidden:
+            h = raw["hidden"][:, :t]
+            if "hidden_scale" in raw:
+                h = dequantize_int8(h, raw["hidden_scale"][:, :t], np.float32)
+            row["hidden"] = h.transpose(1, 0, 2).astype(np.float32, copy=False)  # [t, h, H]
+        self.rows[r] = row
+        while len(self.rows) > self.size:
+            self.rows.popitem(last=False)
+        return row
+
+
+def _pad_to(a: np.ndarray, m: int) -> np.ndarray:
+    return a if a.shape[1] == m else np.pad(a, ((0, 0), (0, m - a.shape[1])))
+
+
+def gather_batch(cache: RowCache, offsets: np.ndarray, seqs: np.ndarray) -> dict[str, np.ndarray]:
+    """The sequences `seqs` as padded numpy arrays (the keys of the module docstring)."""
+    c = cache.c
+    lengths = offsets[seqs + 1] - offsets[seqs]
+    width = int(lengths.max())
+    real = np.arange(width)[None, :] < lengths[:, None]
+    tokens = (offsets[seqs][:, None] + np.arange(width)[None, :])[real]  # global token index of each real position
+    rows = np.unique(tokens // c)
+    decoded = [cache.get(int(r)) for r in rows]
+    where = np.searchsorted(rows, tokens // c) * c + tokens % c  # into the needed rows laid end to end
+    out = {"input_ids": np.zeros(real.shape, np.int64), "attention_mask": real.astype(np.int64)}
+
+    def stacked(key: str) -> np.ndarray:
+        parts = [d[key] for d in decoded]
+        if parts[0].ndim == 2 and key != "hidden":
+            m = max(p.shape[1] for p in parts)
+            parts = [_pad_to(p, m) for p in parts]
+        full = [np.pad(p, ((0, c - len(p)),) + ((0, 0),) * (p.ndim - 1)) for p in parts]  # a short last row
+        return np.concatenate(full)[where]
+
+    out["input_ids"][real] = stacked("tokens")
+    if cache.spec.kind != "none":
+        first, second = stacked("first"), stacked("second")
+        name = "target_counts" if cache.spec.kind == "sample" else "target_logprobs"
+        out["target_ids"] = np.zeros(real.shape + first.shape[1:], np.int64)
+        out[name] = np.zeros(real.shape + second.shape[1:], second.dtype)
+        out["target_ids"][real], out[name][real] = first, second
+    if cache.hidden:
+        h = stacked("hidden")
+        out["hidden"] = np.zeros(real.shape + h.shape[1:], np.float32)
+        out["hidden"][real] = h
+    return out
+
+
+def iter_token_batches(store, split: str, max_tokens: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
+                       shuffle_chunks: int = 8, start_batch: int = 0, shard: tuple[int, int] = (0, 1),
+                       hidden: bool = False, prefetch: int = 2,
+                       targets: bool = True) -> Iterator[dict[str, "torch.Tensor"]]:
+    """The epoch's batches (torch tensors), read `prefetch` batches ahead on a thread; `targets` False leaves the
+    coded targets unread (a CE-only student)."""
+    import torch
+
+    offsets = sequence_offsets(store, split)
+    c = int(store.meta.lm["chunk_tokens"])
+    plan = token_plan(offsets, c, max_tokens, shuffle, seed, epoch, shuffle_chunks, *shard)[start_batch:]
+    cache = RowCache(store, split, hidden, size=max(1, shuffle_chunks) + 2, targets=targets)
+    for arrays in produce((gather_batch(cache, offsets, seqs) for seqs in plan), prefetch, "pkd-cache-tokens"):
+        yield {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
+def steps_per_epoch(store, split: str, max_tokens: int, world: int = 1) -> int:
+    """The batches each rank takes in an epoch (the same for every seed: the plan's batch count is not)."""
+    offsets = sequence_offsets(store, split)
+    return len(token_plan(offsets, int(store.meta.lm["chunk_tokens"]), max_tokens, True, 0, 0, 8, 0, world))

@@ -1,0 +1,231 @@
+"""Token stores (`dump --task lm`, docs/FORMAT.md version 2): what the store holds is what the teacher gave, token for
+token; resume is byte-identical; verify and distill check every row; the cache key has the logit spec and seed;
+bad input is one line."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pkd_cache.testing import cli_in_process, make_bert, make_causal_lm, show, synthetic_rows, write_jsonl
+from pkd_cache.testing.tamper import read_json, rewrite_chunk
+
+import pkd_cache
+from pkd_cache.data.corpus import load_corpus, tokenize_corpus
+from pkd_cache.store.reader import open_store
+from pkd_cache.store.token_stream import iter_token_batches, sequence_offsets, token_plan
+from pkd_cache.teacher.token_targets import seeded_sample_targets
+
+C = 64  # tokens per row: small, so a sequence runs across rows
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return make_causal_lm(tmp_path_factory.mktemp("lm") / "gpt2", layers=2, hidden=16)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    write_jsonl(folder / "train.jsonl", [{"text": s} for s, _ in synthetic_rows(60, 1)])
+    write_jsonl(folder / "heldout.jsonl", [{"text": s} for s, _ in synthetic_rows(12, 2)])
+    return folder
+
+
+def _dump(lm, corpus, out, **settings):
+    base = dict(teacher=str(lm), task="lm", data_files=[str(corpus / "train.jsonl")],
+                validation_files=[str(corpus / "heldout.jsonl")], out=str(out), max_seq_length=24, batch_size=4,
+                chunk_tokens=C, logits="sample:16", hidden_layers=[0, 2], dtype="float16")
+    return pkd_cache.dump(pkd_cache.DumpConfig(**{**base, **settings}))
+
+
+@pytest.fixture(scope="module")
+def store(lm, corpus, tmp_path_factory):
+    return _dump(lm, corpus, tmp_path_factory.mktemp("stores") / "lm.zarr")
+
+
+def _tokens(lm, corpus, name="train.jsonl"):
+    from transformers import AutoTokenizer
+
+    return tokenize_corpus(AutoTokenizer.from_pretrained(lm), load_corpus([str(corpus / name)]), 24, "pack")
+
+
+def test_the_store_holds_the_teachers_outputs_for_every_token(lm, corpus, store):
+    """Unshuffled batches of one sequence give back the corpus's tokens, the seeded draws of the teacher's own
+    logits at each token's corpus index, and its hidden states (float16) of the layers asked for."""
+    from transformers import AutoModelForCausalLM
+
+    tok = _tokens(lm, corpus)
+    assert store.meta.layout == "tokens" and store.info()["format_version"] == 2
+    assert store.info()["splits"]["train"]["num_tokens"] == tok.num_tokens
+    assert store.num_examples("train") == -(-tok.num_tokens // C) > 2
+    assert (sequence_offsets(store, "train") == tok.offsets).all()
+    model = AutoModelForCausalLM.from_pretrained(lm).eval()
+    batches = list(iter_token_batches(store, "train", 24, shuffle=False, hidden=True))
+    assert len(batches) == tok.num_sequences
+    for i in (0, 1, len(batches) - 1):  # the last sequence is shorter than 24
+        b = batches[i]
+        a, e = tok.offsets[i], tok.offsets[i + 1]
+        assert b["input_ids"].shape == (1, e - a)
+        assert (b["input_ids"][0].numpy() == tok.input_ids[a:e]).all()
+        with torch.no_grad():
+            out = model(torch.from_numpy(tok.input_ids[a:e].astype(np.int64))[None], output_hidden_states=True)
+        ids, counts = seeded_sample_targets(out.logits[0], 16, 0, int(a))
+        m = b["target_ids"].shape[-1]
+        assert torch.equal(b["target_ids"][0, :, :ids.shape[1]], ids) and torch.equal(
+            b["target_counts"][0, :, :ids.shape[1]], counts)
+        assert (b["target_counts"][0, :, ids.shape[1]:m] == 0).all()
+        for pos, layer in enumerate((0, 2)):
+            want = out.hidden_states[layer][0].half().float()
+            assert torch.allclose(b["hidden"][0, :, pos], want, atol=1e-3), layer
+
+
+def test_shuffled_batches_cover_every_sequence_once_within_the_budget(store):
+    offsets = sequence_offsets(store, "train")
+    plan = token_plan(offsets, C, 60, True, 3, 1)
+    seen = np.concatenate(plan)
+    assert sorted(seen.tolist()) == list(range(len(offsets) - 1))
+    assert all(np.diff(offsets)[b].sum() <= 60 for b in plan)
+    assert [b.tolist() for b in plan] == [b.tolist() for b in token_plan(offsets, C, 60, True, 3, 1)]
+    assert [b.tolist() for b in plan] != [b.tolist() for b in token_plan(offsets, C, 60, True, 3, 2)]
+    ranks = [token_plan(offsets, C, 60, True, 3, 1, rank=r, world=2) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) and not set(np.concatenate(ranks[0])) & set(np.concatenate(ranks[1]))
+    resumed = list(iter_token_batches(store, "train", 60, seed=3, epoch=1, start_batch=2))
+    whole = list(iter_token_batches(store, "train", 60, seed=3, epoch=1))
+    assert len(resumed) == len(whole) - 2 and all(torch.equal(x["input_ids"], y["input_ids"])
+                                                  for x, y in zip(resumed, whole[2:]))
+
+
+def test_verify_passes_and_the_metadata_records_the_spec(store):
+    p = cli_in_process("verify", store.path)
+    assert p.returncode == 0, show(p)
+    lm = store.meta.lm
+    assert lm["targets"] == {"kind": "sample", "count": 16, "seed": 0, "temperature": 1.0}
+    assert lm["hidden_layers"] == [0, 2] and lm["id_dtype"] == "uint8"
+    parts = store.info()["cache_key_parts"]["settings"]
+    assert parts["logits"] == "sample:16" and parts["sample_seed"] == 0
+
+
+def test_topk_rows_round_trip(lm, corpus, tmp_path):
+    """topk:4: the 4 largest log-probs of the teacher at each position, ids and values (float16)."""
+    from transformers import AutoModelForCausalLM
+
+    s = _dump(lm, corpus, tmp_path / "top.zarr", logits="topk:4", hidden_layers=None)
+    tok = _tokens(lm, corpus)
+    b = next(iter_token_batches(s, "train", 24, shuffle=False))
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(lm).eval()(
+            torch.from_numpy(tok.input_ids[:24].astype(np.int64))[None]).logits[0]
+    lp = torch.log_softmax(logits, -1)
+    want = lp.topk(4, -1).indices.sort(-1).values
+    assert torch.equal(b["target_ids"][0], want)
+    assert torch.allclose(b["target_logprobs"][0], lp.gather(-1, want), atol=2e-3)
+    assert "hidden" not in b and cli_in_process("verify", s.path).returncode == 0
+
+
+def test_resume_is_byte_identical(lm, corpus, store, tmp_path, monkeypatch):
+    """A dump stopped after 2 rows, resumed with the same command: every chunk file equals the uninterrupted one's."""
+    from pkd_cache.store.backends import zarr_backend
+
+    out = tmp_path / "resumed.zarr"
+    real, written = zarr_backend.StoreWriter.write, []
+
+    def stop_after_two(self, split, start, arrays):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(start)
+        real(self, split, start, arrays)
+
+    monkeypatch.setattr(zarr_backend.StoreWriter, "write", stop_after_two)
+    with pytest.raises(pkd_cache.PkdCacheError, match="--resume"):
+        _dump(lm, corpus, out)
+    monkeypatch.setattr(zarr_backend.StoreWriter, "write", real)
+    _dump(lm, corpus, out, resume=True)
+    want = read_json(Path(store.path) / "checksums.json")
+    assert read_json(out / "checksums.json")["chunks"] == want["chunks"]
+    assert open_store(str(out)).info()["resumptions"]
+
+
+def test_the_seed_and_spec_are_in_the_cache_key(lm, corpus, store, tmp_path):
+    again = _dump(lm, corpus, store.path)  # the same dump: a hit, nothing rewritten
+    assert again.info()["cache_key"] == store.info()["cache_key"]
+    with pytest.raises(pkd_cache.PkdCacheError, match="sample_seed 0 -> 1"):
+        _dump(lm, corpus, store.path, sample_seed=1)
+    with pytest.raises(pkd_cache.PkdCacheError, match="logits 'sample:16' -> 'topk:16'"):
+        _dump(lm, corpus, store.path, logits="topk:16")
+
+
+def test_a_tampered_target_row_is_refused_by_verify_and_distill(store, tmp_path):
+    """Row 1's coded sizes changed (its checksum recomputed, as a tamperer who knows the format would)."""
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(store.path, bad)
+    sizes = open_store(str(bad)).array("train", "target_bytes").chunk(1).copy()
+    sizes[0, 1] -= 1
+    rewrite_chunk(bad, "train/target_bytes/c/1/0", sizes)
+    p = cli_in_process("verify", bad)
+    assert p.returncode != 0 and "targets row 1" in p.stdout + p.stderr, show(p)
+    p = cli_in_process("distill", "--store", bad, "--output-dir", tmp_path / "s", "--student-layers", "1",
+                       "--max-steps", "40", "--batch-size", "2")
+    assert p.returncode != 0 and "targets row 1" in p.stderr and "Traceback" not in p.stderr, show(p)
+
+
+def test_distill_trains_a_causal_lm_student_from_the_store(store, corpus, tmp_path):
+    out = tmp_path / "student"
+    p = cli_in_process("distill", "--store", store.path, "--output-dir", out, "--student-layers", "1",
+                       "--epochs", "1", "--batch-size", "2", "--beta", "1", "--learning-rate", "1e-3")
+    assert p.returncode == 0, show(p)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["logits"] == "sample:16" and metrics["hidden_layer_map"] == {"1": 2}
+    first, last = metrics["history"][0]["eval_loss"], metrics["best_eval_loss"]
+    assert np.isfinite(last) and last <= first
+    p = cli_in_process("eval", "--model", out, "--task", "lm", "--data-files", corpus / "heldout.jsonl", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["perplexity"] > 1, show(p)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--logits", "topk:0"], "K must be in [1,"),
+    (["--logits", "sample:100000"], "N must be in [1,"),
+    (["--logits", "top:3"], "is not one of sample:N, topk:K or none"),
+    (["--hidden-layers", "3"], "--hidden-layers 3 is out of range: the teacher has 2 layers"),
+    (["--sequence-mode", "none", "--max-seq-length", "4"], "cutting is off"),
+])
+def test_bad_dump_input_is_one_line(lm, corpus, tmp_path, args, words):
+    p = cli_in_process("dump", "--teacher", lm, "--task", "lm", "--data-files", corpus / "train.jsonl",
+                       "--out", tmp_path / "x.zarr", "--logits", "sample:16", *args)
+    assert p.returncode != 0 and words in p.stderr and "Traceback" not in p.stderr, show(p)
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_bad_teacher_corpus_and_student_are_one_line(lm, corpus, store, tmp_path):
+    bert = make_bert(tmp_path / "bert")
+    p = cli_in_process("dump", "--teacher", bert, "--task", "lm", "--data-files", corpus / "train.jsonl",
+                       "--out", tmp_path / "x.zarr")
+    assert p.returncode != 0 and "not a causal LM" in p.stderr, show(p)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    p = cli_in_process("dump", "--teacher", lm, "--task", "lm", "--data-files", tmp_path / "empty.txt",
+                       "--out", tmp_path / "x.zarr")
+    assert p.returncode != 0 and "the corpus is empty" in p.stderr, show(p)
+    other = make_causal_lm(tmp_path / "other", layers=1, hidden=16)
+    config = json.loads((other / "config.json").read_text())
+    config["vocab_size"] += 5
+    (other / "config.json").write_text(json.dumps(config))
+    shutil.rmtree(other / "model.safetensors", ignore_errors=True)
+    (other / "model.safetensors").unlink(missing_ok=True)
+    torch.manual_seed(0)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(other)).save_pretrained(other)
+    p = cli_in_process("distill", "--store", store.path, "--student-init", other, "--student-layers", "1",
+                       "--output-dir", tmp_path / "s")
+    assert p.returncode != 0 and "vocabulary" in p.stderr and "Traceback" not in p.stderr, show(p)
+    p = cli_in_process("distill", "--store", store.path, "--student-layers", "1", "--output-dir", tmp_path / "s",
+                       "--temperature", "2")
+    assert p.returncode != 0 and "drawn at temperature 1" in p.stderr, show(p)
+
+
+def test_sentence_level_batches_of_a_token_store_are_refused(store):
+    with pytest.raises(pkd_cache.PkdCacheError, match="token store"):
+        next(iter(store.batches("train", 4)))
