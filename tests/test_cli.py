@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from pkd_cache.testing.tamper import decode, edit_array, edit_attributes, rewrite_chunk
 
-from pkd_cache.testing import cli, cli_env, cli_in_process, make_bert, show, tree_digest, write_jsonl
+from pkd_cache.testing import cli, cli_env, cli_in_process, make_bert, make_causal_lm, show, tree_digest, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # ~60 CLI processes in all
 
@@ -99,6 +99,15 @@ def dump_args(c: Ctx, *extra, teacher=None, data=None, task="sst2", out=None) ->
 def distill_args(c: Ctx, *extra, store=None) -> list:
     return ["distill", "--store", store or c.store, "--output-dir", c.tmp / "student", "--student-layers", "2",
             "--student-init", c.backbone, *extra]
+
+
+def lm_dump_args(c: Ctx, *extra, teacher=None, corpus: Optional[Path] = ...) -> list:
+    """`dump --task lm` of a tiny causal LM (vocabulary 26, 2 layers) over a small jsonl corpus."""
+    if corpus is ...:
+        corpus = write_jsonl(c.tmp / "corpus.jsonl", [{"text": "a good film and a bad plot"}] * 8)
+    data = ["--data-files", corpus] if corpus is not None else []
+    return ["dump", "--teacher", teacher or make_causal_lm(c.tmp / "gpt2"), "--task", "lm", *data, "--out",
+            c.tmp / "out.zarr", "--logits", "sample:16", *extra]
 
 
 def finetune_args(c: Ctx, *extra, model=None, task="sst2", output_dir=None) -> list:
@@ -268,6 +277,23 @@ CASES: dict[str, Case] = {
                                     ("is a bert model, not a causal LM",)),
     "eval-lm-empty-corpus": Case(lambda c: ["eval", "--model", c.teacher, "--task", "lm", "--data-files",
                                             write_jsonl(c.tmp / "empty.jsonl", [])], ("the corpus is empty",)),
+    "dump-lm-without-data-files": Case(lambda c: lm_dump_args(c, corpus=None), ("dump --task lm needs a corpus",),
+                                       no_store),
+    "dump-lm-not-a-causal-lm": Case(lambda c: lm_dump_args(c, teacher=c.teacher), ("is a bert model, not a causal LM",),
+                                    no_store),
+    "dump-lm-topk-out-of-range": Case(lambda c: lm_dump_args(c, "--logits", "topk:0"), ("K must be in [1, 26]",),
+                                      no_store),
+    "dump-lm-sample-beyond-vocab": Case(lambda c: lm_dump_args(c, "--logits", "sample:100000"),
+                                        ("N must be in [1, 26]",), no_store),
+    "dump-lm-bad-logit-spec": Case(lambda c: lm_dump_args(c, "--logits", "top12"),
+                                   ("is not one of sample:N, topk:K or none",), no_store),
+    "dump-lm-hidden-layer-out-of-range": Case(lambda c: lm_dump_args(c, "--hidden-layers", "3"),
+                                              ("--hidden-layers 3 is out of range: the teacher has 2 layers",), no_store),
+    "dump-lm-empty-corpus": Case(lambda c: lm_dump_args(c, corpus=write_jsonl(c.tmp / "empty.jsonl", [])),
+                                 ("the corpus is empty",), no_store),
+    "dump-lm-document-longer-than-max-length": Case(
+        lambda c: lm_dump_args(c, "--sequence-mode", "none", "--max-seq-length", "4"),
+        ("more than --max-seq-length 4, and cutting is off",), no_store),
     "distill-unknown-student-init": Case(lambda c: distill_args(c, "--student-init", c.tmp / "no-such-model"),
                                          ("no-such-model", "does not exist"), no_student),
     "ragged-row": Case(lambda c: dump_args(c, data=sst2_files(c.tmp / "d", "sentence\tlabel",

@@ -50,12 +50,22 @@ def print_info(store: Store) -> None:
         ("completed", str(m.get("completed_at", "-"))),
         ("size on disk", human_bytes(store.size_bytes())),
     ]
+    tokens = m.get("layout") == "tokens" and isinstance(m.get("lm"), dict)
+    if tokens:  # a token store (dump --task lm): what each token holds, instead of labels and [CLS]
+        lm, spec = m["lm"], m["lm"].get("targets") or {}
+        rows[3] = ("task", "lm (next-token targets of a causal LM, per token)")
+        rows[9] = ("per token", f"logits {spec.get('kind')}" + (f":{spec.get('count')} (seed {spec.get('seed')}, T "
+                                f"{spec.get('temperature')})" if spec.get("kind") != "none" else "") +
+                   (f"; hidden layers {lm.get('hidden_layers')} ({lm.get('hidden_dtype')})" if lm.get("hidden_layers")
+                    else "") + f"; {lm.get('sequence_mode')} sequences, {lm.get('chunk_tokens'):,} tokens per chunk")
     for k, v in rows:
         head.add_row(f"[bold]{k}", v)
     console.print(head)
-    splits = Table("split", "examples", "source", "data fingerprint", title="splits")
+    splits = Table("split", "tokens" if tokens else "examples", *(("sequences",) if tokens else ()), "source",
+                   "data fingerprint", title="splits")
     for name, s in m.get("splits", {}).items():
-        splits.add_row(name, f"{s.get('num_examples'):,}", str(s.get("source")), str(s.get("data_fingerprint"))[:16])
+        counts = (f"{s.get('num_tokens'):,}", f"{s.get('num_sequences'):,}") if tokens else (f"{s.get('num_examples'):,}",)
+        splits.add_row(name, *counts, str(s.get("source")), str(s.get("data_fingerprint"))[:16])
     console.print(splits)
 
 
