@@ -1,0 +1,144 @@
+"""Issue 18's speed goals for token stores, measured side by side in one run:
+
+  dump     `pkd_cache.dump --task lm` (teacher forward + sample:N draws + coding + writing, the loop's wall time as
+           the store records it, `dump_seconds`) against the bare teacher forward over the same batches of the same
+           sequences (no_grad, nothing kept): goal >= 0.95 of its tokens/s.
+  distill  `pkd_cache.distill` from that store (CE + alpha x RS-KD, targets read and decoded) against the same command
+           with --alpha 0 (a CE-only student through the same reader, targets left unread), and against a CE-only
+           loop on token batches already in memory (no store at all): goal >= 0.95 of CE-only training speed.
+           Each is timed by the training loop's own wall time (`wall_seconds` of metrics.json: the steps and the
+           evaluation on the small validation split).
+
+    python benchmarks/bench_lm_store.py --teacher /work/lm/teacher --data /work/lm/data [--documents 20000]
+        [--logits sample:64] [--seq 128] [--batch 32] [--steps 60] [--repeats 2]
+
+Alternating repeats; the table gives each one and the ratio of the medians. Run it alone on the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import header, table
+
+import pkd_cache
+from pkd_cache.commands.dump_lm_rows import teacher_batches
+from pkd_cache.data.corpus import load_corpus, tokenize_corpus
+from pkd_cache.store.token_stream import iter_token_batches
+from pkd_cache.student.causal_lm import TokenKD, causal_lm_student
+
+
+@torch.no_grad()
+def bare_forward(model, tok, batch: int) -> float:
+    """Tokens/s of the teacher's forward alone over the dump's batches."""
+    ids = tok.input_ids.astype(np.int64)
+    t0 = time.perf_counter()
+    for a, b in teacher_batches(tok.offsets, batch):
+        lengths = np.diff(tok.offsets[a:b + 1])
+        width = int(lengths.max())
+        real = np.arange(width)[None, :] < lengths[:, None]
+        x = np.zeros(real.shape, np.int64)
+        x[real] = ids[tok.offsets[a]:tok.offsets[b]]
+        model(input_ids=torch.from_numpy(x), attention_mask=torch.from_numpy(real.astype(np.int64)))
+    return tok.num_tokens / (time.perf_counter() - t0)
+
+
+def dump(a, out: Path, train: Path, held: Path) -> float:
+    store = pkd_cache.dump(pkd_cache.DumpConfig(
+        teacher=str(a.teacher), task="lm", data_files=[str(train)], validation_files=[str(held)], out=str(out),
+        max_seq_length=a.seq, batch_size=a.batch, logits=a.logits, overwrite=True))
+    info = store.info()
+    tokens = sum(s["num_tokens"] for s in info["splits"].values())
+    return tokens / info["dump_seconds"]
+
+
+def distill(a, store: Path, out: Path, alpha: float) -> float:
+    pkd_cache.distill(pkd_cache.DistillConfig(
+        store=str(store), output_dir=str(out), student_layers=a.student_layers, alpha=alpha, overwrite=True,
+        train=pkd_cache.TrainConfig(max_steps=a.steps, batch_size=a.batch, learning_rate=5e-4, logging_steps=0,
+                                    eval_strategy="no")))
+    metrics = json.loads((out / "metrics.json").read_text())
+    return metrics["steps"] / metrics["wall_seconds"]
+
+
+def ce_in_memory(a, store: Path) -> float:
+    """Steps/s of a CE-only student on the same token batches, materialised in memory before the clock starts."""
+    opened = pkd_cache.open_store(str(store))
+    batches = [b for _, b in zip(range(a.steps), iter_token_batches(opened, "train", a.batch * a.seq,
+                                                                     targets=False))]
+    torch.manual_seed(0)
+    model = causal_lm_student(str(a.teacher), a.student_layers)
+    loss_fn = TokenKD("sample", alpha=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    t0 = time.perf_counter()
+    for b in batches:
+        loss, _ = loss_fn(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                          b["input_ids"], b["attention_mask"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return len(batches) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--teacher", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help="a folder with train.txt and heldout.txt")
+    p.add_argument("--documents", type=int, default=20000, help="the first N lines of train.txt")
+    p.add_argument("--logits", default="sample:64")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--student-layers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--repeats", type=int, default=2)
+    a = p.parse_args()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pkd_cache.models import quiet_transformers
+
+    quiet_transformers()
+    print(header())
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        train, held = tmp / "train.txt", tmp / "heldout.txt"
+        lines = (a.data / "train.txt").read_text().splitlines()
+        train.write_text("\n".join(lines[:a.documents]) + "\n")
+        held.write_text("\n".join((a.data / "heldout.txt").read_text().splitlines()[:200]) + "\n")
+        teacher = AutoModelForCausalLM.from_pretrained(a.teacher).eval()
+        tokenizer = AutoTokenizer.from_pretrained(a.teacher)
+        toks = [tokenize_corpus(tokenizer, load_corpus([str(f)]), a.seq, "pack") for f in (train, held)]
+        print(f"{toks[0].num_tokens + toks[1].num_tokens:,} tokens ({a.documents:,} documents + 200 held out), "
+              f"sequences of {a.seq}, teacher batches of {a.batch}, {a.logits}; students: {a.student_layers} layers, "
+              f"{a.steps} steps of <= {a.batch * a.seq:,} tokens", flush=True)
+        bare, dumped, kd, ce, memory = [], [], [], [], []
+        store = tmp / "store.zarr"
+        for r in range(a.repeats):
+            bare.append(sum(t.num_tokens for t in toks) / sum(t.num_tokens / bare_forward(teacher, t, a.batch)
+                                                              for t in toks))
+            dumped.append(dump(a, store, train, held))
+            print(f"repeat {r + 1}: bare forward {bare[-1]:,.0f} tok/s, dump {dumped[-1]:,.0f} tok/s", flush=True)
+        for r in range(a.repeats):
+            kd.append(distill(a, store, tmp / "kd", 0.5))
+            ce.append(distill(a, store, tmp / "ce", 0.0))
+            memory.append(ce_in_memory(a, store))
+            print(f"repeat {r + 1}: distill {kd[-1]:.3f} step/s, --alpha 0 {ce[-1]:.3f}, in memory {memory[-1]:.3f}",
+                  flush=True)
+    med = statistics.median
+    rows = [("dump --task lm (tok/s)", ", ".join(f"{v:,.0f}" for v in dumped), "bare teacher forward",
+             ", ".join(f"{v:,.0f}" for v in bare), f"{med(dumped) / med(bare):.3f}"),
+            ("distill, alpha 0.5 (step/s)", ", ".join(f"{v:.3f}" for v in kd), "distill --alpha 0 (CE only)",
+             ", ".join(f"{v:.3f}" for v in ce), f"{med(kd) / med(ce):.3f}"),
+            ("distill, alpha 0.5 (step/s)", ", ".join(f"{v:.3f}" for v in kd), "CE-only loop, batches in memory",
+             ", ".join(f"{v:.3f}" for v in memory), f"{med(kd) / med(memory):.3f}")]
+    print(table(rows, ("measured", "runs", "against", "runs", "ratio of medians")))
+
+
+if __name__ == "__main__":
+    main()
