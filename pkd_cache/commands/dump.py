@@ -53,8 +53,8 @@ def dump(config: DumpConfig):
         policy = cache_policy(config, existing, key, key_parts)
         return existing if policy == "hit" else _run(config, task, examples, key_parts, key, policy)
     # its place in the cache: an unfinished store there is this dump's (the key is in the name), so it is resumed
-    config = dataclasses.replace(config, out=entry_url(cache, task.name if task else config.task, config.teacher, key, config.format),
-                                 resume=True)
+    name = task.name if task is not None else config.task
+    config = dataclasses.replace(config, out=entry_url(cache, name, config.teacher, key, config.format), resume=True)
     claim = Location(claim_url(config.out))  # held by the one dump of this key that runs the teacher
     store_location, name = Location(config.out), config.out[len(cache.rstrip("/")) + 1:]  # name: `task/entry`
     while True:

@@ -64,7 +64,8 @@ def print_info(store: Store) -> None:
     splits = Table("split", "tokens" if tokens else "examples", *(("sequences",) if tokens else ()), "source",
                    "data fingerprint", title="splits")
     for name, s in m.get("splits", {}).items():
-        counts = (f"{s.get('num_tokens'):,}", f"{s.get('num_sequences'):,}") if tokens else (f"{s.get('num_examples'):,}",)
+        counts = (f"{s.get('num_tokens'):,}", f"{s.get('num_sequences'):,}") if tokens \
+            else (f"{s.get('num_examples'):,}",)
         splits.add_row(name, *counts, str(s.get("source")), str(s.get("data_fingerprint"))[:16])
     console.print(splits)
 

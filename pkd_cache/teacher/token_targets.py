@@ -72,7 +72,7 @@ def _inverse_cdf(p: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = No
     ValueError if a row's total is not finite and > 0 (its softmax had a NaN). ``out``: a float64 [T, V] buffer
     for the CDF (reused across blocks of rows: no new allocation, no page faults).
     """
-    cdf = torch.cumsum(p, -1, dtype=torch.float64, out=out)
+    cdf = (torch.empty_like(p, dtype=torch.float64) if out is None else out).copy_(p).cumsum_(-1)
     total = cdf[:, -1:]
     if not bool((torch.isfinite(total) & (total > 0)).all()):
         raise ValueError("teacher_logits has a row with no finite probability (all -inf, or a NaN or +inf logit)")
