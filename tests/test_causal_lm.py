@@ -176,3 +176,29 @@ def test_hidden_state_mse_projection_and_mask():
     assert loss_fn(student, teacher, mask).item() == pytest.approx(loss.item())
     same = HiddenStateMSE({1: 1}, 8, 8)
     assert same([None, student[1]], [None, student[1]], mask).item() == 0.0
+
+
+@pytest.mark.parametrize("kind", ["sample", "topk"])
+def test_token_kd_at_t1_shares_one_log_softmax_and_equals_the_two_losses(kind):
+    """At T = 1 TokenKD scores CE and KD on one log-softmax: the same value and gradient as CE plus the KD module
+    applied on its own (padding and each row's last position masked in both)."""
+    from pkd_cache.student.sparse_kd import SampledKDLoss, TopKKDLoss, sample_targets, topk_targets
+
+    torch.manual_seed(0)
+    b, s, v = 3, 7, 11
+    z = torch.randn(b, s, v, requires_grad=True)
+    ids = torch.randint(0, v, (b, s))
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[1, 5:] = 0
+    teacher = torch.randn(b * s, v)
+    made = sample_targets(teacher, 8, torch.Generator().manual_seed(1)) if kind == "sample" else topk_targets(teacher, 3)
+    targets = tuple(t.reshape(b, s, -1) for t in made)
+    loss, parts = TokenKD(kind, alpha=0.7)(z, ids, mask, targets)
+    (grad,) = torch.autograd.grad(loss, z)
+    valid = mask[:, :-1].bool() & mask[:, 1:].bool()
+    ce = torch.nn.functional.cross_entropy(z[:, :-1][valid], ids[:, 1:][valid])
+    module = SampledKDLoss() if kind == "sample" else TopKKDLoss()
+    kd = module(z[:, :-1], *(t[:, :-1] for t in targets), mask=valid)
+    (want,) = torch.autograd.grad(ce + 0.7 * kd, z)
+    assert torch.allclose(loss, ce + 0.7 * kd, atol=1e-6) and torch.allclose(parts["kd"], kd, atol=1e-6)
+    assert torch.allclose(grad, want, atol=1e-6) and grad.abs().sum() > 0

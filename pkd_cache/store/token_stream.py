@@ -120,42 +120,36 @@ class RowCache:
         return row
 
 
-def _pad_to(a: np.ndarray, m: int) -> np.ndarray:
-    return a if a.shape[1] == m else np.pad(a, ((0, 0), (0, m - a.shape[1])))
-
-
 def gather_batch(cache: RowCache, offsets: np.ndarray, seqs: np.ndarray) -> dict[str, np.ndarray]:
-    """The sequences `seqs` as padded numpy arrays (the keys of the module docstring)."""
+    """The sequences `seqs` as padded numpy arrays (the keys of the module docstring), copied row by row straight
+    from the decoded rows into the batch (no row is copied whole)."""
     c = cache.c
     lengths = offsets[seqs + 1] - offsets[seqs]
     width = int(lengths.max())
     real = np.arange(width)[None, :] < lengths[:, None]
     tokens = (offsets[seqs][:, None] + np.arange(width)[None, :])[real]  # global token index of each real position
-    rows = np.unique(tokens // c)
-    decoded = [cache.get(int(r)) for r in rows]
-    where = np.searchsorted(rows, tokens // c) * c + tokens % c  # into the needed rows laid end to end
-    out = {"input_ids": np.zeros(real.shape, np.int64), "attention_mask": real.astype(np.int64)}
-
-    def stacked(key: str) -> np.ndarray:
-        parts = [d[key] for d in decoded]
-        if parts[0].ndim == 2 and key != "hidden":
-            m = max(p.shape[1] for p in parts)
-            parts = [_pad_to(p, m) for p in parts]
-        full = [np.pad(p, ((0, c - len(p)),) + ((0, 0),) * (p.ndim - 1)) for p in parts]  # a short last row
-        return np.concatenate(full)[where]
-
-    out["input_ids"][real] = stacked("tokens")
+    dest = np.flatnonzero(real.reshape(-1))  # where each real position goes in the flattened [B * L] batch
+    row_of, local = tokens // c, tokens % c
+    picks = [(d, np.flatnonzero(row_of == r)) for r in np.unique(row_of) for d in (cache.get(int(r)),)]
+    flat = real.size
+    out = {"input_ids": np.zeros(flat, np.int64), "attention_mask": real.astype(np.int64)}
+    names = {"first": "target_ids", "second": "target_counts" if cache.spec.kind == "sample" else "target_logprobs"}
     if cache.spec.kind != "none":
-        first, second = stacked("first"), stacked("second")
-        name = "target_counts" if cache.spec.kind == "sample" else "target_logprobs"
-        out["target_ids"] = np.zeros(real.shape + first.shape[1:], np.int64)
-        out[name] = np.zeros(real.shape + second.shape[1:], second.dtype)
-        out["target_ids"][real], out[name][real] = first, second
+        m = max(d["first"].shape[1] for d, _ in picks)
+        for key, name in names.items():
+            out[name] = np.zeros((flat, m), picks[0][0][key].dtype)
     if cache.hidden:
-        h = stacked("hidden")
-        out["hidden"] = np.zeros(real.shape + h.shape[1:], np.float32)
-        out["hidden"][real] = h
-    return out
+        out["hidden"] = np.zeros((flat,) + picks[0][0]["hidden"].shape[1:], np.float32)
+    for d, at in picks:
+        src, dst = local[at], dest[at]
+        out["input_ids"][dst] = d["tokens"][src]
+        if cache.spec.kind != "none":
+            w = d["first"].shape[1]
+            out["target_ids"][dst, :w] = d["first"][src]
+            out[names["second"]][dst, :w] = d["second"][src]
+        if cache.hidden:
+            out["hidden"][dst] = d["hidden"][src]
+    return {k: v if k == "attention_mask" else v.reshape(real.shape + v.shape[1:]) for k, v in out.items()}
 
 
 def iter_token_batches(store, split: str, max_tokens: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,

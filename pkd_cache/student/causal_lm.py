@@ -147,12 +147,25 @@ class TokenKD(torch.nn.Module):
         valid = real[:, :-1] & real[:, 1:]  # [B, S-1]: position t has a real next token
         z = student_logits[:, :-1]
         zv = z[valid].float()  # masked rows dropped first: inf/NaN logits at padding cannot leak in
-        ce = F.cross_entropy(zv, input_ids[:, 1:][valid].long(), reduction="sum") / valid.sum().clamp_min(1)
+        count = valid.sum().clamp_min(1)
+        if self.alpha > 0 and targets is None:
+            raise ValueError(f"alpha = {self.alpha} > 0 needs {self.kind} targets")
+        parts = () if targets is None else (targets,) if isinstance(targets, torch.Tensor) else tuple(targets)
+        if self.alpha > 0 and self.kind != "full" and self.kd.temperature == 1.0:
+            # one log-softmax (and one backward through it) for both terms: at T = 1 they score the same log-probs
+            lp = F.log_softmax(zv, dim=-1)
+            ce = -lp.gather(-1, input_ids[:, 1:][valid].long().unsqueeze(-1)).sum() / count
+            rows = [t[:, :-1][valid] for t in parts]
+            per_token = self.kd.per_token(lp, *rows)
+            if self.kind == "sample":  # SampledKDLoss's mean: over the positions that have draws
+                has = (rows[1] > 0).any(-1)
+                kd = torch.where(has, per_token, 0).sum() / has.sum().clamp_min(1)
+            else:
+                kd = per_token.sum() / count
+            return ce + self.alpha * kd, {"ce": ce.detach(), "kd": kd.detach(), "tokens": int(valid.sum())}
+        ce = F.cross_entropy(zv, input_ids[:, 1:][valid].long(), reduction="sum") / count
         loss, kd = ce, ce.new_zeros(())
         if self.alpha > 0:
-            if targets is None:
-                raise ValueError(f"alpha = {self.alpha} > 0 needs {self.kind} targets")
-            parts = (targets,) if isinstance(targets, torch.Tensor) else tuple(targets)
             kd = self.kd(z, *(t[:, :-1] for t in parts[:2]), mask=valid,
                          **({"teacher_entropy": parts[2][:, :-1]} if len(parts) > 2 else {}))
             loss = ce + self.alpha * kd

@@ -133,15 +133,20 @@ class SampledKDLoss(_TokenKDLoss):
         mask = has_draws if mask is None else mask.to(torch.bool) & has_draws
         extra = () if teacher_entropy is None else (teacher_entropy.unsqueeze(-1),)
         mask, z, (ids, counts, *ent) = self._rows(student_logits, mask, ids, counts, *extra)
-        lp_s = self._student_logprobs(z)
+        return self._reduce(self.per_token(self._student_logprobs(z), ids, counts, *ent), mask)
+
+    def per_token(self, lp_s: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
+                  teacher_entropy: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The loss of each row [T] (T²-scaled), from the student's log-probs at the loss temperature lp_s [T, V]
+        and the rows' targets (already masked): for a caller that has lp_s already (TokenKD at T = 1)."""
         c = counts.to(lp_s.dtype)
         real = c > 0
         q = c / c.sum(-1, keepdim=True).clamp_min(1e-30)
         lp_sel = lp_s.gather(-1, torch.where(real, ids.long(), 0))
         loss = -torch.where(real, q * lp_sel, 0).sum(-1)
         if self.objective == "kl":
-            loss = loss - ent[0].squeeze(-1).to(loss.dtype)
-        return self._reduce(loss * self.temperature ** 2, mask)
+            loss = loss - teacher_entropy.reshape(-1).to(loss.dtype)
+        return loss * self.temperature ** 2
 
 
 class TopKKDLoss(_TokenKDLoss):
@@ -167,7 +172,11 @@ class TopKKDLoss(_TokenKDLoss):
             raise ValueError(f"ids {tuple(ids.shape)} and teacher_logprobs {tuple(teacher_logprobs.shape)} "
                              f"must have the same shape")
         mask, z, (ids, lp_t) = self._rows(student_logits, mask, ids, teacher_logprobs)
-        lp_s = self._student_logprobs(z)
+        return self._reduce(self.per_token(self._student_logprobs(z), ids, lp_t), mask)
+
+    def per_token(self, lp_s: torch.Tensor, ids: torch.Tensor, lp_t: torch.Tensor) -> torch.Tensor:
+        """The loss of each row [T] (T²-scaled) from the student's log-probs at the loss temperature lp_s [T, V]
+        and the rows' targets (already masked), as SampledKDLoss.per_token."""
         ids = ids.long()
         lp_t = _compute_dtype(lp_t).to(lp_s.dtype)
         in_top = torch.zeros_like(lp_s, dtype=torch.bool).scatter(-1, ids, True)
@@ -179,7 +188,7 @@ class TopKKDLoss(_TokenKDLoss):
         loss = -torch.where(p > 0, p * lp_s.gather(-1, ids), 0).sum(-1) - torch.where(r > 0, r * lp_s_rest, 0)
         if self.objective == "kl":
             loss = loss + torch.where(p > 0, p * lp_t, 0).sum(-1) + torch.special.xlogy(r, r)
-        return self._reduce(loss * self.temperature ** 2, mask)
+        return loss * self.temperature ** 2
 
 
 @torch.no_grad()
