@@ -102,7 +102,16 @@ def batches(train, steps: int, batch: int, seq: int, seed: int, pad: int):
         epoch += 1
 
 
-def train_run(run: str, a, teacher, train, held, vocab: int, pad: int) -> tuple:
+def online_source(a, teacher, train, pad: int, run: str):
+    """(input_ids, attention_mask, targets) of the training plan, the targets made by the teacher now."""
+    for step, (x, mask) in enumerate(batches(train, a.steps, a.batch, a.seq, a.seed, pad)):
+        yield x, mask, online_targets(teacher, x, mask, run, torch.Generator().manual_seed(a.seed * 1_000_003 + step),
+                                      a.temperature)
+
+
+def train_run(run: str, a, teacher, train, held, vocab: int, pad: int, source=None) -> tuple:
+    """One student. `source` yields (input_ids, attention_mask, targets) (default: `online_source`; a store's
+    batches in lm_store_experiment.py)."""
     name, _ = parse_run(run)
     torch.manual_seed(a.seed)  # dropout: the same stream in every run
     student = causal_lm_student(str(a.teacher), a.student_layers)
@@ -114,23 +123,23 @@ def train_run(run: str, a, teacher, train, held, vocab: int, pad: int) -> tuple:
     t_teacher = t_student = t_code = 0.0
     tokens = code_tokens = byte_sum = blosc_sum = 0
     ces = []
-    for step, (x, mask) in enumerate(batches(train, a.steps, a.batch, a.seq, a.seed, pad)):
+    source = online_source(a, teacher, train, pad, run) if source is None else source
+    t0 = time.perf_counter()
+    for step, (x, mask, targets) in enumerate(source):
+        t1 = time.perf_counter()
         frac = max(0.0, (step - warmup) / max(1, a.steps - warmup))
         lr = a.lr * (step + 1) / warmup if step < warmup else a.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
-        t0 = time.perf_counter()
-        targets = online_targets(teacher, x, mask, run, torch.Generator().manual_seed(a.seed * 1_000_003 + step),
-                                 a.temperature)
-        t1 = time.perf_counter()
         loss, parts = loss_fn(student(input_ids=x, attention_mask=mask).logits, x, mask, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         t2 = time.perf_counter()
-        t_teacher += t1 - t0 if targets is not None else 0.0
+        t_teacher += t1 - t0 if targets is not None else 0.0  # making (or reading) the batch and its targets
         t_student, tokens = t_student + t2 - t1, tokens + int(mask.sum())
+        t0 = time.perf_counter()
         ces.append(float(parts["ce"]))
         if step < a.byte_batches and targets is not None:
             b, z, n, s = coded(targets, mask, run, vocab)
