@@ -87,6 +87,19 @@ def ce_in_memory(a, store: Path) -> float:
     return len(batches) / (time.perf_counter() - t0)
 
 
+def random_teacher(base: Path, shape: str, out: Path) -> Path:
+    """A GPT-2 of `shape` (LAYERSxWIDTH) with random weights and `base`'s vocabulary, positions and tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
+
+    layers, width = (int(v) for v in shape.lower().split("x"))
+    config = AutoConfig.from_pretrained(base)
+    config.n_layer, config.n_embd, config.n_head = layers, width, max(1, width // 64)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--teacher", type=Path, required=True)
@@ -98,7 +111,12 @@ def main() -> None:
     p.add_argument("--student-layers", type=int, default=2)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--random-teacher", default=None, help="LAYERSxWIDTH, e.g. 12x768: a randomly initialised GPT-2 "
+                   "of that shape with --teacher's vocabulary and tokenizer instead (speed does not depend on the "
+                   "weights); distill is then skipped")
+    p.add_argument("--dump-only", action="store_true", help="measure the dump alone")
     a = p.parse_args()
+    a.dump_only = a.dump_only or bool(a.random_teacher)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pkd_cache.models import quiet_transformers
@@ -111,6 +129,8 @@ def main() -> None:
         lines = (a.data / "train.txt").read_text().splitlines()
         train.write_text("\n".join(lines[:a.documents]) + "\n")
         held.write_text("\n".join((a.data / "heldout.txt").read_text().splitlines()[:200]) + "\n")
+        if a.random_teacher:
+            a.teacher = random_teacher(a.teacher, a.random_teacher, tmp / "random-teacher")
         teacher = AutoModelForCausalLM.from_pretrained(a.teacher).eval()
         tokenizer = AutoTokenizer.from_pretrained(a.teacher)
         toks = [tokenize_corpus(tokenizer, load_corpus([str(f)]), a.seq, "pack") for f in (train, held)]
@@ -124,7 +144,7 @@ def main() -> None:
                                                               for t in toks))
             dumped.append(dump(a, store, train, held))
             print(f"repeat {r + 1}: bare forward {bare[-1]:,.0f} tok/s, dump {dumped[-1]:,.0f} tok/s", flush=True)
-        for r in range(a.repeats):
+        for r in range(0 if a.dump_only else a.repeats):
             kd.append(distill(a, store, tmp / "kd", 0.5))
             ce.append(distill(a, store, tmp / "ce", 0.0))
             memory.append(ce_in_memory(a, store))
@@ -132,7 +152,9 @@ def main() -> None:
                   flush=True)
     med = statistics.median
     rows = [("dump --task lm (tok/s)", ", ".join(f"{v:,.0f}" for v in dumped), "bare teacher forward",
-             ", ".join(f"{v:,.0f}" for v in bare), f"{med(dumped) / med(bare):.3f}"),
+             ", ".join(f"{v:,.0f}" for v in bare), f"{med(dumped) / med(bare):.3f}")]
+    if not a.dump_only:
+        rows += [
             ("distill, alpha 0.5 (step/s)", ", ".join(f"{v:.3f}" for v in kd), "distill --alpha 0 (CE only)",
              ", ".join(f"{v:.3f}" for v in ce), f"{med(kd) / med(ce):.3f}"),
             ("distill, alpha 0.5 (step/s)", ", ".join(f"{v:.3f}" for v in kd), "CE-only loop, batches in memory",

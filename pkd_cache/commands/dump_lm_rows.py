@@ -59,10 +59,12 @@ def teacher_outputs(model, ids: np.ndarray, offsets: np.ndarray, batch: tuple[in
     with torch.autocast(inputs.device.type, dtype=half) if half is not None else contextlib.nullcontext():
         out = model(input_ids=inputs, attention_mask=mask, output_hidden_states=bool(rows.hidden_layers))
     keep = mask.bool()
+    packed = bool(keep.all())  # every position real (packed sequences): the outputs' rows are views, not copies
     result = {"tokens": ids[t0:t1], "seq_start": np.zeros(t1 - t0, np.uint8)}
     result["seq_start"][offsets[a:b] - t0] = 1
     if rows.spec.kind != "none":
-        logits = out.logits[keep].float()  # [t, V], the flat order of the tokens (row-major over the batch)
+        # [t, V], the flat order of the tokens (row-major over the batch)
+        logits = (out.logits.reshape(-1, out.logits.shape[-1]) if packed else out.logits[keep]).float()
         if rows.spec.kind == "sample":
             first, second = seeded_sample_targets(logits, rows.spec.count, rows.seed, t0, rows.temperature)
         else:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 _MASK = (1 << 64) - 1
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_CHUNK_CPU, _CHUNK_OTHER = 1 << 21, 1 << 26  # logits per block of rows in seeded_sample_targets
+_CHUNK_CPU, _CHUNK_OTHER = 1 << 20, 1 << 26  # logits per block of rows in seeded_sample_targets
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
