@@ -1,6 +1,7 @@
 """Dump under torchrun (gloo, 2 CPU ranks): the store equals a one-process dump byte for byte, and a dump killed
 with one rank count is finished with another."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -275,3 +276,31 @@ def test_per_device_means_per_device_on_two_ranks(tmp_path, store_path, backbone
         "--gradient-accumulation-steps 1 = 32; give only one of the two (or add --gradient-accumulation-steps 2)"}, \
         show(p)
     assert not (tmp_path / "other").exists()
+
+
+def test_lm_distill_from_a_token_store_on_two_ranks(tmp_path):
+    """A causal-LM student from a token store under torchrun: each rank takes every other batch of the epoch's
+    plan, DDP averages the two ranks' gradients, rank 0 writes the student. Checked: it finishes with half the
+    one-process steps per epoch and a finite validation loss (a smoke test: the two runs see different batches per
+    step, so their students are not expected to be equal)."""
+    from pkd_cache.testing import make_causal_lm, synthetic_rows, write_jsonl
+
+    import pkd_cache
+    from pkd_cache.store.token_stream import steps_per_epoch
+
+    lm = make_causal_lm(tmp_path / "gpt2")
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": s} for s, _ in synthetic_rows(120, 3)])
+    store = pkd_cache.dump(pkd_cache.DumpConfig(teacher=str(lm), task="lm", data_files=[str(corpus)],
+                                                validation_files=[str(corpus)], out=str(tmp_path / "lm.zarr"),
+                                                max_seq_length=24, chunk_tokens=64, logits="sample:8"))
+    args = ["distill", "--store", store.path, "--student-layers", "1", "--epochs", "1", "--batch-size", "2",
+            "--learning-rate", "1e-3", "--logging-steps", "1"]
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "pkd_cache", *args, "--output-dir", str(tmp_path / "two")])
+    assert two.returncode == 0, show(two)
+    one = run([sys.executable, "-m", "pkd_cache", *args, "--output-dir", str(tmp_path / "one")])
+    assert one.returncode == 0, show(one)
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert m2["ranks"] == 2 and m2["steps"] == steps_per_epoch(store, "train", 48, 2) == m1["steps"] // 2
+    assert (tmp_path / "two" / "model.safetensors").is_file() and math.isfinite(m2["best_eval_loss"])

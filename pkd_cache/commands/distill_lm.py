@@ -16,6 +16,7 @@ import contextlib
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -23,7 +24,8 @@ from .. import checkpoint
 from ..config import DistillConfig, resolve_batch, to_dict
 from ..errors import PkdCacheError
 from ..logit_spec import LogitSpec
-from ..progress import log
+from ..distributed import DistContext, dist_context, process_group
+from ..progress import log, quiet
 from ..store.token_stream import iter_token_batches, steps_per_epoch
 from ..student.causal_lm import HiddenStateMSE, TokenKD, causal_lm_student, check_same_vocab
 from ..training import Member, resolve_device, total_steps_of, train_many, write_metrics
@@ -34,15 +36,24 @@ EVAL_BATCHES = 8  # training batches scored when the store has no validation spl
 
 
 def distill_lm(config: DistillConfig, store) -> dict:
-    """Train one causal-LM student from the token store `store` (opened); returns its metrics."""
+    """Train one causal-LM student from the token store `store` (opened); returns its metrics.
+
+    Under torchrun, DistributedDataParallel: rank r of W trains on batches r, r + W, ... of the epoch's plan
+    (store/token_stream.py), so a step sees W token budgets; rank 0 evaluates, saves and writes the metrics."""
     plan = _Plan(config, store)
-    with OutputLock(Path(config.output_dir), config.output_dir):
-        student = _LMStudent(plan)
+    dist = dist_context(resolve_device(config.device))
+    with process_group(dist.ranks, dist.device), quiet(not dist.main), contextlib.ExitStack() as locks:
+        if dist.main:
+            locks.enter_context(OutputLock(Path(config.output_dir), config.output_dir))
+        dist.barrier()  # every rank has checked the output folder before rank 0 prepares it
+        student = _LMStudent(plan, dist)
         t0 = time.perf_counter()
-        steps = steps_per_epoch(store, config.train_split, plan.max_tokens)
-        results = train_many([student.member], steps, plan.batches, "distill", config.train.save_steps,
-                             config.resume)
-        return student.finish(results[0], time.perf_counter() - t0)
+        steps = steps_per_epoch(store, config.train_split, plan.max_tokens, dist.world)
+        results = train_many([student.member], steps, lambda epoch, start=0: plan.batches(epoch, start, dist),
+                             "distill", config.train.save_steps, config.resume)
+        metrics = student.finish(results[0], time.perf_counter() - t0)
+        dist.barrier()  # every rank returns once rank 0 has written the student
+    return metrics
 
 
 class _Plan:
@@ -104,62 +115,83 @@ class _Plan:
                                 f"layers {stored}); pass --layer-map with those, or dump with --hidden-layers")
         return {j: stored.index(t) for j, t in enumerate(wanted, start=1)}
 
-    def batches(self, epoch: int, start_batch: int = 0):
+    def batches(self, epoch: int, start_batch: int = 0, dist: DistContext = DistContext()):
         c = self.config
         return iter_token_batches(self.store, c.train_split, self.max_tokens, True, c.train.seed, epoch,
-                                  start_batch=start_batch, hidden=bool(self.hidden_map),
+                                  start_batch=start_batch, shard=(dist.rank, dist.world), hidden=bool(self.hidden_map),
                                   prefetch=0 if c.dataloader_num_workers == 0 else 2, targets=self.alpha > 0)
 
 
+class _LMLoss(torch.nn.Module):
+    """The student and its loss as one module: what DistributedDataParallel wraps under torchrun, so that the
+    hidden-state projection's gradients are all-reduced with the student's."""
+
+    def __init__(self, model, kd: TokenKD, mse: Optional[HiddenStateMSE], beta: float, bf16: bool):
+        super().__init__()
+        self.model, self.kd, self.mse, self.beta, self.bf16 = model, kd, mse, beta, bf16
+
+    def logits(self, ids: torch.Tensor, mask: torch.Tensor, hidden: bool = False):
+        half = torch.autocast(ids.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with half:
+            return self.model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
+
+    def forward(self, ids, mask, targets=None, teacher_hidden=None):
+        out = self.logits(ids, mask, hidden=self.mse is not None)
+        loss, parts = self.kd(out.logits.float(), ids, mask, targets)
+        watched = {"ce": parts["ce"], "kd": parts["kd"]}
+        if self.mse is not None:
+            hidden = self.mse(out.hidden_states, [teacher_hidden[:, :, p] for p in range(teacher_hidden.shape[2])],
+                              mask)
+            loss, watched["hidden"] = loss + self.beta * hidden, hidden.detach()
+        return loss, watched
+
+
 class _LMStudent:
-    def __init__(self, plan: _Plan):
+    def __init__(self, plan: _Plan, dist: DistContext):
         self.plan, config, meta = plan, plan.config, plan.store.meta
-        self.device = resolve_device(config.device)
+        self.dist, self.device = dist, dist.device
         torch.manual_seed(config.train.seed)
         self.model = causal_lm_student(plan.init, plan.k)
         check_same_vocab(self.model, meta.tokenizer.vocab_size, f"the store {config.store}")
-        self.kd = TokenKD("sample" if plan.spec.kind == "sample" else "topk" if plan.spec.kind == "topk" else "full",
-                          alpha=plan.alpha, temperature=plan.temperature)
+        kd = TokenKD("sample" if plan.spec.kind == "sample" else "topk" if plan.spec.kind == "topk" else "full",
+                     alpha=plan.alpha, temperature=plan.temperature)
         self.mse = HiddenStateMSE(plan.hidden_map, self.model.config.hidden_size, meta.teacher.hidden_size) \
             if plan.hidden_map else None
-        self.output = resume_output(config.output_dir, "student", "distill") if config.resume else \
-            prepare_output(config.output_dir, config.overwrite, "student", "distill", inputs=plan.inputs)
-        self.out = self.output.work
+        # everything has loaded: rank 0 starts the output (aside, when it replaces one) or continues it
+        self.output = None if not dist.main else resume_output(config.output_dir, "student", "distill") \
+            if config.resume else prepare_output(config.output_dir, config.overwrite, "student", "distill",
+                                                 inputs=plan.inputs)
+        self.out = self.output.work if self.output is not None else resume_dir(config.output_dir)
         self.model.to(self.device)
         extra = None
         if self.mse is not None:
             self.mse.to(self.device)
             extra = list(self.mse.named_parameters(prefix="hidden_projection"))
+        self.trainable = _LMLoss(self.model, kd, self.mse, plan.beta, config.bf16)
+        self.forward = self.trainable
+        if dist.many:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(self.trainable, device_ids=[self.device]
+                                                   if self.device.type == "cuda" else None)
         log(f"distilling a {plan.k}-layer causal-LM student from {plan.init} on {config.store} into "
             f"{config.output_dir}: CE + {plan.alpha:g} x KD ({plan.spec}, T {plan.temperature:g})"
             + (f" + {plan.beta:g} x hidden MSE (student->teacher layers "
                f"{ {j: meta.lm['hidden_layers'][p] for j, p in plan.hidden_map.items()} })" if self.mse else "")
             + f"; batches of at most {plan.max_tokens:,} tokens")
         self.main_key = "eval_loss" if plan.eval_split else "train_subset_loss"
-        steps = steps_per_epoch(plan.store, config.train_split, plan.max_tokens)
+        steps = steps_per_epoch(plan.store, config.train_split, plan.max_tokens, dist.world)
         self.member = Member(self.model, config.train, total_steps_of(config.train, steps), self.loss, self.evaluate,
-                             self.main_key, self.save_best, extra, output_dir=self.out, greater_is_better=False)
-
-    def _forward(self, batch: dict):
-        half = torch.bfloat16 if self.plan.config.bf16 else None
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        with torch.autocast(self.device.type, dtype=half) if half is not None else contextlib.nullcontext():
-            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=self.mse is not None)
-        return out, ids, mask
+                             self.main_key, self.save_best, extra, output_dir=self.out, dist=dist,
+                             greater_is_better=False)
 
     def loss(self, batch: dict):
-        out, ids, mask = self._forward(batch)
+        on = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         targets = None
         if self.plan.alpha > 0:
             second = "target_counts" if self.plan.spec.kind == "sample" else "target_logprobs"
-            targets = (batch["target_ids"].to(self.device), batch[second].to(self.device))
-        loss, parts = self.kd(out.logits.float(), ids, mask, targets)
-        watched = {"ce": parts["ce"], "kd": parts["kd"]}
-        if self.mse is not None:
-            teacher = batch["hidden"].to(self.device)
-            hidden = self.mse(out.hidden_states, [teacher[:, :, p] for p in range(teacher.shape[2])], mask)
-            loss, watched["hidden"] = loss + self.plan.beta * hidden, hidden.detach()
-        return loss, watched
+            targets = (on["target_ids"], on[second])
+        return self.forward(on["input_ids"], on["attention_mask"], targets, on.get("hidden"))
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -172,7 +204,8 @@ class _LMStudent:
         for i, batch in enumerate(batches):
             if plan.eval_split is None and i >= EVAL_BATCHES:
                 break
-            out, ids, mask = self._forward(batch)
+            ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            out = self.trainable.logits(ids, mask)
             valid = (mask[:, :-1] & mask[:, 1:]).bool()
             logits = out.logits[:, :-1][valid].float()
             total += float(torch.nn.functional.cross_entropy(logits, ids[:, 1:][valid], reduction="sum"))
@@ -192,6 +225,8 @@ class _LMStudent:
 
     def finish(self, result, seconds: float) -> dict:
         plan, config, meta = self.plan, self.plan.config, self.plan.store.meta
+        if not self.dist.main:
+            return {"task": "lm", "rank": self.dist.rank}
         metrics = {"task": "lm", "store": config.store, "student_init": plan.init, "student_layers": plan.k,
                    "logits": str(plan.spec), "alpha": plan.alpha, "temperature": plan.temperature, "beta": plan.beta,
                    "hidden_layer_map": {j: meta.lm["hidden_layers"][p] for j, p in plan.hidden_map.items()},
@@ -200,7 +235,7 @@ class _LMStudent:
                    "best_epoch": result.best_epoch, "best_step": result.best_step,
                    "best_" + self.main_key: result.best_metric, "history": result.history, "steps": result.steps,
                    "wall_seconds": seconds, "teacher_weights_fingerprint": meta.teacher.weights_fingerprint,
-                   "config": to_dict(config)}
+                   "ranks": self.dist.world, "config": to_dict(config)}
         write_metrics(self.out, metrics)
         checkpoint.remove(self.out)
         final = self.output.commit()
