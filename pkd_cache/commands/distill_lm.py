@@ -48,8 +48,7 @@ def distill_lm(config: DistillConfig, store) -> dict:
         dist.barrier()  # every rank has checked the output folder before rank 0 prepares it
         student = _LMStudent(plan, dist)
         t0 = time.perf_counter()
-        steps = steps_per_epoch(store, config.train_split, plan.max_tokens, dist.world)
-        results = train_many([student.member], steps, lambda epoch, start=0: plan.batches(epoch, start, dist),
+        results = train_many([student.member], student.steps_per_epoch, lambda epoch, start=0: plan.batches(epoch, start, dist),
                              "distill", config.train.save_steps, config.resume)
         metrics = student.finish(results[0], time.perf_counter() - t0)
         dist.barrier()  # every rank returns once rank 0 has written the student
@@ -180,8 +179,8 @@ class _LMStudent:
                f"{ {j: meta.lm['hidden_layers'][p] for j, p in plan.hidden_map.items()} })" if self.mse else "")
             + f"; batches of at most {plan.max_tokens:,} tokens")
         self.main_key = "eval_loss" if plan.eval_split else "train_subset_loss"
-        steps = steps_per_epoch(plan.store, config.train_split, plan.max_tokens, dist.world)
-        self.member = Member(self.model, config.train, total_steps_of(config.train, steps), self.loss, self.evaluate,
+        self.steps_per_epoch = steps_per_epoch(plan.store, config.train_split, plan.max_tokens, dist.world)
+        self.member = Member(self.model, config.train, total_steps_of(config.train, self.steps_per_epoch), self.loss, self.evaluate,
                              self.main_key, self.save_best, extra, output_dir=self.out, dist=dist,
                              greater_is_better=False)
 

@@ -94,7 +94,7 @@ def run_lm_dump(config: DumpConfig, corpora: dict, key_parts: dict, key: str, re
     t0, discard = time.perf_counter(), False
     try:
         for split, tok in tokenized.items():
-            sink.create_split(split, _arrays(rows, model, tok), {
+            sink.create_split(split, _arrays(rows, model, tok, metadata["lm"]), {
                 "num_tokens": tok.num_tokens, "num_sequences": tok.num_sequences,
                 "data_fingerprint": key_parts["data"][split], "source": ", ".join(corpora[split].sources)})
         with stop_on_sigterm():
@@ -145,9 +145,8 @@ def _row_spec(config: DumpConfig, model) -> RowSpec:
                    float(config.temperature))
 
 
-def _arrays(rows: RowSpec, model, tok: TokenizedCorpus) -> dict:
-    lm = {"chunk_tokens": rows.chunk_tokens, "hidden_layers": list(rows.hidden_layers), "target_slot": rows.slot,
-          "target_parts": rows.spec.parts, "id_dtype": rows.id_dtype}
+def _arrays(rows: RowSpec, model, tok: TokenizedCorpus, lm: dict) -> dict:
+    """The split's arrays, as the metadata's `lm` entry sizes them (the same entry a reader checks)."""
     n = -(-tok.num_tokens // rows.chunk_tokens)
     return split_arrays(n, 0, rows.vocab, model.config.num_hidden_layers, model.config.hidden_size,
                         rows.hidden_dtype, "int64", (), lm)

@@ -69,7 +69,7 @@ def teacher_outputs(model, ids: np.ndarray, offsets: np.ndarray, batch: tuple[in
             first, second = seeded_sample_targets(logits, rows.spec.count, rows.seed, t0, rows.temperature)
         else:
             first, second = topk_targets(logits, rows.spec.count, rows.temperature)
-        result["first"], result["second"] = first.cpu().numpy(), second.float().cpu().numpy()
+        result["first"], result["second"] = first.cpu().numpy(), second.cpu().numpy()  # counts stay int64
     if rows.hidden_layers:
         stacked = torch.stack([out.hidden_states[i][keep] for i in rows.hidden_layers], 1)  # [t, h, H]
         result["hidden"] = stacked.float().cpu().numpy() if rows.hidden_dtype != "float16" else \
