@@ -229,3 +229,61 @@ def test_bad_teacher_corpus_and_student_are_one_line(lm, corpus, store, tmp_path
 def test_sentence_level_batches_of_a_token_store_are_refused(store):
     with pytest.raises(pkd_cache.PkdCacheError, match="token store"):
         next(iter(store.batches("train", 4)))
+
+
+def _every_batch(store):
+    return [{k: v.numpy() for k, v in b.items()} for b in iter_token_batches(store, "train", 60, seed=5, hidden=True)]
+
+
+def _same_batches(a, b):
+    assert len(a) == len(b) > 1
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and {"input_ids", "target_ids", "target_counts", "hidden"} <= x.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def _get(url, token):
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})) as r:
+        return r.read().decode()
+
+
+def test_a_token_store_on_a_url_and_behind_serve_reads_like_the_local_one(lm, corpus, store, tmp_path, monkeypatch):
+    """Remote stores hold for token stores: a dump to an fsspec URL is the same store (key and batches), verify
+    checks it there; `pkd-cache serve` lists and shows it in tokens (not labels, which it has none of) and a student
+    distils from it through the server."""
+    import threading
+
+    from pkd_cache.commands.serve import make_server
+
+    url = "memory://pkd-tests/lm.zarr"
+    remote = _dump(lm, corpus, url)
+    assert remote.info()["cache_key"] == store.info()["cache_key"]
+    _same_batches(_every_batch(remote), _every_batch(store))
+    p = cli_in_process("verify", url)
+    assert p.returncode == 0 and p.stdout.startswith("ok:"), show(p)
+
+    server = make_server(str(Path(store.path).parent), port=0, token="t0ken", quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PKD_CACHE_TOKEN", "t0ken")
+    try:
+        served = f"{server.url}/{Path(store.path).name}"
+        _same_batches(_every_batch(open_store(served)), _every_batch(store))
+        p = cli_in_process("verify", served)
+        assert p.returncode == 0 and p.stdout.startswith("ok:"), show(p)
+        tokens = store.info()["splits"]["train"]["num_tokens"]
+        listed = json.loads(_get(f"{server.url}/?format=json", "t0ken"))["stores"]
+        assert [(s["splits"]["train"], s["per_token"]) for s in listed] == [(tokens, "sample:16, hidden float16")]
+        page = _get(f"{server.url}/-/{Path(store.path).name}", "t0ken")
+        assert "<th>sequences</th>" in page and f"<td>{tokens:,}</td>" in page and "--student-layers 1" in page
+        p = cli_in_process("ls", server.url)
+        assert p.returncode == 0 and f"train {tokens:,} tokens" in p.stdout and "sample:16" in p.stdout, show(p)
+        out = tmp_path / "student"
+        p = cli_in_process("distill", "--store", served, "--output-dir", out, "--student-layers", "1",
+                           "--max-steps", "3", "--batch-size", "2")
+        assert p.returncode == 0 and (out / "model.safetensors").is_file(), show(p)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..progress import quiet
-from ..store.describe import human_bytes, logits_teacher
+from ..store.describe import human_bytes, logits_teacher, summary_holds, summary_splits
 
 _STYLE = """<style>
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}
@@ -76,22 +76,29 @@ def index_html(stores: list[dict], base: str, verified: dict[str, str]) -> str:
     rows = []
     for s in stores:
         url = f"{base}/{s['name']}"
-        splits = "<br>".join(f"{_esc(k)} {v:,}" for k, v in (s.get("splits") or {}).items())
+        splits = _esc(summary_splits(s, "\n")).replace("\n", "<br>")
         rows.append(
             f'<tr><td><a href="/-/{_esc(s["name"])}">{_esc(s["name"])}</a><br><span class="muted">id '
             f'{_esc(s.get("id") or "-")}</span></td><td>{_esc(s.get("task"))}</td>'
             f'<td>{_esc(s.get("teacher"))}<br><span class="muted">{s.get("layers")} layers, hidden '
-            f'{s.get("hidden")}</span></td><td>{splits}</td><td>{_esc(s.get("cls_dtype"))}</td>'
+            f'{s.get("hidden")}</span></td><td>{splits}</td><td>{_esc(summary_holds(s))}</td>'
             f'<td>{human_bytes(s["bytes"]) if s.get("bytes") is not None else "?"}</td>'
             f'<td>{_esc(str(s.get("created_at") or "-").replace("T", " ")[:16])}<br><span class="muted">'
             f'{_esc(s.get("created_by") or "")}</span></td><td>{_state(s, verified.get(s["name"], ""))}</td>'
-            f'<td><code>pkd-cache distill --store {_esc(url)} --student-layers 3 --output-dir student/</code></td>'
+            f'<td><code>{_esc(_distill_line(s, url))}</code></td>'
             f'</tr>')
     body = "".join(rows) or '<tr><td colspan="9" class="muted">no stores here yet</td></tr>'
     return (f"<!doctype html><meta charset=utf-8><title>pkd-cache stores</title>{_STYLE}<h1>pkd-cache stores</h1>"
             f"<p class=muted>{len(stores)} store(s). JSON: <code>?format=json</code>.</p><table><tr><th>store</th>"
-            f"<th>task</th><th>teacher</th><th>splits</th><th>cls</th><th>size</th><th>created</th><th>state</th>"
+            f"<th>task</th><th>teacher</th><th>splits</th><th>holds</th><th>size</th><th>created</th><th>state</th>"
             f"<th>distill from it</th></tr>{body}</table>")
+
+
+def _distill_line(s: dict, url: str) -> str:
+    """The command that distils from a store: 3 student layers from a sentence store (PKD's BERT3), half the
+    teacher's blocks from a token store."""
+    layers = max(1, int(s.get("layers") or 2) // 2) if s.get("unit") == "tokens" else 3
+    return f"pkd-cache distill --store {url} --student-layers {layers} --output-dir student/"
 
 
 def store_detail(path: Path, summary: dict, verified: str) -> dict:
@@ -102,8 +109,11 @@ def store_detail(path: Path, summary: dict, verified: str) -> dict:
     meta = store.info()
     task = meta.get("task") or {}
     names = list(task.get("label_names") or [])
-    labels, metric = {}, {}
-    if store.complete:
+    labels, metric, tokens = {}, {}, {}
+    if summary.get("unit") == "tokens":  # a token store: no labels, no logits per example
+        tokens = {split: {"tokens": v.get("num_tokens"), "sequences": v.get("num_sequences")}
+                  for split, v in (meta.get("splits") or {}).items()}
+    elif store.complete:
         import numpy as np
 
         for split in store.meta.splits:
@@ -120,26 +130,33 @@ def store_detail(path: Path, summary: dict, verified: str) -> dict:
                 else:
                     metric[split] = {"accuracy": float((logits.argmax(axis=1) == y).mean())}
     return {**summary, "state": verified if store.complete else "unfinished", "labels": labels,
-            "teacher_dev_metric": metric, "metadata": {k: v for k, v in meta.items() if k != "cache_key_parts"}}
+            "teacher_dev_metric": metric, **({"tokens": tokens} if tokens else {}), "metadata": {k: v for k, v in meta.items() if k != "cache_key_parts"}}
 
 
 def store_html(d: dict, base: str) -> str:
     url = f"{base}/{d['name']}"
     t = d["metadata"].get("teacher") or {}
+    tokens = d.get("unit") == "tokens"
     head = [("task", d.get("task")), ("teacher (its logits)", logits_teacher(t)),
-            ("layers x hidden", f"{d.get('layers')} x {d.get('hidden')}"), ("cls dtype", d.get("cls_dtype")),
+            ("layers x hidden", f"{d.get('layers')} x {d.get('hidden')}"),
+            ("per token" if tokens else "cls dtype", summary_holds(d)),
             ("size", human_bytes(d["bytes"]) if d.get("bytes") is not None else "?"),
             ("created", f"{d.get('created_at')} by {d.get('created_by') or '?'}"), ("state", d.get("state")),
             ("id", d.get("id") or "-")]
     rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in head)
-    labels = "".join(f"<tr><td>{_esc(split)}</td><td>{_esc(', '.join(f'{k} {v:,}' if isinstance(v, int) else f'{k} {v:.3f}' for k, v in counts.items()))}</td></tr>"
-                     for split, counts in d["labels"].items())
-    metric = "".join(f"<tr><td>{_esc(split)}</td><td>{_esc(', '.join(f'{k} {v:.4f}' for k, v in m.items()))}</td></tr>"
-                     for split, m in d["teacher_dev_metric"].items())
+    if tokens:
+        counts = "".join(f"<tr><td>{_esc(split)}</td><td>{v['tokens']:,}</td><td>{v['sequences']:,}</td></tr>"
+                         for split, v in d.get("tokens", {}).items())
+        body = (f"<h2>Splits</h2><table><tr><th>split</th><th>tokens</th><th>sequences</th></tr>{counts}</table>")
+    else:
+        labels = "".join(f"<tr><td>{_esc(split)}</td><td>{_esc(', '.join(f'{k} {v:,}' if isinstance(v, int) else f'{k} {v:.3f}' for k, v in counts.items()))}</td></tr>"
+                         for split, counts in d["labels"].items())
+        metric = "".join(f"<tr><td>{_esc(split)}</td><td>{_esc(', '.join(f'{k} {v:.4f}' for k, v in m.items()))}</td></tr>"
+                         for split, m in d["teacher_dev_metric"].items())
+        body = (f"<h2>Labels</h2><table><tr><th>split</th><th>counts</th></tr>{labels}</table>"
+                f"<h2>Teacher on the dev splits</h2><p class=muted>from the stored logits</p><table><tr><th>split</th>"
+                f"<th>metric</th></tr>{metric}</table>")
     return (f"<!doctype html><meta charset=utf-8><title>{_esc(d['name'])} - pkd-cache</title>{_STYLE}"
             f"<p><a href=\"/\">all stores</a></p><h1>{_esc(d['name'])}</h1>"
-            f"<p><code>pkd-cache distill --store {_esc(url)} --student-layers 3 --output-dir student/</code></p>"
-            f"<table>{rows}</table><h2>Labels</h2><table><tr><th>split</th><th>counts</th></tr>{labels}</table>"
-            f"<h2>Teacher on the dev splits</h2><p class=muted>from the stored logits</p><table><tr><th>split</th>"
-            f"<th>metric</th></tr>{metric}</table><h2>Metadata</h2><pre>{_esc(json.dumps(d['metadata'], indent=1))}"
-            f"</pre>")
+            f"<p><code>{_esc(_distill_line(d, url))}</code></p><table>{rows}</table>{body}"
+            f"<h2>Metadata</h2><pre>{_esc(json.dumps(d['metadata'], indent=1))}</pre>")

@@ -71,10 +71,33 @@ def print_info(store: Store) -> None:
 
 
 def summary_from_meta(name: str, meta: dict, size: Optional[int]) -> dict:
+    """One store's row in `ls` and `serve`. A token store (`layout` "tokens") counts its splits in tokens and says
+    what it holds per token (`per_token`: the logit spec, and the hidden states' dtype) where a store of examples
+    gives its [CLS] dtype."""
     teacher = meta.get("teacher", {})
+    lm = meta.get("lm") if meta.get("layout") == "tokens" and isinstance(meta.get("lm"), dict) else None
+    count = "num_tokens" if lm else "num_examples"
     return {"name": name, "task": meta.get("task", {}).get("name"), "teacher": logits_teacher(teacher),
             "layers": teacher.get("num_layers"), "hidden": teacher.get("hidden_size"),
-            "splits": {s: v.get("num_examples") for s, v in meta.get("splits", {}).items()},
-            "cls_dtype": meta.get("cls_dtype"), "bytes": size, "complete": bool(meta.get("complete")),
+            "splits": {s: v.get(count) for s, v in meta.get("splits", {}).items()},
+            "unit": "tokens" if lm else "examples", "cls_dtype": None if lm else meta.get("cls_dtype"),
+            **({"per_token": _per_token(lm)} if lm else {}), "bytes": size, "complete": bool(meta.get("complete")),
             "created_at": meta.get("created_at"), "created_by": meta.get("created_by"),
             "cache_key": meta.get("cache_key"), "id": str(meta.get("cache_key") or "")[:ID_DIGITS] or None}
+
+
+def _per_token(lm: dict) -> str:
+    spec = lm.get("targets") or {}
+    logits = str(spec.get("kind")) + (f":{spec.get('count')}" if spec.get("kind") in ("sample", "topk") else "")
+    return logits + (f", hidden {lm.get('hidden_dtype')}" if lm.get("hidden_layers") else "")
+
+
+def summary_holds(s: dict) -> str:
+    """The "holds" cell of a summary: per token for a token store, else the [CLS] dtype."""
+    return str(s.get("per_token") or s.get("cls_dtype"))
+
+
+def summary_splits(s: dict, sep: str = ", ") -> str:
+    """A summary's split counts, "train 9,815" (examples) or "train 844,060 tokens"."""
+    unit = " tokens" if s.get("unit") == "tokens" else ""
+    return sep.join(f"{k} {v:,}{unit}" if isinstance(v, int) else f"{k} {v}" for k, v in (s.get("splits") or {}).items())

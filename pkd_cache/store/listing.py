@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import PkdCacheError
-from .describe import human_bytes, summary_from_meta
+from .describe import human_bytes, summary_from_meta, summary_holds, summary_splits
 from .registry import read_metadata
 from .location import Location, is_url
 
@@ -77,14 +77,14 @@ def print_stores(url: str, stores: list[dict], console: Optional[Console] = None
     if console.width < 120:
         return _print_narrow(url, stores, console)
     unfinished = any(not s.get("complete") for s in stores)
-    table = Table(Column("store", no_wrap=True), "id", "task", "teacher", "splits", "cls", "size", "created", "by",
+    table = Table(Column("store", no_wrap=True), "id", "task", "teacher", "splits", "holds", "size", "created", "by",
                   *(["complete"] if unfinished else []), title=f"stores in {url}" if is_url(url) or stores else None)
     for s in stores:
-        splits = ", ".join(f"{k} {v:,}" for k, v in (s.get("splits") or {}).items())
+        splits = summary_splits(s)
         teacher = str(s.get("teacher") or "?").rstrip("/").rsplit("/", 1)[-1]  # the full name is in `info`
         created = str(s.get("created_at") or "-").replace("T", " ")[:16]
         table.add_row(s["name"], str(s.get("id") or "-"), str(s.get("task")),
-                      f"{teacher} ({s.get('layers')}x{s.get('hidden')})", splits, str(s.get("cls_dtype")),
+                      f"{teacher} ({s.get('layers')}x{s.get('hidden')})", splits, summary_holds(s),
                       human_bytes(s["bytes"]) if s.get("bytes") is not None else "?", created,
                       str(s.get("created_by") or "-"),
                       *(["yes" if s.get("complete") else "NO"] if unfinished else []))
@@ -97,11 +97,11 @@ def _print_narrow(url: str, stores: list[dict], console: Console) -> None:
     console.print(f"[bold]{len(stores)} store(s) in {escape(url)}[/bold]")
     for s in stores:
         teacher = str(s.get("teacher") or "?").rstrip("/").rsplit("/", 1)[-1]
-        splits = ", ".join(f"{k} {v:,}" for k, v in (s.get("splits") or {}).items())
+        splits = summary_splits(s)
         created = str(s.get("created_at") or "-").replace("T", " ")[:16]
         size = human_bytes(s["bytes"]) if s.get("bytes") is not None else "?"
         state = "" if s.get("complete") else "  [red]UNFINISHED[/red]"
         console.print(f"[bold]{escape(s['name'])}[/bold]  id {s.get('id') or '-'}  {created} by "
                       f"{escape(str(s.get('created_by') or '-'))}{state}", overflow="fold")
         console.print(escape(f"  {s.get('task')} | {teacher} ({s.get('layers')}x{s.get('hidden')}) | "
-                             f"{s.get('cls_dtype')} | {size} | {splits}"), overflow="fold")
+                             f"{summary_holds(s)} | {size} | {splits}"), overflow="fold")
