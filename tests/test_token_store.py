@@ -37,7 +37,7 @@ def corpus(tmp_path_factory):
 
 def _dump(lm, corpus, out, **settings):
     base = dict(teacher=str(lm), task="lm", data_files=[str(corpus / "train.jsonl")],
-                validation_files=[str(corpus / "heldout.jsonl")], out=str(out), max_seq_length=24, batch_size=4,
+                validation_files=[str(corpus / "heldout.jsonl")], out=out and str(out), max_seq_length=24, batch_size=4,
                 chunk_tokens=C, logits="sample:16", hidden_layers=[0, 2], dtype="float16")
     return pkd_cache.dump(pkd_cache.DumpConfig(**{**base, **settings}))
 
@@ -287,3 +287,22 @@ def test_a_token_store_on_a_url_and_behind_serve_reads_like_the_local_one(lm, co
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_token_store_lives_in_the_team_cache_and_is_found_by_id(lm, corpus, store, tmp_path, monkeypatch):
+    """No --out: the store goes to its place in the cache (`lm/<teacher>-<id>.zarr`), the same dump is a hit there,
+    and its id names it for info, verify and distill."""
+    cache = tmp_path / "cache"
+    first = _dump(lm, corpus, None, cache=str(cache))
+    ident = first.info()["cache_key"][:12]
+    assert first.info()["cache_key"] == store.info()["cache_key"]
+    assert Path(first.path) == cache / "lm" / f"{lm.name}-{ident}.zarr"
+    assert _dump(lm, corpus, None, cache=str(cache)).path == first.path
+    monkeypatch.setenv("PKD_CACHE", str(cache))
+    p = cli_in_process("info", ident[:6])
+    assert p.returncode == 0 and "sample:16 (seed 0" in p.stdout, show(p)
+    p = cli_in_process("verify", ident)
+    assert p.returncode == 0 and p.stdout.startswith(f"ok: {first.path}"), show(p)
+    p = cli_in_process("distill", "--store", ident, "--output-dir", tmp_path / "student", "--student-layers", "1",
+                       "--max-steps", "2", "--batch-size", "2")
+    assert p.returncode == 0, show(p)
