@@ -306,3 +306,51 @@ def test_a_token_store_lives_in_the_team_cache_and_is_found_by_id(lm, corpus, st
     p = cli_in_process("distill", "--store", ident, "--output-dir", tmp_path / "student", "--student-layers", "1",
                        "--max-steps", "2", "--batch-size", "2")
     assert p.returncode == 0, show(p)
+
+
+@pytest.fixture(scope="module")
+def encoder_store(corpus, tmp_path_factory):
+    """A token store of a BERT (no LM head): `--logits none`, the hidden states of every layer, in float16."""
+    bert = make_bert(tmp_path_factory.mktemp("bert") / "bert", layers=2, hidden=32, head=False)
+    return bert, _dump(bert, corpus, tmp_path_factory.mktemp("enc") / "enc.zarr", logits="none",
+                       hidden_layers=[0, 1, 2])
+
+
+def test_an_encoder_store_holds_the_encoders_hidden_states(encoder_store):
+    """Every real token's stored states are the encoder's own, on the sequences as the reader gives them back."""
+    from transformers import AutoModel
+
+    bert, store = encoder_store
+    assert store.meta.lm["targets"] == {"kind": "none"} and store.meta.lm["hidden_layers"] == [0, 1, 2]
+    batch = next(iter_token_batches(store, "train", 10 ** 6, shuffle=False, hidden=True))
+    assert int(batch["attention_mask"].sum()) == store.info()["splits"]["train"]["num_tokens"]  # one batch: all
+    with torch.no_grad():
+        out = AutoModel.from_pretrained(bert).eval()(input_ids=batch["input_ids"],
+                                                     attention_mask=batch["attention_mask"], output_hidden_states=True)
+    real = batch["attention_mask"].bool()
+    for p, layer in enumerate([0, 1, 2]):
+        want = out.hidden_states[layer][real]
+        np.testing.assert_allclose(batch["hidden"][:, :, p][real].numpy(), want.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_an_encoder_student_learns_the_stored_hidden_states(encoder_store, corpus, tmp_path):
+    """TinyBERT-style: a 1-layer BERT from the encoder's first layer, trained on hidden-state MSE alone; its
+    validation MSE falls, and it saves as a BERT that a task can start from."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    bert, store = encoder_store
+    out = tmp_path / "student"
+    p = cli_in_process("distill", "--store", store.path, "--output-dir", out, "--student-layers", "1", "--beta", "1",
+                       "--epochs", "3", "--batch-size", "2", "--learning-rate", "3e-3")
+    assert p.returncode == 0 and "1-layer encoder student" in p.stderr, show(p)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["student"] == "encoder" and metrics["hidden_layer_map"] == {"1": 2} and metrics["alpha"] == 0
+    first, best = metrics["history"][0]["eval_loss"], metrics["best_eval_loss"]
+    assert np.isfinite(best) and best < first
+    assert AutoModel.from_pretrained(out).config.num_hidden_layers == 1
+    assert AutoModelForSequenceClassification.from_pretrained(out, num_labels=2).config.num_hidden_layers == 1
+
+    p = cli_in_process("distill", "--store", store.path, "--output-dir", tmp_path / "s2", "--student-layers", "1")
+    assert p.returncode != 0 and "is an encoder: it learns from the store's hidden states alone; pass --beta" \
+        in p.stderr and "Traceback" not in p.stderr, show(p)
+    assert not (tmp_path / "s2").exists()

@@ -3,6 +3,9 @@ the teacher's stored sparse targets, with no teacher in memory.
 
     loss = CE(next token) + alpha * KD(stored targets) [+ beta * hidden-state MSE on mapped layers]
 
+An encoder `--student-init` (BERT and its kin; student/encoder.py) learns from the stored hidden states alone,
+TinyBERT's general distillation: loss = beta * hidden-state MSE, the same module on the same batches.
+
 KD is RS-KD's estimator on sample:N targets and top-K with the leftover bucket on topk:K targets, both at the
 temperature the targets were dumped at (student/sparse_kd.py, docs/TOKEN_KD.md). The student is the first k blocks
 of `--student-init` (default: the store's teacher). Batches are token budgets (store/token_stream.py): at most
@@ -28,6 +31,7 @@ from ..distributed import DistContext, dist_context, process_group
 from ..progress import log, quiet
 from ..store.token_stream import iter_token_batches, steps_per_epoch
 from ..student.causal_lm import HiddenStateMSE, TokenKD, causal_lm_student, check_same_vocab
+from ..student.encoder import encoder_student, load_config, model_kind
 from ..training import Member, resolve_device, total_steps_of, train_many, write_metrics
 from .output_lock import OutputLock
 from .paths import check_inputs, check_output_dir, model_inputs, prepare_output, resume_dir, resume_output
@@ -88,6 +92,12 @@ class _Plan:
         self.k = config.student_layers
         self.beta = config.beta if config.beta is not None else 0.0
         self.alpha = config.alpha if self.spec.kind != "none" else 0.0
+        self.encoder = model_kind(load_config(self.init)) == "encoder"
+        if self.encoder:  # no LM head: hidden states are all it learns from
+            if self.beta <= 0:
+                raise PkdCacheError(f"--student-init {self.init} is an encoder: it learns from the store's hidden "
+                                    f"states alone; pass --beta (e.g. --beta 1)")
+            self.alpha = 0.0
         self.hidden_map = self._hidden_map(meta) if self.beta > 0 else {}
         self.inputs = model_inputs(config.store, meta.teacher, ("--student-init", self.init))
         if config.resume:
@@ -129,19 +139,25 @@ class _LMLoss(torch.nn.Module):
         super().__init__()
         self.model, self.kd, self.mse, self.beta, self.bf16 = model, kd, mse, beta, bf16
 
-    def logits(self, ids: torch.Tensor, mask: torch.Tensor, hidden: bool = False):
+    def run(self, ids: torch.Tensor, mask: torch.Tensor, hidden: bool = False):
         half = torch.autocast(ids.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with half:
             return self.model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
 
+    def hidden_loss(self, out, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The hidden-state MSE of the student's outputs `out` against the stored [B, S, h, H] states."""
+        return self.mse(out.hidden_states, [teacher_hidden[:, :, p] for p in range(teacher_hidden.shape[2])], mask)
+
     def forward(self, ids, mask, targets=None, teacher_hidden=None):
-        out = self.logits(ids, mask, hidden=self.mse is not None)
-        loss, parts = self.kd(out.logits.float(), ids, mask, targets)
-        watched = {"ce": parts["ce"], "kd": parts["kd"]}
+        out = self.run(ids, mask, hidden=self.mse is not None)
+        loss, watched = None, {}
+        if self.kd is not None:  # a causal LM (an encoder student has no LM head)
+            loss, parts = self.kd(out.logits.float(), ids, mask, targets)
+            watched = {"ce": parts["ce"], "kd": parts["kd"]}
         if self.mse is not None:
-            hidden = self.mse(out.hidden_states, [teacher_hidden[:, :, p] for p in range(teacher_hidden.shape[2])],
-                              mask)
-            loss, watched["hidden"] = loss + self.beta * hidden, hidden.detach()
+            hidden = self.hidden_loss(out, teacher_hidden, mask)
+            loss = self.beta * hidden if loss is None else loss + self.beta * hidden
+            watched["hidden"] = hidden.detach()
         return loss, watched
 
 
@@ -150,10 +166,11 @@ class _LMStudent:
         self.plan, config, meta = plan, plan.config, plan.store.meta
         self.dist, self.device = dist, dist.device
         torch.manual_seed(config.train.seed)
-        self.model = causal_lm_student(plan.init, plan.k)
+        self.model = (encoder_student if plan.encoder else causal_lm_student)(plan.init, plan.k)
         check_same_vocab(self.model, meta.tokenizer.vocab_size, f"the store {config.store}")
-        kd = TokenKD("sample" if plan.spec.kind == "sample" else "topk" if plan.spec.kind == "topk" else "full",
-                     alpha=plan.alpha, temperature=plan.temperature)
+        kd = None if plan.encoder else TokenKD("sample" if plan.spec.kind == "sample" else "topk"
+                                               if plan.spec.kind == "topk" else "full", alpha=plan.alpha,
+                                               temperature=plan.temperature)
         self.mse = HiddenStateMSE(plan.hidden_map, self.model.config.hidden_size, meta.teacher.hidden_size) \
             if plan.hidden_map else None
         # everything has loaded: rank 0 starts the output (aside, when it replaces one) or continues it
@@ -173,9 +190,10 @@ class _LMStudent:
 
             self.forward = DistributedDataParallel(self.trainable, device_ids=[self.device]
                                                    if self.device.type == "cuda" else None)
-        log(f"distilling a {plan.k}-layer causal-LM student from {plan.init} on {config.store} into "
-            f"{config.output_dir}: CE + {plan.alpha:g} x KD ({plan.spec}, T {plan.temperature:g})"
-            + (f" + {plan.beta:g} x hidden MSE (student->teacher layers "
+        loss = "" if plan.encoder else f"CE + {plan.alpha:g} x KD ({plan.spec}, T {plan.temperature:g}) + "
+        log(f"distilling a {plan.k}-layer {'encoder' if plan.encoder else 'causal-LM'} student from {plan.init} on "
+            f"{config.store} into {config.output_dir}: {loss}"
+            + (f"{plan.beta:g} x hidden MSE (student->teacher layers "
                f"{ {j: meta.lm['hidden_layers'][p] for j, p in plan.hidden_map.items()} })" if self.mse else "")
             + f"; batches of at most {plan.max_tokens:,} tokens")
         self.main_key = "eval_loss" if plan.eval_split else "train_subset_loss"
@@ -194,23 +212,32 @@ class _LMStudent:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean next-token CE (and its perplexity) of the student alone on the evaluation tokens."""
+        """Mean next-token CE (and its perplexity) of the student alone on the evaluation tokens; for an encoder, the
+        mean hidden-state MSE against the stored states (per token)."""
         plan, config = self.plan, self.plan.config
         self.model.eval()
         split = plan.eval_split or config.train_split
-        batches = iter_token_batches(plan.store, split, plan.max_tokens, shuffle=False, targets=False)
+        batches = iter_token_batches(plan.store, split, plan.max_tokens, shuffle=False, targets=False,
+                                     hidden=plan.encoder)
         total, tokens = 0.0, 0
         for i, batch in enumerate(batches):
             if plan.eval_split is None and i >= EVAL_BATCHES:
                 break
             ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-            out = self.trainable.logits(ids, mask)
+            out = self.trainable.run(ids, mask, hidden=plan.encoder)
+            if plan.encoder:
+                n = int(mask.sum())
+                total += float(self.trainable.hidden_loss(out, batch["hidden"].to(self.device), mask)) * n
+                tokens += n
+                continue
             valid = (mask[:, :-1] & mask[:, 1:]).bool()
             logits = out.logits[:, :-1][valid].float()
             total += float(torch.nn.functional.cross_entropy(logits, ids[:, 1:][valid], reduction="sum"))
             tokens += int(valid.sum())
         loss = total / max(1, tokens)
         prefix = "eval" if plan.eval_split else "train_subset"
+        if plan.encoder:
+            return {f"{prefix}_loss": loss}
         return {f"{prefix}_loss": loss, f"{prefix}_perplexity": math.exp(min(loss, 700.0))}
 
     def save_best(self) -> None:
@@ -226,7 +253,8 @@ class _LMStudent:
         plan, config, meta = self.plan, self.plan.config, self.plan.store.meta
         if not self.dist.main:
             return {"task": "lm", "rank": self.dist.rank}
-        metrics = {"task": "lm", "store": config.store, "student_init": plan.init, "student_layers": plan.k,
+        metrics = {"task": "lm", "student": "encoder" if plan.encoder else "causal-lm", "store": config.store,
+                   "student_init": plan.init, "student_layers": plan.k,
                    "logits": str(plan.spec), "alpha": plan.alpha, "temperature": plan.temperature, "beta": plan.beta,
                    "hidden_layer_map": {j: meta.lm["hidden_layers"][p] for j, p in plan.hidden_map.items()},
                    "max_tokens": plan.max_tokens, "eval_split": plan.eval_split or f"{config.train_split} (first "
@@ -238,7 +266,12 @@ class _LMStudent:
         write_metrics(self.out, metrics)
         checkpoint.remove(self.out)
         final = self.output.commit()
-        log(f"best {self.main_key} {result.best_metric:.4f} (perplexity {math.exp(min(result.best_metric, 700)):.2f}); "
-            f"student saved to {final}")
-        log(f"next: pkd-cache eval --model {final} --task lm --data-files <held-out corpus>")
+        if plan.encoder:
+            log(f"best {self.main_key} {result.best_metric:.4f} (hidden-state MSE); student saved to {final}")
+            log(f"next: pkd-cache finetune --model {final} --task <task> --output-dir <folder> (or distil on a task "
+                f"with --student-init {final})")
+        else:
+            log(f"best {self.main_key} {result.best_metric:.4f} (perplexity "
+                f"{math.exp(min(result.best_metric, 700)):.2f}); student saved to {final}")
+            log(f"next: pkd-cache eval --model {final} --task lm --data-files <held-out corpus>")
         return metrics

@@ -1,6 +1,7 @@
 """`pkd-cache dump --task lm`: a causal-LM teacher run once over a corpus, its per-token outputs written to a token
 store (docs/FORMAT.md, version 2): the tokens, the sparse next-token targets of `--logits` (sample:N or topk:K) and
-the hidden states of `--hidden-layers`.
+the hidden states of `--hidden-layers`. An encoder teacher (BERT and its kin) has no next-token logits: with
+`--logits none` its store holds the tokens and hidden states, for encoder students (student/encoder.py).
 
 The cache key (store/cache_key.py) holds the teacher's and tokenizer's files, each corpus's content, and every
 setting that changes what is stored: the logit spec, its sampling seed and temperature, the hidden layers and their
@@ -59,10 +60,9 @@ def run_lm_dump(config: DumpConfig, corpora: dict, key_parts: dict, key: str, re
     from transformers import AutoTokenizer
 
     from ..store.fingerprint import vocab_fingerprint, weights_fingerprint
-    from ..student.causal_lm import load_causal_lm
     from ..training import resolve_device
 
-    model = load_causal_lm(config.teacher)
+    model = _load_teacher(config)
     tokenizer = AutoTokenizer.from_pretrained(config.teacher)
     rows = _row_spec(config, model)
     device = resolve_device(config.device)
@@ -118,10 +118,30 @@ def run_lm_dump(config: DumpConfig, corpora: dict, key_parts: dict, key: str, re
         f"{config.out} in {time.perf_counter() - t0:.1f}s; logits {spec}"
         + (f", hidden layers {list(rows.hidden_layers)} ({rows.hidden_dtype})" if rows.hidden_layers else ""))
     log(f"next: pkd-cache distill --store {config.out} --student-init {config.teacher} --student-layers "
-        f"{max(1, model.config.num_hidden_layers // 2)} --output-dir student/")
+        f"{max(1, model.config.num_hidden_layers // 2)}{' --beta 1' if spec.kind == 'none' and rows.hidden_layers else ''} "
+        f"--output-dir student/")
     from ..store.reader import open_store
 
     return open_store(config.out)
+
+
+def _load_teacher(config: DumpConfig):
+    """The causal LM, or with `--logits none --hidden-layers ...` an encoder, whose per-token outputs are dumped."""
+    from ..student.causal_lm import load_causal_lm
+    from ..student.encoder import load_config, load_encoder, model_kind
+
+    model_config = load_config(config.teacher)
+    if model_kind(model_config) != "encoder":
+        return load_causal_lm(config.teacher)  # a causal LM, or one line saying what it is instead
+    spec, kind = LogitSpec.parse(config.logits), getattr(model_config, "model_type", "?")
+    if spec.kind != "none":
+        raise PkdCacheError(f"{config.teacher} is a {kind} model, not a causal LM (decoder-only, "
+                            f"AutoModelForCausalLM): --logits {spec} needs one (an encoder's hidden states alone: "
+                            f"--logits none --hidden-layers ...)")
+    if not config.hidden_layers:
+        raise PkdCacheError(f"{config.teacher} is an encoder ({kind}) and --logits is none: pass --hidden-layers "
+                            f"(e.g. all of them for TinyBERT-style students), or there is nothing to distil from")
+    return load_encoder(config.teacher)
 
 
 def _row_spec(config: DumpConfig, model) -> RowSpec:

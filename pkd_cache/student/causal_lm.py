@@ -37,14 +37,11 @@ def find_blocks(model) -> tuple[str, torch.nn.ModuleList]:
 
 
 def _check_causal(config, name: str) -> None:
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    from .encoder import model_kind
 
-    kind = getattr(config, "model_type", "?")
-    encoder = kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
-    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder or getattr(config, "is_encoder_decoder", False):
-        raise PkdCacheError(f"{name} is a {kind} model, not a causal LM (decoder-only, AutoModelForCausalLM): "
-                            f"--task lm needs one")
+    if model_kind(config) != "causal-lm":
+        raise PkdCacheError(f"{name} is a {getattr(config, 'model_type', '?')} model, not a causal LM (decoder-only, "
+                            f"AutoModelForCausalLM): --task lm needs one")
 
 
 def load_causal_lm(name_or_path: str, config_overrides: Optional[dict] = None, pretrained: bool = True):
