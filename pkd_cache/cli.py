@@ -217,7 +217,10 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
             dataloader_num_workers: Optional[int] = Workers, fp16: bool = Fp16, bf16: bool = Bf16,
             report_to: Optional[List[str]] = ReportTo, do_predict: bool = DoPredict,
             save_total_limit: Optional[int] = SaveTotalLimit,
-            allow_no_checksums: bool = AllowNoChecksums, cache: Optional[str] = CacheOpt):
+            allow_no_checksums: bool = AllowNoChecksums, cache: Optional[str] = CacheOpt,
+            max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Token store: real tokens per "
+                                                     "forward (default: the per-device batch x the store's max "
+                                                     "length).")):
     """Train a k-layer student from a store (no teacher in memory); keep the best dev checkpoint.
 
     With --teacher instead of --store: online KD, the same losses with the teacher run on every step (to compare
@@ -234,7 +237,7 @@ def distill(store: Optional[str] = typer.Option(None, "--store", help="Path or U
                                   per_device_eval_batch_size=per_device_eval_batch_size,
                                   dataloader_num_workers=dataloader_num_workers, fp16=fp16, bf16=bf16,
                                   report_to=_names(report_to), do_predict=do_predict,
-                                  allow_no_checksums=allow_no_checksums,
+                                  allow_no_checksums=allow_no_checksums, max_tokens=max_tokens,
                                   train=_train_config(epochs, learning_rate, batch_size, weight_decay, warmup_ratio,
                                                       seed, max_steps, logging_steps, save_steps,
                                                       max_grad_norm=max_grad_norm, lr_scheduler_type=lr_scheduler_type,

@@ -297,6 +297,8 @@ CASES: dict[str, Case] = {
     "dump-lm-document-longer-than-max-length": Case(
         lambda c: lm_dump_args(c, "--sequence-mode", "none", "--max-seq-length", "4"),
         ("more than --max-seq-length 4, and cutting is off",), no_store),
+    "distill-max-tokens-on-a-sentence-store": Case(lambda c: distill_args(c, "--max-tokens", "512"),
+                                                   ("--max-tokens is for token stores",), no_student),
     "distill-unknown-student-init": Case(lambda c: distill_args(c, "--student-init", c.tmp / "no-such-model"),
                                          ("no-such-model", "does not exist"), no_student),
     "ragged-row": Case(lambda c: dump_args(c, data=sst2_files(c.tmp / "d", "sentence\tlabel",

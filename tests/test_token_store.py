@@ -354,3 +354,31 @@ def test_an_encoder_student_learns_the_stored_hidden_states(encoder_store, corpu
     assert p.returncode != 0 and "is an encoder: it learns from the store's hidden states alone; pass --beta" \
         in p.stderr and "Traceback" not in p.stderr, show(p)
     assert not (tmp_path / "s2").exists()
+
+
+def test_gradient_accumulation_and_fp16_for_a_causal_lm_student(store, tmp_path, monkeypatch):
+    """--gradient-accumulation-steps G: a step takes G forwards of --max-tokens (half the steps for G = 2; that G
+    steps equal G ranks is tests/test_distributed.py's). --fp16 runs float16 autocast with a GradScaler (on CPU
+    through the tests' device seam, as test_trainer_flags does) and lands near the float32 student."""
+    from safetensors.torch import load_file
+
+    from pkd_cache.commands import distill as distill_module
+    from pkd_cache.store.token_stream import steps_per_epoch
+
+    monkeypatch.setattr(distill_module, "FP16_DEVICES", ("cuda", "cpu"))
+    common = ["--store", store.path, "--student-layers", "1", "--epochs", "1", "--max-tokens", "48",
+              "--gradient-accumulation-steps", "2", "--learning-rate", "1e-3", "--logging-steps", "1"]
+    runs = {}
+    for name, extra in (("fp32", []), ("fp16", ["--fp16"])):
+        p = cli_in_process("distill", *common, *extra, "--output-dir", tmp_path / name)
+        assert p.returncode == 0 and "2 per optimizer step" in p.stderr, show(p)
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert metrics["steps"] == steps_per_epoch(store, "train", 48, 1) // 2 > 1
+        assert metrics["gradient_accumulation_steps"] == 2 and np.isfinite(metrics["best_eval_loss"])
+        runs[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    diff = max(float((runs["fp16"][k].float() - runs["fp32"][k]).abs().max()) for k in runs["fp32"])
+    assert 0 < diff < 0.05, diff
+    p = cli_in_process("distill", *common[:-4], "--gradient-accumulation-steps", "1000", "--output-dir",
+                       tmp_path / "many")
+    assert p.returncode != 0 and "has fewer batches of 48 tokens per rank than that" in p.stderr, show(p)
+    assert not (tmp_path / "many").exists()

@@ -132,17 +132,20 @@ def distill_many(configs: list[DistillConfig], description: str = "distill", hin
         return []
     # an id names a store of the cache (store/cache.py): the checks below compare folders with its real place
     configs = [dataclasses.replace(c, store=resolve_store(c.store, None)) if c.store else c for c in configs]
+    if configs[0].fp16 and resolve_device(configs[0].device).type not in FP16_DEVICES:
+        raise PkdCacheError(f"--fp16 needs a CUDA GPU (its loss scaling is CUDA's), and this run is on "
+                            f"{resolve_device(configs[0].device).type}; use --bf16, or neither")
     token_store = _token_store(configs[0])
     if token_store is not None:  # `dump --task lm`: causal-LM students (commands/distill_lm.py), one at a time
         from .distill_lm import distill_lm
 
         return [distill_lm(c, token_store if c.store == configs[0].store else _token_store(c)) for c in configs]
+    if configs[0].max_tokens is not None:
+        raise PkdCacheError(f"--max-tokens is for token stores (dump --task lm); {configs[0].store or 'online KD'} "
+                            f"is a store of examples: use --batch-size")
     resume = _check_pass(configs)
     dist = dist_context(resolve_device(configs[0].device))
     asked, configs = configs, [_resolved_batch(c, dist.world) for c in configs]
-    if configs[0].fp16 and dist.device.type not in FP16_DEVICES:
-        raise PkdCacheError(f"--fp16 needs a CUDA GPU (its loss scaling is CUDA's), and this run is on "
-                            f"{dist.device.type}; use --bf16, or neither")
     # log lines and bars from rank 0 only
     with process_group(dist.ranks, dist.device), quiet(not dist.main), contextlib.ExitStack() as locks:
         source = open_source(configs[0], dist.device)

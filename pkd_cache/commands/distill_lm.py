@@ -9,7 +9,10 @@ TinyBERT's general distillation: loss = beta * hidden-state MSE, the same module
 KD is RS-KD's estimator on sample:N targets and top-K with the leftover bucket on topk:K targets, both at the
 temperature the targets were dumped at (student/sparse_kd.py, docs/TOKEN_KD.md). The student is the first k blocks
 of `--student-init` (default: the store's teacher). Batches are token budgets (store/token_stream.py): at most
-`--max-tokens` real tokens, by default batch size x the store's max_seq_length (run_clm's batches of block_size).
+`--max-tokens` real tokens per forward, by default the per-device batch x the store's max_seq_length (run_clm's
+batches of block_size); with `--gradient-accumulation-steps G` an optimizer step takes G such forwards, each loss
+weighted 1/G (the mean of the forwards' means, as DDP averages its ranks': G steps on one process and G ranks take the
+same step).
 The checkpoint kept is the one with the lowest loss on the store's validation split (CE, the student alone), or on
 the first batches of the training split when the store has no validation split (said so in metrics.json).
 """
@@ -32,7 +35,7 @@ from ..progress import log, quiet
 from ..store.token_stream import iter_token_batches, steps_per_epoch
 from ..student.causal_lm import HiddenStateMSE, TokenKD, causal_lm_student, check_same_vocab
 from ..student.encoder import encoder_student, load_config, model_kind
-from ..training import Member, resolve_device, total_steps_of, train_many, write_metrics
+from ..training import Accumulation, Member, resolve_device, total_steps_of, train_many, write_metrics
 from .output_lock import OutputLock
 from .paths import check_inputs, check_output_dir, model_inputs, prepare_output, resume_dir, resume_output
 
@@ -44,8 +47,8 @@ def distill_lm(config: DistillConfig, store) -> dict:
 
     Under torchrun, DistributedDataParallel: rank r of W trains on batches r, r + W, ... of the epoch's plan
     (store/token_stream.py), so a step sees W token budgets; rank 0 evaluates, saves and writes the metrics."""
-    plan = _Plan(config, store)
     dist = dist_context(resolve_device(config.device))
+    plan = _Plan(config, store, dist.world)
     with process_group(dist.ranks, dist.device), quiet(not dist.main), contextlib.ExitStack() as locks:
         if dist.main:
             locks.enter_context(OutputLock(Path(config.output_dir), config.output_dir))
@@ -62,12 +65,10 @@ def distill_lm(config: DistillConfig, store) -> dict:
 class _Plan:
     """The student's settings resolved against the store; every check before anything is built or written."""
 
-    def __init__(self, config: DistillConfig, store):
+    def __init__(self, config: DistillConfig, store, world: int = 1):
         config.check()
         if config.teacher is not None:
             raise PkdCacheError("online KD (--teacher) is for sentence-level tasks; distil an LM from a token store")
-        if config.fp16:
-            raise PkdCacheError("--fp16 is not supported for token stores yet; use --bf16 or neither")
         self.config, self.store, meta = config, store, store.meta
         lm = meta.lm
         self.spec = LogitSpec(lm["targets"]["kind"], int(lm["targets"].get("count") or 0))
@@ -80,12 +81,9 @@ class _Plan:
         self.eval_split = next((s for s in (config.eval_splits or ["validation"]) if s in store.splits), None)
         if config.eval_splits and self.eval_split is None:
             raise PkdCacheError(f"--eval-split {config.eval_splits[0]}: the store has {', '.join(store.splits)}")
-        batch, _, steps = resolve_batch(config.train.batch_size, config.per_device_train_batch_size,
-                                        config.gradient_accumulation_steps, 1)
-        if steps > 1:
-            raise PkdCacheError("--gradient-accumulation-steps is not supported for token stores yet; raise "
-                                "--max-tokens instead")
-        self.max_tokens = config.max_tokens or batch * meta.max_seq_length
+        batch, per_device, self.accumulate = resolve_batch(config.train.batch_size, config.per_device_train_batch_size,
+                                                           config.gradient_accumulation_steps, 1)
+        self.max_tokens = config.max_tokens or (per_device or -(-batch // self.accumulate)) * meta.max_seq_length
         self.init = config.student_init or meta.teacher.name_or_path
         if not self.init:
             raise PkdCacheError("the store does not record its teacher; pass --student-init")
@@ -99,6 +97,10 @@ class _Plan:
                                     f"states alone; pass --beta (e.g. --beta 1)")
             self.alpha = 0.0
         self.hidden_map = self._hidden_map(meta) if self.beta > 0 else {}
+        self.steps_per_epoch = steps_per_epoch(store, config.train_split, self.max_tokens, world) // self.accumulate
+        if self.steps_per_epoch < 1:
+            raise PkdCacheError(f"--gradient-accumulation-steps {self.accumulate}: an epoch of {config.train_split} "
+                                f"has fewer batches of {self.max_tokens:,} tokens per rank than that")
         self.inputs = model_inputs(config.store, meta.teacher, ("--student-init", self.init))
         if config.resume:
             check_inputs(Path(config.output_dir), self.inputs, "--output-dir", config.output_dir)
@@ -124,24 +126,43 @@ class _Plan:
                                 f"layers {stored}); pass --layer-map with those, or dump with --hidden-layers")
         return {j: stored.index(t) for j, t in enumerate(wanted, start=1)}
 
-    def batches(self, epoch: int, start_batch: int = 0, dist: DistContext = DistContext()):
-        c = self.config
-        return iter_token_batches(self.store, c.train_split, self.max_tokens, True, c.train.seed, epoch,
-                                  start_batch=start_batch, shard=(dist.rank, dist.world), hidden=bool(self.hidden_map),
-                                  prefetch=0 if c.dataloader_num_workers == 0 else 2, targets=self.alpha > 0)
+    def batches(self, epoch: int, start_step: int = 0, dist: DistContext = DistContext()):
+        """This rank's batches of the epoch from optimizer step `start_step` on: one token budget per step, or with
+        accumulation a list of G consecutive ones (a last, incomplete group is left out, as `steps_per_epoch`
+        counts)."""
+        c, g = self.config, self.accumulate
+        forwards = iter_token_batches(self.store, c.train_split, self.max_tokens, True, c.train.seed, epoch,
+                                      start_batch=start_step * g, shard=(dist.rank, dist.world),
+                                      hidden=bool(self.hidden_map), prefetch=0 if c.dataloader_num_workers == 0 else 2,
+                                      targets=self.alpha > 0)
+        if g == 1:
+            return forwards
+        return (group for group in _groups(forwards, g) if len(group) == g)
+
+
+def _groups(items, size: int):
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 class _LMLoss(torch.nn.Module):
     """The student and its loss as one module: what DistributedDataParallel wraps under torchrun, so that the
     hidden-state projection's gradients are all-reduced with the student's."""
 
-    def __init__(self, model, kd: TokenKD, mse: Optional[HiddenStateMSE], beta: float, bf16: bool):
+    def __init__(self, model, kd: Optional[TokenKD], mse: Optional[HiddenStateMSE], beta: float,
+                 half: Optional[torch.dtype]):
         super().__init__()
-        self.model, self.kd, self.mse, self.beta, self.bf16 = model, kd, mse, beta, bf16
+        self.model, self.kd, self.mse, self.beta, self.half = model, kd, mse, beta, half
 
     def run(self, ids: torch.Tensor, mask: torch.Tensor, hidden: bool = False):
-        half = torch.autocast(ids.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-        with half:
+        """The student's forward, under autocast with --bf16 / --fp16 (the losses are taken in float32)."""
+        with torch.autocast(ids.device.type, dtype=self.half) if self.half else contextlib.nullcontext():
             return self.model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
 
     def hidden_loss(self, out, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -183,24 +204,30 @@ class _LMStudent:
         if self.mse is not None:
             self.mse.to(self.device)
             extra = list(self.mse.named_parameters(prefix="hidden_projection"))
-        self.trainable = _LMLoss(self.model, kd, self.mse, plan.beta, config.bf16)
-        self.forward = self.trainable
+        half = torch.float16 if config.fp16 else torch.bfloat16 if config.bf16 else None
+        self.trainable = _LMLoss(self.model, kd, self.mse, plan.beta, half)
+        self.forward, no_sync = self.trainable, None
         if dist.many:
             from torch.nn.parallel import DistributedDataParallel
 
             self.forward = DistributedDataParallel(self.trainable, device_ids=[self.device]
                                                    if self.device.type == "cuda" else None)
+            no_sync = self.forward.no_sync
+        accumulation = None if plan.accumulate == 1 else \
+            Accumulation(lambda group: [(b, 1.0 / len(group)) for b in group], no_sync)
         loss = "" if plan.encoder else f"CE + {plan.alpha:g} x KD ({plan.spec}, T {plan.temperature:g}) + "
         log(f"distilling a {plan.k}-layer {'encoder' if plan.encoder else 'causal-LM'} student from {plan.init} on "
             f"{config.store} into {config.output_dir}: {loss}"
             + (f"{plan.beta:g} x hidden MSE (student->teacher layers "
                f"{ {j: meta.lm['hidden_layers'][p] for j, p in plan.hidden_map.items()} })" if self.mse else "")
-            + f"; batches of at most {plan.max_tokens:,} tokens")
+            + f"; batches of at most {plan.max_tokens:,} tokens"
+            + (f", {plan.accumulate} per optimizer step" if plan.accumulate > 1 else ""))
         self.main_key = "eval_loss" if plan.eval_split else "train_subset_loss"
-        self.steps_per_epoch = steps_per_epoch(plan.store, config.train_split, plan.max_tokens, dist.world)
-        self.member = Member(self.model, config.train, total_steps_of(config.train, self.steps_per_epoch), self.loss, self.evaluate,
-                             self.main_key, self.save_best, extra, output_dir=self.out, dist=dist,
-                             greater_is_better=False)
+        self.steps_per_epoch = plan.steps_per_epoch
+        self.member = Member(self.model, config.train, total_steps_of(config.train, self.steps_per_epoch), self.loss,
+                             self.evaluate, self.main_key, self.save_best, extra, output_dir=self.out, dist=dist,
+                             greater_is_better=False, accumulation=accumulation,
+                             scaler=torch.amp.GradScaler(self.device.type) if config.fp16 else None)
 
     def loss(self, batch: dict):
         on = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -257,7 +284,7 @@ class _LMStudent:
                    "student_init": plan.init, "student_layers": plan.k,
                    "logits": str(plan.spec), "alpha": plan.alpha, "temperature": plan.temperature, "beta": plan.beta,
                    "hidden_layer_map": {j: meta.lm["hidden_layers"][p] for j, p in plan.hidden_map.items()},
-                   "max_tokens": plan.max_tokens, "eval_split": plan.eval_split or f"{config.train_split} (first "
+                   "max_tokens": plan.max_tokens, "gradient_accumulation_steps": plan.accumulate, "eval_split": plan.eval_split or f"{config.train_split} (first "
                    f"{EVAL_BATCHES} batches: the store has no validation split)",
                    "best_epoch": result.best_epoch, "best_step": result.best_step,
                    "best_" + self.main_key: result.best_metric, "history": result.history, "steps": result.steps,
