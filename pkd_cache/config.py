@@ -302,8 +302,6 @@ class DumpConfig:
                                 f"{self.sequence_mode!r}")
         if self.add_splits:
             raise PkdCacheError("--add-split is for sentence-level stores; dump the corpus again for --task lm")
-        if self.format != "zarr":
-            raise PkdCacheError("--task lm writes zarr stores; drop --format")
 
 
 @dataclass

@@ -382,3 +382,17 @@ def test_gradient_accumulation_and_fp16_for_a_causal_lm_student(store, tmp_path,
                        tmp_path / "many")
     assert p.returncode != 0 and "has fewer batches of 48 tokens per rank than that" in p.stderr, show(p)
     assert not (tmp_path / "many").exists()
+
+
+def test_an_arrow_token_store_holds_what_the_zarr_one_does(lm, corpus, store, tmp_path):
+    """`--format arrow`: the same rows as Arrow IPC shards (one per row of C tokens, a column per hidden layer): the
+    same batches, verify checks every shard, and a student distils from it."""
+    arrow = _dump(lm, corpus, tmp_path / "lm.arrow", format="arrow")
+    assert (Path(arrow.path) / "train" / "00000.arrow").is_file() and arrow.info()["layout"] == "tokens"
+    assert arrow.info()["completed_at"] >= arrow.info()["created_at"]
+    _same_batches(_every_batch(arrow), _every_batch(store))
+    p = cli_in_process("verify", arrow.path)
+    assert p.returncode == 0 and p.stdout.startswith("ok:"), show(p)
+    p = cli_in_process("distill", "--store", arrow.path, "--output-dir", tmp_path / "student", "--student-layers", "1",
+                       "--max-steps", "3", "--batch-size", "2", "--beta", "1")
+    assert p.returncode == 0, show(p)

@@ -90,7 +90,7 @@ def run_lm_dump(config: DumpConfig, corpora: dict, key_parts: dict, key: str, re
                "hidden_dtype": rows.hidden_dtype, "alignment": "the outputs at position t predict token t + 1"},
         "settings": to_dict(config), "cache_key": key, "cache_key_parts": key_parts,
     }
-    sink = open_writer(config.out, config.overwrite, metadata, "zarr", resume=resuming)
+    sink = open_writer(config.out, config.overwrite, metadata, config.format, resume=resuming)
     t0, discard = time.perf_counter(), False
     try:
         for split, tok in tokenized.items():

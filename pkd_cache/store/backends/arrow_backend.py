@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 
 from ..backend import GridSource, LayoutProblem, Shape
-from ..format import StoreMeta, chunk_shape, is_layered, layer_part, part_shape
+from ..format import StoreMeta, chunk_shape, is_layered, layer_part, now, part_shape
 from ..integrity import ChunkError, ChunkFiles, checksum
 from ..location import Location
 from ..sink import ChunkedWriter
@@ -111,6 +111,7 @@ class ArrowStoreWriter(ChunkedWriter):
         self._record(split, start // rows, {key: checksum(data)})
 
     def _write_complete(self) -> None:
+        self.metadata.setdefault("completed_at", now())  # as the Zarr writer: gc orders unused stores by it
         self.metadata["complete"] = True  # one atomic write: the metadata and the flag together, last
         self._write_meta()
 
