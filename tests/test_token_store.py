@@ -396,3 +396,23 @@ def test_an_arrow_token_store_holds_what_the_zarr_one_does(lm, corpus, store, tm
     p = cli_in_process("distill", "--store", arrow.path, "--output-dir", tmp_path / "student", "--student-layers", "1",
                        "--max-steps", "3", "--batch-size", "2", "--beta", "1")
     assert p.returncode == 0, show(p)
+
+
+def test_a_sweep_over_a_token_store_ranks_by_the_lowest_loss(store, tmp_path):
+    """`sweep` trains a grid of causal-LM students from a token store, checks every run against the store before
+    any trains, and ranks them by eval_loss, lowest first (the sentence-level sweep ranks accuracy, highest first)."""
+    import csv
+
+    args = ["--store", store.path, "--student-layers", "1", "--max-steps", "3", "--batch-size", "2"]
+    p = cli_in_process("sweep", *args, "--grid", "alpha=0,0.5", "--grid", "temperature=1,2", "--output-dir",
+                       tmp_path / "bad")
+    assert p.returncode != 0 and "--temperature 2: the store's targets were drawn at temperature 1" in p.stderr, show(p)
+    assert not (tmp_path / "bad").exists()
+    p = cli_in_process("sweep", *args, "--grid", "alpha=0,0.5,1", "--output-dir", tmp_path / "runs")
+    assert p.returncode == 0, show(p)
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "results.csv")))
+    assert len(rows) == 3 and {r["metric"] for r in rows} == {"eval_loss"}
+    best = min(rows, key=lambda r: float(r["best"]))["run"]
+    ranked = [line.split("│")[2].strip() for line in p.stdout.splitlines() if line.startswith("│")]
+    assert ranked[0] == best and len(ranked) == 3, p.stdout
+    assert (tmp_path / "runs" / "sweep.png").stat().st_size > 0

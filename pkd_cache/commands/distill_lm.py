@@ -62,6 +62,11 @@ def distill_lm(config: DistillConfig, store) -> dict:
     return metrics
 
 
+def check_lm(config: DistillConfig, store) -> None:
+    """Every check `distill_lm` makes before it builds or writes anything (a sweep checks all its runs first)."""
+    _Plan(config, store, dist_context(resolve_device(config.device)).world)
+
+
 class _Plan:
     """The student's settings resolved against the store; every check before anything is built or written."""
 
@@ -215,11 +220,11 @@ class _LMStudent:
             no_sync = self.forward.no_sync
         accumulation = None if plan.accumulate == 1 else \
             Accumulation(lambda group: [(b, 1.0 / len(group)) for b in group], no_sync)
-        loss = "" if plan.encoder else f"CE + {plan.alpha:g} x KD ({plan.spec}, T {plan.temperature:g}) + "
+        loss = [] if plan.encoder else [f"CE + {plan.alpha:g} x KD ({plan.spec}, T {plan.temperature:g})"]
         log(f"distilling a {plan.k}-layer {'encoder' if plan.encoder else 'causal-LM'} student from {plan.init} on "
-            f"{config.store} into {config.output_dir}: {loss}"
-            + (f"{plan.beta:g} x hidden MSE (student->teacher layers "
-               f"{ {j: meta.lm['hidden_layers'][p] for j, p in plan.hidden_map.items()} })" if self.mse else "")
+            f"{config.store} into {config.output_dir}: " + " + ".join(loss + (
+                [f"{plan.beta:g} x hidden MSE (student->teacher layers "
+               f"{ {j: meta.lm['hidden_layers'][p] for j, p in plan.hidden_map.items()} })"] if self.mse else []))
             + f"; batches of at most {plan.max_tokens:,} tokens"
             + (f", {plan.accumulate} per optimizer step" if plan.accumulate > 1 else ""))
         self.main_key = "eval_loss" if plan.eval_split else "train_subset_loss"

@@ -34,6 +34,18 @@ def result_rows(runs) -> list[dict]:
     return rows
 
 
+def lower_is_better(metric: str | None) -> bool:
+    """A loss (a token store's students keep their lowest `eval_loss`), not a score such as accuracy."""
+    return bool(metric) and metric.endswith("loss")
+
+
+def _best_first(r: dict) -> float:
+    """Sort key: the best run first, whichever way its metric points; unfinished metrics last."""
+    if r["best"] is None:
+        return math.inf
+    return r["best"] if lower_is_better(r["metric"]) else -r["best"]
+
+
 def write_report(out: Path, runs, top: int, quiet: bool = False, store=None) -> list[dict]:
     """results.csv, sweep.png (with the majority class's and the teacher's dev metric from `store`, when given)
     and, unless `quiet`, the table of the best runs."""
@@ -58,7 +70,7 @@ def print_best(rows: list[dict], top: int, out: Path) -> None:
     if not rows:
         console.print("no finished runs yet")
         return
-    ranked = sorted(rows, key=lambda r: -(r["best"] if r["best"] is not None else -math.inf))[:top]
+    ranked = sorted(rows, key=_best_first)[:top]
     grid_keys = [k for k in ranked[0] if k.startswith("grid_")]
     table = Table("rank", "run", *(k[len("grid_"):] for k in grid_keys), f"best {ranked[0]['metric']}", "epoch",
                   "share s", "pass s", title=f"best {len(ranked)} of {len(rows)} runs ({out / 'results.csv'}); "
@@ -79,6 +91,8 @@ def baseline_lines(store, metric_key: str) -> dict[str, float]:
     from ..data.tasks import get_task
     from .evaluate import split_and_metric
 
+    if store.meta.raw.get("layout") == "tokens":  # no labels or logits per example to score the teacher with
+        return {}
     task = get_task(store.meta.task.name)
     split, metric = split_and_metric(metric_key, task)
     if split not in store.splits:
@@ -114,7 +128,8 @@ def plot(path: Path, rows: list[dict], keys: list[str], lines: dict[str, float] 
         values = sorted({r.get(col) for r in rows}, key=lambda v: (isinstance(v, str), v))
         xs = {v: i for i, v in enumerate(values)}
         ax.scatter([xs[r.get(col)] for r in rows], [r["best"] for r in rows], alpha=0.5, s=18)
-        best = [max(r["best"] for r in rows if r.get(col) == v) for v in values]
+        pick = min if lower_is_better(metric) else max
+        best = [pick(r["best"] for r in rows if r.get(col) == v) for v in values]
         ax.plot(range(len(values)), best, marker="o", color="C3", label="best")
         for (name, value), style in zip((lines or {}).items(), ("--", ":")):
             ax.axhline(value, linestyle=style, color="0.35", label=f"{name} {value:.3f}")
