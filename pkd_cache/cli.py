@@ -125,7 +125,8 @@ def dump(teacher: str = typer.Option(..., "--teacher", help="Fine-tuned teacher:
          split: Optional[List[str]] = typer.Option(None, "--split", help="Splits to dump (repeatable); default all."),
          max_seq_length: int = MaxSeqLength,
          batch_size: int = typer.Option(64, "--batch-size", help="Examples per teacher forward."),
-         dtype: str = typer.Option("float16", "--dtype", help="Storage dtype of the CLS vectors."),
+         dtype: str = typer.Option("float16", "--dtype", "--hidden-dtype",
+                                   help="Storage dtype of the CLS vectors (--task lm: of the hidden states)."),
          chunk_size: int = typer.Option(1024, "--chunk-size", help="Examples per chunk."),
          sort_window: int = typer.Option(8192, "--sort-window", help="Examples sorted by length together (whole "
                                                                       "chunks) so batches carry little padding."),

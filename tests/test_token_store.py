@@ -416,3 +416,16 @@ def test_a_sweep_over_a_token_store_ranks_by_the_lowest_loss(store, tmp_path):
     ranked = [line.split("│")[2].strip() for line in p.stdout.splitlines() if line.startswith("│")]
     assert ranked[0] == best and len(ranked) == 3, p.stdout
     assert (tmp_path / "runs" / "sweep.png").stat().st_size > 0
+
+
+def test_the_issues_dump_command_line_runs_as_written(lm, corpus, tmp_path):
+    """`dump --task lm ... --logits sample:N --hidden-layers L --hidden-dtype int8` (the issue's spelling; --dtype is
+    the same option): int8 hidden states with a per-vector scale."""
+    out = tmp_path / "corpus.zarr"
+    p = cli_in_process("dump", "--teacher", lm, "--task", "lm", "--data-files", corpus / "train.jsonl", "--text-column",
+                       "text", "--max-seq-length", "24", "--logits", "sample:8", "--hidden-layers", "1,2",
+                       "--hidden-dtype", "int8", "--out", out)
+    assert p.returncode == 0, show(p)
+    lm_meta = open_store(str(out)).meta.lm
+    assert lm_meta["hidden_dtype"] == "int8" and lm_meta["hidden_layers"] == [1, 2]
+    assert lm_meta["targets"]["count"] == 8 and (out / "train" / "hidden_scale").is_dir()
