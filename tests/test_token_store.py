@@ -429,3 +429,35 @@ def test_the_issues_dump_command_line_runs_as_written(lm, corpus, tmp_path):
     lm_meta = open_store(str(out)).meta.lm
     assert lm_meta["hidden_dtype"] == "int8" and lm_meta["hidden_layers"] == [1, 2]
     assert lm_meta["targets"]["count"] == 8 and (out / "train" / "hidden_scale").is_dir()
+
+
+def test_a_killed_lm_distill_resumes_to_the_same_student_bit_for_bit(store, tmp_path):
+    """SIGKILL mid-epoch 2 of a causal-LM distill with gradient accumulation, then --resume: the same student and
+    history as a run never stopped (the reader restarts at step x G forwards of the epoch's plan)."""
+    import signal
+    import subprocess
+    import sys
+
+    from pkd_cache.testing import cli_env, wait_until
+    from test_resume import _student_files, checkpoint_position
+
+    base = ["distill", "--store", str(store.path), "--student-layers", "1", "--epochs", "3", "--max-tokens", "48",
+            "--gradient-accumulation-steps", "2", "--learning-rate", "1e-3", "--seed", "5", "--logging-steps", "0",
+            "--beta", "1"]
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "pkd_cache", *base, *extra], env=cli_env(),  # noqa
+                                        capture_output=True, text=True, timeout=600)
+    p = run("--output-dir", str(tmp_path / "whole"))
+    assert p.returncode == 0, show(p)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pkd_cache", *base, "--output-dir", str(out), "--save-steps", "1"],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: checkpoint_position(out)[0] == 1 and checkpoint_position(out)[1] > 0, "a checkpoint mid-epoch 2",
+               proc=proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (out / "metrics.json").exists()
+    p = run("--output-dir", str(out), "--resume")
+    assert p.returncode == 0 and "resuming at step" in p.stderr, show(p)
+    assert _student_files(out) == _student_files(tmp_path / "whole")
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "whole"))
+    assert a["history"] == b["history"] and a["steps"] == b["steps"]
