@@ -55,8 +55,9 @@ def distill_lm(config: DistillConfig, store) -> dict:
         dist.barrier()  # every rank has checked the output folder before rank 0 prepares it
         student = _LMStudent(plan, dist)
         t0 = time.perf_counter()
-        results = train_many([student.member], student.steps_per_epoch, lambda epoch, start=0: plan.batches(epoch, start, dist),
-                             "distill", config.train.save_steps, config.resume)
+        results = train_many([student.member], student.steps_per_epoch,
+                             lambda epoch, start=0: plan.batches(epoch, start, dist), "distill",
+                             config.train.save_steps, config.resume)
         metrics = student.finish(results[0], time.perf_counter() - t0)
         dist.barrier()  # every rank returns once rank 0 has written the student
     return metrics
@@ -289,7 +290,8 @@ class _LMStudent:
                    "student_init": plan.init, "student_layers": plan.k,
                    "logits": str(plan.spec), "alpha": plan.alpha, "temperature": plan.temperature, "beta": plan.beta,
                    "hidden_layer_map": {j: meta.lm["hidden_layers"][p] for j, p in plan.hidden_map.items()},
-                   "max_tokens": plan.max_tokens, "gradient_accumulation_steps": plan.accumulate, "eval_split": plan.eval_split or f"{config.train_split} (first "
+                   "max_tokens": plan.max_tokens, "gradient_accumulation_steps": plan.accumulate,
+                   "eval_split": plan.eval_split or f"{config.train_split} (first "
                    f"{EVAL_BATCHES} batches: the store has no validation split)",
                    "best_epoch": result.best_epoch, "best_step": result.best_step,
                    "best_" + self.main_key: result.best_metric, "history": result.history, "steps": result.steps,

@@ -118,7 +118,8 @@ def run_lm_dump(config: DumpConfig, corpora: dict, key_parts: dict, key: str, re
         f"{config.out} in {time.perf_counter() - t0:.1f}s; logits {spec}"
         + (f", hidden layers {list(rows.hidden_layers)} ({rows.hidden_dtype})" if rows.hidden_layers else ""))
     log(f"next: pkd-cache distill --store {config.out} --student-init {config.teacher} --student-layers "
-        f"{max(1, model.config.num_hidden_layers // 2)}{' --beta 1' if spec.kind == 'none' and rows.hidden_layers else ''} "
+        f"{max(1, model.config.num_hidden_layers // 2)}"
+        f"{' --beta 1' if spec.kind == 'none' and rows.hidden_layers else ''} "
         f"--output-dir student/")
     from ..store.reader import open_store
 

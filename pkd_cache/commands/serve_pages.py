@@ -130,7 +130,8 @@ def store_detail(path: Path, summary: dict, verified: str) -> dict:
                 else:
                     metric[split] = {"accuracy": float((logits.argmax(axis=1) == y).mean())}
     return {**summary, "state": verified if store.complete else "unfinished", "labels": labels,
-            "teacher_dev_metric": metric, **({"tokens": tokens} if tokens else {}), "metadata": {k: v for k, v in meta.items() if k != "cache_key_parts"}}
+            "teacher_dev_metric": metric, **({"tokens": tokens} if tokens else {}),
+            "metadata": {k: v for k, v in meta.items() if k != "cache_key_parts"}}
 
 
 def store_html(d: dict, base: str) -> str:
@@ -149,9 +150,13 @@ def store_html(d: dict, base: str) -> str:
                          for split, v in d.get("tokens", {}).items())
         body = (f"<h2>Splits</h2><table><tr><th>split</th><th>tokens</th><th>sequences</th></tr>{counts}</table>")
     else:
-        labels = "".join(f"<tr><td>{_esc(split)}</td><td>{_esc(', '.join(f'{k} {v:,}' if isinstance(v, int) else f'{k} {v:.3f}' for k, v in counts.items()))}</td></tr>"
-                         for split, counts in d["labels"].items())
-        metric = "".join(f"<tr><td>{_esc(split)}</td><td>{_esc(', '.join(f'{k} {v:.4f}' for k, v in m.items()))}</td></tr>"
+        def cells(values: dict, number) -> str:
+            return _esc(", ".join(f"{k} {number(v)}" for k, v in values.items()))
+
+        count = lambda v: f"{v:,}" if isinstance(v, int) else f"{v:.3f}"  # noqa: E731 - a label count, or mean/std
+        labels = "".join(f"<tr><td>{_esc(split)}</td><td>{cells(c, count)}</td></tr>"
+                         for split, c in d["labels"].items())
+        metric = "".join(f"<tr><td>{_esc(split)}</td><td>{cells(m, lambda v: f'{v:.4f}')}</td></tr>"
                          for split, m in d["teacher_dev_metric"].items())
         body = (f"<h2>Labels</h2><table><tr><th>split</th><th>counts</th></tr>{labels}</table>"
                 f"<h2>Teacher on the dev splits</h2><p class=muted>from the stored logits</p><table><tr><th>split</th>"

@@ -100,4 +100,5 @@ def summary_holds(s: dict) -> str:
 def summary_splits(s: dict, sep: str = ", ") -> str:
     """A summary's split counts, "train 9,815" (examples) or "train 844,060 tokens"."""
     unit = " tokens" if s.get("unit") == "tokens" else ""
-    return sep.join(f"{k} {v:,}{unit}" if isinstance(v, int) else f"{k} {v}" for k, v in (s.get("splits") or {}).items())
+    splits = (s.get("splits") or {}).items()
+    return sep.join(f"{k} {v:,}{unit}" if isinstance(v, int) else f"{k} {v}" for k, v in splits)
