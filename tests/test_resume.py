@@ -180,6 +180,17 @@ def _student_files(folder: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in folder.iterdir() if f.suffix == ".safetensors"}
 
 
+def kill_distill_mid_epoch_2(args: list, out: Path) -> None:
+    """Run `pkd-cache <args> --output-dir out` in a subprocess and SIGKILL it once a checkpoint mid-epoch 2 exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "pkd_cache", *args, "--output-dir", str(out)], env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: checkpoint_position(out)[0] == 1 and checkpoint_position(out)[1] > 0, "a checkpoint mid-epoch 2",
+               proc=proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (out / "metrics.json").exists()
+
+
 def checkpoint_position(out: Path) -> tuple[int, int]:
     """(epoch, batch) of the distill's last checkpoint; (0, 0) before one is complete."""
     state = out / "checkpoint" / "state.json"
@@ -201,13 +212,7 @@ def test_a_killed_distill_resumes_to_the_same_student_bit_for_bit(tmp_path, refe
     assert not (tmp_path / "whole" / "checkpoint").exists()  # removed once finished
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "pkd_cache", *base, "--output-dir", str(out), "--save-steps", "7"],
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: checkpoint_position(out)[0] == 1 and checkpoint_position(out)[1] > 0, "a checkpoint mid-epoch 2",
-               proc=proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert not (out / "metrics.json").exists()
+    kill_distill_mid_epoch_2([*base, "--save-steps", "7"], out)
     p = subprocess.run([sys.executable, "-m", "pkd_cache", *base, "--output-dir", str(out), "--resume"], env=cli_env(),
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and "resuming at step" in p.stderr, show(p)

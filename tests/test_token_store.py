@@ -434,12 +434,11 @@ def test_the_issues_dump_command_line_runs_as_written(lm, corpus, tmp_path):
 def test_a_killed_lm_distill_resumes_to_the_same_student_bit_for_bit(store, tmp_path):
     """SIGKILL mid-epoch 2 of a causal-LM distill with gradient accumulation, then --resume: the same student and
     history as a run never stopped (the reader restarts at step x G forwards of the epoch's plan)."""
-    import signal
     import subprocess
     import sys
 
-    from pkd_cache.testing import cli_env, wait_until
-    from test_resume import _student_files, checkpoint_position
+    from pkd_cache.testing import cli_env
+    from test_resume import _student_files, kill_distill_mid_epoch_2
 
     base = ["distill", "--store", str(store.path), "--student-layers", "1", "--epochs", "3", "--max-tokens", "48",
             "--gradient-accumulation-steps", "2", "--learning-rate", "1e-3", "--seed", "5", "--logging-steps", "0",
@@ -449,13 +448,7 @@ def test_a_killed_lm_distill_resumes_to_the_same_student_bit_for_bit(store, tmp_
     p = run("--output-dir", str(tmp_path / "whole"))
     assert p.returncode == 0, show(p)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "pkd_cache", *base, "--output-dir", str(out), "--save-steps", "1"],
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: checkpoint_position(out)[0] == 1 and checkpoint_position(out)[1] > 0, "a checkpoint mid-epoch 2",
-               proc=proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert not (out / "metrics.json").exists()
+    kill_distill_mid_epoch_2([*base, "--save-steps", "1"], out)
     p = run("--output-dir", str(out), "--resume")
     assert p.returncode == 0 and "resuming at step" in p.stderr, show(p)
     assert _student_files(out) == _student_files(tmp_path / "whole")
