@@ -314,3 +314,26 @@ def test_lm_distill_on_two_ranks_equals_two_accumulation_steps_on_one(tmp_path):
     moved = max(float((w1[k] - init[k]).abs().max()) for k in w1 if k in init and init[k].shape == w1[k].shape)
     gap = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     assert moved > 1e-3 and gap < 1e-5, (moved, gap)
+
+
+def test_lm_dump_on_two_ranks_equals_one_process_byte_for_byte(tmp_path):
+    """`dump --task lm` under torchrun: each rank writes its half of the rows (running the one-process dump's teacher
+    batches that touch them), rank 0 finishes the store; every chunk file equals the one-process dump's."""
+    from pkd_cache.testing import make_causal_lm, synthetic_rows, write_jsonl
+
+    lm = make_causal_lm(tmp_path / "gpt2")
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": s} for s, _ in synthetic_rows(120, 3)])
+    args = ["dump", "--teacher", str(lm), "--task", "lm", "--data-files", str(corpus), "--validation-file",
+            str(corpus), "--max-seq-length", "24", "--chunk-tokens", "64", "--logits", "sample:8", "--hidden-layers",
+            "1", "--batch-size", "3"]
+    one = run([sys.executable, "-m", "pkd_cache", *args, "--out", str(tmp_path / "one.zarr")])
+    assert one.returncode == 0, show(one)
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "pkd_cache", *args, "--out", str(tmp_path / "two.zarr")])
+    assert two.returncode == 0 and "2 ranks" in two.stderr, show(two)
+    chunks = [json.loads((tmp_path / f"{n}.zarr" / "checksums.json").read_text())["chunks"] for n in ("one", "two")]
+    assert len(chunks[0]) > 20 and chunks[0] == chunks[1]
+    meta = json.loads((tmp_path / "two.zarr" / "zarr.json").read_text())["attributes"]
+    assert meta["complete"] and meta["dump_ranks"] == 2
+    p = run([sys.executable, "-m", "pkd_cache", "verify", str(tmp_path / "two.zarr")])
+    assert p.returncode == 0, show(p)

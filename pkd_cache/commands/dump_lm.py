@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,11 +21,12 @@ from ..data.corpus import TokenizedCorpus, id_dtype, load_corpus, tokenize_corpu
 from ..errors import Interrupted, PkdCacheError
 from ..identity import model_identity, tokenizer_identity
 from ..logit_spec import LogitSpec
-from ..progress import log, progress_bar
+from ..distributed import Ranks, barrier, broadcast, gather, process_group, rank_device, ranks_from_env
+from ..progress import log, progress_bar, quiet
 from ..store.format import TOKEN_FORMAT_VERSION, split_arrays
 from ..store.token_targets import slot_bytes
 from ..store.worker import Consumer
-from ..store.writer import open_writer
+from ..store.writer import attach_writer, open_writer
 from .dump_lm_rows import RowAssembler, RowSpec, encode, needs_run, rows_of, teacher_batches, teacher_outputs
 from .interrupt import stop_on_sigterm
 
@@ -62,10 +64,13 @@ def run_lm_dump(config: DumpConfig, corpora: dict, key_parts: dict, key: str, re
     from ..store.fingerprint import vocab_fingerprint, weights_fingerprint
     from ..training import resolve_device
 
+    ranks = ranks_from_env()
+    if ranks.many and config.format != "zarr":
+        raise PkdCacheError("a multi-rank dump writes zarr stores only; run --format arrow as one process")
     model = _load_teacher(config)
     tokenizer = AutoTokenizer.from_pretrained(config.teacher)
     rows = _row_spec(config, model)
-    device = resolve_device(config.device)
+    device = rank_device(ranks, resolve_device(config.device))
     model.to(device).eval()
     tokenized = {}
     for split, corpus in corpora.items():
@@ -90,40 +95,99 @@ def run_lm_dump(config: DumpConfig, corpora: dict, key_parts: dict, key: str, re
                "hidden_dtype": rows.hidden_dtype, "alignment": "the outputs at position t predict token t + 1"},
         "settings": to_dict(config), "cache_key": key, "cache_key_parts": key_parts,
     }
-    sink = open_writer(config.out, config.overwrite, metadata, config.format, resume=resuming)
-    t0, discard = time.perf_counter(), False
+    splits = {split: (_arrays(rows, model, tok, metadata["lm"]), {
+        "num_tokens": tok.num_tokens, "num_sequences": tok.num_sequences, "data_fingerprint": key_parts["data"][split],
+        "source": ", ".join(corpora[split].sources)}) for split, tok in tokenized.items()}
+    t0 = time.perf_counter()
+    with process_group(ranks, device), quiet(not ranks.main):
+        _write(config, _Run(model, rows, device, ranks), tokenized, metadata, splits, resuming)
+    total = sum(t.num_tokens for t in tokenized.values())
+    if ranks.main:
+        log(f"wrote {total:,} tokens ({', '.join(f'{s} {t.num_tokens:,}' for s, t in tokenized.items())}) to "
+            f"{config.out} in {time.perf_counter() - t0:.1f}s; logits {spec}"
+            + (f", hidden layers {list(rows.hidden_layers)} ({rows.hidden_dtype})" if rows.hidden_layers else "")
+            + (f"; {ranks.world} ranks" if ranks.many else ""))
+        log(f"next: pkd-cache distill --store {config.out} --student-init {config.teacher} --student-layers "
+            f"{max(1, model.config.num_hidden_layers // 2)}"
+            f"{' --beta 1' if spec.kind == 'none' and rows.hidden_layers else ''} "
+            f"--output-dir student/")
+    from ..store.reader import open_store
+
+    return open_store(config.out)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What runs the teacher on this process: the model, the rows' contents, the device, this rank of the dump."""
+
+    model: object
+    rows: RowSpec
+    device: object
+    ranks: Ranks
+
+
+def _write(config: DumpConfig, run: _Run, tokenized: dict, metadata: dict, splits: dict, resuming: bool) -> None:
+    """Lay the store out (rank 0) or open it (the others), run the teacher over this rank's rows, then (rank 0)
+    gather every rank's checksums and finish the store.
+
+    Under torchrun rank r of W writes rows [r n / W, (r + 1) n / W) of each split: the rows of the other ranks are
+    skipped as a resumed dump skips its durable rows, so each teacher batch is the one-process dump's and the store
+    is byte for byte the same. A batch that straddles two ranks' rows runs on both."""
+    ranks, sink, discard = run.ranks, None, False
+    t0 = time.perf_counter()
     try:
-        for split, tok in tokenized.items():
-            sink.create_split(split, _arrays(rows, model, tok, metadata["lm"]), {
-                "num_tokens": tok.num_tokens, "num_sequences": tok.num_sequences,
-                "data_fingerprint": key_parts["data"][split], "source": ", ".join(corpora[split].sources)})
+        barrier(ranks)  # every rank has looked at --out before rank 0 replaces or resumes it
+        if ranks.main:
+            sink = open_writer(config.out, config.overwrite, metadata, config.format, resume=resuming)
+        barrier(ranks)  # the layout is on disk before the other ranks open it
+        if sink is None:
+            sink = attach_writer(config.out)
+        for split, (arrays, split_meta) in splits.items():
+            sink.create_split(split, arrays, split_meta)
+        durable = broadcast(ranks, {s: sorted(sink.load_durable(s)) for s in splits} if ranks.main else None)
         with stop_on_sigterm():
             for split, tok in tokenized.items():
-                _dump_split(config, model, rows, sink, split, tok, device)
-        sink.metadata["dump_seconds"] = round(time.perf_counter() - t0, 3)
-        sink.finish()
+                n = -(-tok.num_tokens // run.rows.chunk_tokens)
+                mine = range(ranks.rank * n // ranks.world, (ranks.rank + 1) * n // ranks.world)
+                skip = set(durable[split]) | (set(range(n)) - set(mine))
+                sink.durable.setdefault(split, set()).update(durable[split])
+                _dump_split(config, run, sink, split, tok, skip)
+        reports = gather(ranks, {"checksums": sink.checksums, "durable": {s: sorted(c) for s, c in
+                                                                           sink.durable.items()}})
+        if ranks.main:
+            _finish(config, sink, reports, tokenized, run, time.perf_counter() - t0)
+        barrier(ranks)  # the other ranks return once the store is complete
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted: {sum(len(d) for d in sink.durable.values()):,} rows are durable in "
-                          f"{config.out}; run the same command with --resume to continue") from None
+        rows = sum(len(d) for d in sink.durable.values()) if sink is not None else 0
+        raise Interrupted(f"interrupted: {rows:,} rows are durable in {config.out}; run the same command with "
+                          f"--resume to continue") from None
     except Exception as e:
         # bad input (or a bug) before the first durable row: the fresh store is ours and holds nothing to resume
-        discard = not resuming and not any(sink.durable.values()) and not isinstance(e, OSError)
+        discard = sink is not None and not resuming and not ranks.many and not any(sink.durable.values()) and \
+            not isinstance(e, OSError)
         raise
     finally:
         if discard:
             sink.location.remove_all()  # still under our lock
-        sink.close()
-    total = sum(t.num_tokens for t in tokenized.values())
-    log(f"wrote {total:,} tokens ({', '.join(f'{s} {t.num_tokens:,}' for s, t in tokenized.items())}) to "
-        f"{config.out} in {time.perf_counter() - t0:.1f}s; logits {spec}"
-        + (f", hidden layers {list(rows.hidden_layers)} ({rows.hidden_dtype})" if rows.hidden_layers else ""))
-    log(f"next: pkd-cache distill --store {config.out} --student-init {config.teacher} --student-layers "
-        f"{max(1, model.config.num_hidden_layers // 2)}"
-        f"{' --beta 1' if spec.kind == 'none' and rows.hidden_layers else ''} "
-        f"--output-dir student/")
-    from ..store.reader import open_store
+        if sink is not None:
+            sink.close()
 
-    return open_store(config.out)
+
+def _finish(config: DumpConfig, sink, reports: list[dict], tokenized: dict, run: _Run, seconds: float) -> None:
+    """Rank 0: every rank's checksums into the manifest, then (only if every row is durable) the complete flag."""
+    for r in reports:
+        sink.checksums.update({k: list(v) for k, v in r["checksums"].items()})
+        for split, done in r["durable"].items():
+            sink.durable.setdefault(split, set()).update(done)
+    for split, tok in tokenized.items():
+        missing = sorted(set(range(-(-tok.num_tokens // run.rows.chunk_tokens))) - sink.durable.get(split, set()))
+        if missing:
+            raise PkdCacheError(f"{config.out}: rows {missing[:5]} of {split} were not written; run the same command "
+                                f"with --resume to finish the store")
+    sink.metadata["dump_seconds"] = round(seconds, 3)
+    if run.ranks.many:
+        sink.metadata["dump_ranks"] = run.ranks.world
+    sink.finish()
 
 
 def _load_teacher(config: DumpConfig):
@@ -173,9 +237,10 @@ def _arrays(rows: RowSpec, model, tok: TokenizedCorpus, lm: dict) -> dict:
                         rows.hidden_dtype, "int64", (), lm)
 
 
-def _dump_split(config: DumpConfig, model, rows: RowSpec, sink, split: str, tok: TokenizedCorpus, device) -> None:
-    """Run the teacher over one split's pending batches; a thread codes and writes each row not yet durable."""
-    durable = sink.load_durable(split)
+def _dump_split(config: DumpConfig, run: _Run, sink, split: str, tok: TokenizedCorpus, durable: set) -> None:
+    """Run the teacher over one split's batches that touch a row not in `durable` (rows written already, or another
+    rank's); a thread codes and writes each such row."""
+    model, rows, device = run.model, run.rows, run.device
     ids = tok.input_ids.astype(np.int64)
     assembler = RowAssembler(rows.chunk_tokens)
     writer = Consumer(lambda item: sink.write(split, item[0], encode(rows, item[1])), 4, "pkd-cache-writer")
