@@ -75,7 +75,8 @@ def run_lm_dump(config: DumpConfig, corpora: dict, key_parts: dict, key: str, re
     tokenized = {}
     for split, corpus in corpora.items():
         tokenized[split] = tokenize_corpus(tokenizer, corpus, config.max_seq_length, config.sequence_mode)
-        log(f"{split}: {tokenized[split].summary(config.max_seq_length)}")
+        if ranks.main:
+            log(f"{split}: {tokenized[split].summary(config.max_seq_length)}")
     teacher = {"name_or_path": config.teacher, "model_type": model.config.model_type,
                "architecture": type(model).__name__, "num_layers": model.config.num_hidden_layers,
                "hidden_size": model.config.hidden_size, "weights_fingerprint": weights_fingerprint(model),
