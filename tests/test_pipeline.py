@@ -33,11 +33,9 @@ def test_recipe_runs_and_resumes(tmp_path, backbone_dir, data_dir):
     kd_rows = list(csv.DictReader(open(out / "sweeps" / "kd" / "results.csv")))
     assert sorted(r["seed"] for r in kd_rows) == ["0", "1"]  # SEEDS: one run per seed
     assert "mean over 2+ seeds" in report and " ± " in report
-    p = subprocess.run(["bash", str(RECIPE), str(backbone_dir), "sst2", str(data_dir), str(out)], env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0 and "cache hit" in p.stderr and "0 to train" in p.stderr, p.stderr[-3000:]
-
-    # an interrupted dump (its complete flag never written): the recipe resumes it instead of failing
+    # run again after an interrupted dump (its complete flag never written): the recipe resumes the dump instead of
+    # failing, keeps the fine-tuned teacher and skips every finished sweep run. (A second run over a complete study,
+    # whose dump is a cache hit, was a third recipe run here, ~40 s of CI; `dump`'s cache hit has its own tests.)
     meta_path = out / "sst2.zarr" / "zarr.json"
     meta = json.loads(meta_path.read_text())
     meta["attributes"]["complete"] = False

@@ -96,7 +96,7 @@ def kill(proc, sig=signal.SIGKILL) -> None:
 @pytest.mark.kill
 def test_sigkill_at_random_moments_then_resume_is_byte_identical(tmp_path, teacher_dir, long_data, long_reference):
     rng = random.Random(0)
-    for i in range(5):
+    for i in range(3):  # three kills at random moments (each cycle costs CI about 17 s)
         out = tmp_path / f"killed{i}.zarr"
         proc = start_dump(teacher_dir, long_data, out)
         wait_for_progress(out, proc, records=rng.randint(1, 30))  # then at once: the writer may be mid-chunk
@@ -203,7 +203,7 @@ def checkpoint_position(out: Path) -> tuple[int, int]:
 
 @pytest.mark.kill
 def test_a_killed_distill_resumes_to_the_same_student_bit_for_bit(tmp_path, reference, backbone_dir):
-    base = ["distill", "--store", str(reference), "--student-init", str(backbone_dir), "--student-layers", "3",
+    base = ["distill", "--store", str(reference), "--student-init", str(backbone_dir), "--student-layers", "2",
             "--epochs", "3", "--batch-size", "8", "--learning-rate", "1e-3", "--seed", "5", "--logging-steps", "0"]
     # every run in a subprocess with one thread: bit-identity needs the same float reduction order throughout
     p = subprocess.run([sys.executable, "-m", "pkd_cache", *base, "--output-dir", str(tmp_path / "whole")],
@@ -248,17 +248,18 @@ def test_a_real_full_disk_in_a_subprocess(tmp_path, teacher_dir, big_data, refer
 
 
 def test_many_readers_at_once_and_reading_never_writes(tmp_path, reference, backbone_dir):
-    """8 processes distil from one store at the same time; the store's files are untouched afterwards."""
+    """4 processes (two per core) distil from one store at the same time; the store's files are untouched
+    afterwards."""
     before = {str(f.relative_to(reference)): (f.stat().st_mtime_ns, f.read_bytes()) for f in reference.rglob("*")
               if f.is_file()}
     procs = [subprocess.Popen([sys.executable, "-m", "pkd_cache", "distill", "--store", str(reference),
                                "--student-init", str(backbone_dir), "--student-layers", "2", "--max-steps", "3",
                                "--batch-size", "16", "--output-dir", str(tmp_path / f"s{i}")], env=cli_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(8)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err
-    assert all((tmp_path / f"s{i}" / "model.safetensors").is_file() for i in range(8))
+    assert all((tmp_path / f"s{i}" / "model.safetensors").is_file() for i in range(4))
     after = {str(f.relative_to(reference)): (f.stat().st_mtime_ns, f.read_bytes()) for f in reference.rglob("*")
              if f.is_file()}
     assert after == before
