@@ -9,6 +9,11 @@ class PkdCacheError(ValueError):
     """A problem with the user's input or environment, explained in one line."""
 
 
+def first_line(e: BaseException) -> str:
+    """A library's exception as the one line a PkdCacheError quotes (its type name when it says nothing)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 class Interrupted(PkdCacheError):
     """Ctrl-C or SIGTERM stopped the work cleanly; the message says what was kept and how to continue."""
 

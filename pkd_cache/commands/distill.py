@@ -137,12 +137,11 @@ def distill_many(configs: list[DistillConfig], description: str = "distill", hin
                             f"{resolve_device(configs[0].device).type}; use --bf16, or neither")
     token_store = _token_store(configs[0])
     if token_store is not None:  # `dump --task lm`: causal-LM students (commands/distill_lm.py), one at a time
-        from .distill_lm import check_lm, distill_lm
+        from .distill_lm import distill_lm, plan_lm
 
         stores = [token_store if c.store == configs[0].store else _token_store(c) for c in configs]
-        for c, s in zip(configs, stores):  # every run checked before the first one trains (a sweep's grid)
-            check_lm(c, s)
-        return [distill_lm(c, s) for c, s in zip(configs, stores)]
+        plans = [plan_lm(c, s) for c, s in zip(configs, stores)]  # every run checked before the first one trains
+        return [distill_lm(p) for p in plans]
     if configs[0].max_tokens is not None:
         raise PkdCacheError(f"--max-tokens is for token stores (dump --task lm); {configs[0].store or 'online KD'} "
                             f"is a store of examples: use --batch-size")

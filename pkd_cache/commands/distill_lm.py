@@ -34,7 +34,8 @@ from ..distributed import DistContext, dist_context, process_group
 from ..progress import log, quiet
 from ..store.token_stream import iter_token_batches, steps_per_epoch
 from ..student.causal_lm import HiddenStateMSE, TokenKD, causal_lm_student, check_same_vocab
-from ..student.encoder import encoder_student, load_config, model_kind
+from ..models import load_config
+from ..student.encoder import encoder_student, model_kind
 from ..training import Accumulation, Member, resolve_device, total_steps_of, train_many, write_metrics
 from .output_lock import OutputLock
 from .paths import check_inputs, check_output_dir, model_inputs, prepare_output, resume_dir, resume_output
@@ -42,13 +43,14 @@ from .paths import check_inputs, check_output_dir, model_inputs, prepare_output,
 EVAL_BATCHES = 8  # training batches scored when the store has no validation split
 
 
-def distill_lm(config: DistillConfig, store) -> dict:
-    """Train one causal-LM student from the token store `store` (opened); returns its metrics.
+def distill_lm(plan: "_Plan") -> dict:
+    """Train the student `plan_lm` planned (one causal-LM or encoder student from an opened token store); returns
+    its metrics.
 
     Under torchrun, DistributedDataParallel: rank r of W trains on batches r, r + W, ... of the epoch's plan
     (store/token_stream.py), so a step sees W token budgets; rank 0 evaluates, saves and writes the metrics."""
+    config = plan.config
     dist = dist_context(resolve_device(config.device))
-    plan = _Plan(config, store, dist.world)
     with process_group(dist.ranks, dist.device), quiet(not dist.main), contextlib.ExitStack() as locks:
         if dist.main:
             locks.enter_context(OutputLock(Path(config.output_dir), config.output_dir))
@@ -63,9 +65,10 @@ def distill_lm(config: DistillConfig, store) -> dict:
     return metrics
 
 
-def check_lm(config: DistillConfig, store) -> None:
-    """Every check `distill_lm` makes before it builds or writes anything (a sweep checks all its runs first)."""
-    _Plan(config, store, dist_context(resolve_device(config.device)).world)
+def plan_lm(config: DistillConfig, store) -> "_Plan":
+    """A student's settings resolved against the token store `store`, with every check made before anything is built
+    or written (a sweep plans all its runs first)."""
+    return _Plan(config, store, dist_context(resolve_device(config.device)).world)
 
 
 class _Plan:

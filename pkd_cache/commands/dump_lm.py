@@ -148,13 +148,12 @@ def _write(config: DumpConfig, run: _Run, tokenized: dict, metadata: dict, split
         durable = broadcast(ranks, {s: sorted(sink.load_durable(s)) for s in splits} if ranks.main else None)
         with stop_on_sigterm():
             for split, tok in tokenized.items():
-                n = -(-tok.num_tokens // run.rows.chunk_tokens)
+                n = _row_count(tok, run.rows)
                 mine = range(ranks.rank * n // ranks.world, (ranks.rank + 1) * n // ranks.world)
                 skip = set(durable[split]) | (set(range(n)) - set(mine))
                 sink.durable.setdefault(split, set()).update(durable[split])
                 _dump_split(config, run, sink, split, tok, skip)
-        reports = gather(ranks, {"checksums": sink.checksums, "durable": {s: sorted(c) for s, c in
-                                                                           sink.durable.items()}})
+        reports = gather(ranks, sink.report())
         if ranks.main:
             _finish(config, sink, reports, tokenized, run, time.perf_counter() - t0)
         barrier(ranks)  # the other ranks return once the store is complete
@@ -176,12 +175,9 @@ def _write(config: DumpConfig, run: _Run, tokenized: dict, metadata: dict, split
 
 def _finish(config: DumpConfig, sink, reports: list[dict], tokenized: dict, run: _Run, seconds: float) -> None:
     """Rank 0: every rank's checksums into the manifest, then (only if every row is durable) the complete flag."""
-    for r in reports:
-        sink.checksums.update({k: list(v) for k, v in r["checksums"].items()})
-        for split, done in r["durable"].items():
-            sink.durable.setdefault(split, set()).update(done)
+    sink.merge(reports)
     for split, tok in tokenized.items():
-        missing = sorted(set(range(-(-tok.num_tokens // run.rows.chunk_tokens))) - sink.durable.get(split, set()))
+        missing = sorted(set(range(_row_count(tok, run.rows))) - sink.durable.get(split, set()))
         if missing:
             raise PkdCacheError(f"{config.out}: rows {missing[:5]} of {split} were not written; run the same command "
                                 f"with --resume to finish the store")
@@ -194,7 +190,8 @@ def _finish(config: DumpConfig, sink, reports: list[dict], tokenized: dict, run:
 def _load_teacher(config: DumpConfig):
     """The causal LM, or with `--logits none --hidden-layers ...` an encoder, whose per-token outputs are dumped."""
     from ..student.causal_lm import load_causal_lm
-    from ..student.encoder import load_config, load_encoder, model_kind
+    from ..models import load_config
+    from ..student.encoder import load_encoder, model_kind
 
     model_config = load_config(config.teacher)
     if model_kind(model_config) != "encoder":
@@ -231,10 +228,14 @@ def _row_spec(config: DumpConfig, model) -> RowSpec:
                    float(config.temperature))
 
 
+def _row_count(tok: TokenizedCorpus, rows: RowSpec) -> int:
+    """Rows of C tokens a split's token stream fills (the last may be part full)."""
+    return -(-tok.num_tokens // rows.chunk_tokens)
+
+
 def _arrays(rows: RowSpec, model, tok: TokenizedCorpus, lm: dict) -> dict:
     """The split's arrays, as the metadata's `lm` entry sizes them (the same entry a reader checks)."""
-    n = -(-tok.num_tokens // rows.chunk_tokens)
-    return split_arrays(n, 0, rows.vocab, model.config.num_hidden_layers, model.config.hidden_size,
+    return split_arrays(_row_count(tok, rows), 0, rows.vocab, model.config.num_hidden_layers, model.config.hidden_size,
                         rows.hidden_dtype, "int64", (), lm)
 
 

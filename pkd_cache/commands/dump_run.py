@@ -178,8 +178,7 @@ def _write(job: _Job, metadata: dict):
     with process_group(ranks, job.device):
         barrier(ranks)  # every rank has looked at --out before rank 0 replaces or resumes it
         writer, computed, t0 = _write_share(job, metadata)
-        reports = gather(ranks, {"checksums": writer.checksums, "computed": computed,
-                                 "durable": {s: sorted(c) for s, c in writer.durable.items()}})
+        reports = gather(ranks, {**writer.report(), "computed": computed})
         if ranks.main:
             _finish(job, writer, reports, time.perf_counter() - t0)
         barrier(ranks)  # the other ranks return once the store is complete
@@ -377,10 +376,7 @@ def _malloc_trim():
 def _finish(job: _Job, writer, reports: list[dict], seconds: float) -> None:
     """Rank 0: every rank's checksums into the manifest, then (only if every chunk is durable) the complete flag."""
     config = job.config
-    for r in reports:
-        writer.checksums.update({k: list(v) for k, v in r["checksums"].items()})
-        for split, chunks in r["durable"].items():
-            writer.durable.setdefault(split, set()).update(chunks)
+    writer.merge(reports)
     for split, ex in job.examples.items():
         missing = sorted(set(range(-(-len(ex) // config.chunk_size))) - writer.durable.get(split, set()))
         if missing:

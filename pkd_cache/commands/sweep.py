@@ -206,10 +206,10 @@ def sweep(config: SweepConfig) -> list[dict]:
     runs = plan_runs(config, store.hidden_size)
     out = Path(config.base.output_dir).expanduser()
     if store.meta.raw.get("layout") == "tokens":  # each run's settings against the store, before anything is written
-        from .distill_lm import check_lm
+        from .distill_lm import plan_lm
 
         for r in runs:
-            check_lm(r.config, store)
+            plan_lm(r.config, store)
     teacher = store.meta.teacher
     _check_folder(out, config.base.output_dir, model_inputs(
         config.base.store, teacher, ("--student-init", config.base.student_init or teacher.base_model)))

@@ -54,6 +54,18 @@ class ChunkedWriter:
         meta["settings"] = new.get("settings", old.get("settings"))
         return meta
 
+    def report(self) -> dict:
+        """What this rank of a multi-rank dump wrote (JSON, for `distributed.gather`): its chunks' checksums and the
+        chunks it holds durable."""
+        return {"checksums": self.checksums, "durable": {s: sorted(c) for s, c in self.durable.items()}}
+
+    def merge(self, reports: list[dict]) -> None:
+        """Rank 0: every rank's `report` folded into this writer, before `finish` writes the manifest."""
+        for r in reports:
+            self.checksums.update({k: list(v) for k, v in r["checksums"].items()})
+            for split, chunks in r["durable"].items():
+                self.durable.setdefault(split, set()).update(chunks)
+
     def load_durable(self, split: str) -> set[int]:
         """Chunks of `split` that an earlier, interrupted dump made durable (empty for a fresh store)."""
         records = durable_chunks(self.location, split) if self.resumed else {}

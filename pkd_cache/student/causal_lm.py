@@ -12,15 +12,11 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ..errors import PkdCacheError
+from ..errors import PkdCacheError, first_line
 from .sparse_kd import FullKDLoss, SampledKDLoss, TopKKDLoss
 
 BLOCK_LISTS = ("transformer.h", "model.layers", "model.decoder.layers", "gpt_neox.layers", "transformer.layers")
 KINDS = {"full": FullKDLoss, "sample": SampledKDLoss, "topk": TopKKDLoss}
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def find_blocks(model) -> tuple[str, torch.nn.ModuleList]:
@@ -55,13 +51,13 @@ def load_causal_lm(name_or_path: str, config_overrides: Optional[dict] = None, p
     try:
         config = AutoConfig.from_pretrained(name_or_path, **(config_overrides or {}))
     except Exception as e:  # OSError, ValueError, ...: one line
-        raise PkdCacheError(f"could not load a model config from {name_or_path}: {_first_line(e)}") from e
+        raise PkdCacheError(f"could not load a model config from {name_or_path}: {first_line(e)}") from e
     _check_causal(config, name_or_path)
     try:
         return (AutoModelForCausalLM.from_pretrained(name_or_path, config=config) if pretrained
                 else AutoModelForCausalLM.from_config(config))
     except Exception as e:
-        raise PkdCacheError(f"could not load {name_or_path} as a causal LM: {_first_line(e)}") from e
+        raise PkdCacheError(f"could not load {name_or_path} as a causal LM: {first_line(e)}") from e
 
 
 def causal_lm_student(name_or_path: str, layers: Optional[int] = None, config_overrides: Optional[dict] = None,

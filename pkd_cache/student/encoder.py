@@ -8,11 +8,8 @@ or distil it on a task afterwards (TinyBERT's second stage).
 """
 from __future__ import annotations
 
-from ..errors import PkdCacheError
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+from ..errors import PkdCacheError, first_line
+from ..models import load_config
 
 
 def model_kind(config) -> str:
@@ -27,18 +24,6 @@ def model_kind(config) -> str:
     if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
         return "encoder"
     return "causal-lm" if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "other"
-
-
-def load_config(name_or_path: str):
-    from transformers import AutoConfig
-
-    from ..models import quiet_transformers
-
-    quiet_transformers()
-    try:
-        return AutoConfig.from_pretrained(name_or_path)
-    except Exception as e:  # OSError, ValueError, ...: one line
-        raise PkdCacheError(f"could not load a model config from {name_or_path}: {_first_line(e)}") from e
 
 
 def encoder_student(name_or_path: str, layers: int | None = None):
@@ -56,7 +41,7 @@ def encoder_student(name_or_path: str, layers: int | None = None):
     try:
         model = AutoModel.from_pretrained(name_or_path, **({"num_hidden_layers": layers} if layers else {}))
     except Exception as e:
-        raise PkdCacheError(f"could not load {name_or_path} as an encoder: {_first_line(e)}") from e
+        raise PkdCacheError(f"could not load {name_or_path} as an encoder: {first_line(e)}") from e
     return model.train()
 
 
