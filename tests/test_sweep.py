@@ -166,3 +166,16 @@ def test_a_sweep_takes_the_trainer_options_distill_takes(store_path, backbone_di
     p = cli_in_process(*sweep_args(store_path, out, backbone_dir, "alpha=0,0.5", extra=[
         "--lr-scheduler-type", "cosine", "--eval-strategy", "no", "--bf16", "--max-steps", "2"]))
     assert p.returncode == 0 and "2 already done, 0 to train" in " ".join(p.stderr.split()), show(p)
+
+
+@pytest.mark.parametrize("grid, says", [
+    ("student_layers=2,9", "run student_layers=9: a 9-layer student is deeper than the store's 4-layer teacher"),
+])
+def test_every_run_is_checked_against_the_store_before_the_first_trains(store_path, backbone_dir, tmp_path, grid,
+                                                                        says):
+    """A value only the store can refuse (more student layers than the teacher has) fails the sweep with one line
+    before any run trains, not after the runs before it have."""
+    out = tmp_path / "runs"
+    p = cli_in_process(*sweep_args(store_path, out, backbone_dir, grid))
+    assert p.returncode == 2 and says in p.stderr and len(p.stderr.strip().splitlines()) == 1, show(p)
+    assert not any(out.glob("*/metrics.json")) and not any(out.glob("*/model.safetensors")), sorted(out.rglob("*"))

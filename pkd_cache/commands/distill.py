@@ -167,6 +167,29 @@ def distill_many(configs: list[DistillConfig], description: str = "distill", hin
     return metrics
 
 
+def check_runs(configs: list[DistillConfig], names: list[str]) -> None:
+    """Every check `distill_many` makes before it builds a model, for students that train in different passes over
+    one store (a sweep's runs, `names`): a setting only the store can refuse (more layers than its teacher has, a
+    layer it does not hold) fails before the first of them trains, not after the runs before it have."""
+    if not configs:
+        return
+    configs = [dataclasses.replace(c, store=resolve_store(c.store, None)) for c in configs]
+    token_store = _token_store(configs[0])
+    if token_store is not None:
+        from .distill_lm import plan_lm
+
+        check = lambda c: plan_lm(c, token_store)  # noqa: E731
+    else:
+        source = open_source(configs[0], resolve_device(configs[0].device))
+        world = dist_context(resolve_device(configs[0].device)).world
+        check = lambda c: _plan(_resolved_batch(c, world), source)  # noqa: E731
+    for c, name in zip(configs, names):
+        try:
+            check(c)
+        except PkdCacheError as e:
+            raise PkdCacheError(f"run {name}: {e}") from None
+
+
 def _token_store(config: DistillConfig):
     """The store of `config` opened, if it is a token store (format version 2, `layout: tokens`); else None."""
     if not config.store:

@@ -30,7 +30,7 @@ from typing import Any
 
 from ..config import DistillConfig, TrainConfig, to_dict
 from ..errors import PkdCacheError
-from .paths import KIND_NAMES, check_inputs, check_output_dir, entries, mark_folder, model_inputs, output_kind
+from .paths import KIND_NAMES, check_inputs, entries, mark_folder, model_inputs, output_kind
 from ..progress import log
 
 # grid key -> (where it lives, how its values parse)
@@ -197,7 +197,7 @@ def sweep(config: SweepConfig) -> list[dict]:
     grid (see sweep_report.result_rows)."""
     config.check()  # before the imports below bring in torch (seconds): a bad value is refused at once
     config.base.check()
-    from .distill import distill_many, pass_settings
+    from .distill import check_runs, distill_many, pass_settings
     from ..store.reader import open_store
     from .sweep_report import write_report
 
@@ -205,22 +205,18 @@ def sweep(config: SweepConfig) -> list[dict]:
     config.base = dataclasses.replace(config.base, store=store.path)  # an id in the cache, resolved
     runs = plan_runs(config, store.hidden_size)
     out = Path(config.base.output_dir).expanduser()
-    if store.meta.raw.get("layout") == "tokens":  # each run's settings against the store, before anything is written
-        from .distill_lm import plan_lm
-
-        for r in runs:
-            plan_lm(r.config, store)
     teacher = store.meta.teacher
     _check_folder(out, config.base.output_dir, model_inputs(
         config.base.store, teacher, ("--student-init", config.base.student_init or teacher.base_model)))
-    out.mkdir(parents=True, exist_ok=True)
-    mark_folder(out, "sweep", "sweep")
-    write_plan(out, config, store.hidden_size)
     i, n = config.shard
     mine = [r for k, r in enumerate(runs) if shard_of(k, n) == i]
     pending = [r for r in mine if not is_done(r)]
-    for r in pending:  # a run folder pkd-cache did not write is refused before anything trains
-        check_output_dir(r.config.output_dir, r.config.overwrite, "student")
+    # each run's settings against the store, and its folder (one pkd-cache did not write is refused), before
+    # anything is written or trained
+    check_runs([r.config for r in pending], [r.name for r in pending])
+    out.mkdir(parents=True, exist_ok=True)
+    mark_folder(out, "sweep", "sweep")
+    write_plan(out, config, store.hidden_size)
     part = f" (shard {i}/{n}: {len(mine)} of them)" if n > 1 else ""
     log(f"sweep: {len(runs)} runs{part}, {len(mine) - len(pending)} already done, {len(pending)} to train "
         f"({config.students_per_pass} per pass over the store)")
