@@ -52,7 +52,7 @@ def test_the_trainer_trains_the_student_pkd_cache_distill_trains(store_path, bac
     from transformers import TrainingArguments
 
     import pkd_cache.hf as hf
-    from pkd_cache.commands import distill as distill_module
+    from pkd_cache.commands import pass_student
     from pkd_cache.data.tasks import get_task
     from pkd_cache.student.init import build_student
 
@@ -65,7 +65,7 @@ def test_the_trainer_trains_the_student_pkd_cache_distill_trains(store_path, bac
             return total, parts
         return loss
 
-    monkeypatch.setattr(distill_module, "pkd_loss", recorded("distill", distill_module.pkd_loss))
+    monkeypatch.setattr(pass_student, "pkd_loss", recorded("distill", pass_student.pkd_loss))
     pkd_cache.distill(pkd_cache.DistillConfig(
         store=str(store_path), output_dir=str(tmp_path / "distill"), student_layers=2, student_init=str(backbone_dir),
         train=pkd_cache.TrainConfig(epochs=1, learning_rate=1e-3, batch_size=8, warmup_ratio=0, logging_steps=0)))

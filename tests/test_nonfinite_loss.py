@@ -14,7 +14,7 @@ from pkd_cache.config import TrainConfig
 from pkd_cache.errors import PkdCacheError
 from pkd_cache.training import Member, train_many
 
-distill_module = importlib.import_module("pkd_cache.commands.distill")  # `pkd_cache.commands.distill` is the function
+pass_student = importlib.import_module("pkd_cache.commands.pass_student")  # a distill student's loss
 
 
 def invoke(*args):
@@ -49,7 +49,7 @@ def test_loss_part_turning_nan_mid_run_stops_and_keeps_the_earlier_student(tmp_p
     """Epoch 1 saves a finite best; at step 8 (epoch 2) loss_kd turns nan: one line naming step 8 and loss_kd, and
     the epoch-1 student is neither replaced nor joined by metrics.json."""
     out, calls, seen = tmp_path / "student", [0], {}
-    real = distill_module.pkd_loss
+    real = pass_student.pkd_loss
 
     def poisoned(*args, **kwargs):
         calls[0] += 1
@@ -60,7 +60,7 @@ def test_loss_part_turning_nan_mid_run_stops_and_keeps_the_earlier_student(tmp_p
             total = total * math.nan
         return total, parts
 
-    monkeypatch.setattr(distill_module, "pkd_loss", poisoned)
+    monkeypatch.setattr(pass_student, "pkd_loss", poisoned)
     r = invoke(*distill_args(store_path, backbone_dir, out, "--epochs", "2"))
     assert r.exit_code == 2, r.stderr
     assert "Traceback" not in r.stderr
