@@ -79,3 +79,26 @@ def keep_snapshot(output_dir: Path, step: int, limit: int) -> None:
                        key=lambda p: int(p.name[len(NAME) + 1:]))
     for old in snapshots[:-limit]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_state() -> tuple:
+    """The CPU (and, once CUDA is in use, every GPU's) random state: what a checkpoint keeps for a resume."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def rng_to_json(state: tuple) -> dict:
+    cpu, cuda = state
+    return {"cpu": cpu.tolist(), "cuda": [t.tolist() for t in cuda] if cuda is not None else None}
+
+
+def rng_from_json(value: dict) -> tuple:
+    as_bytes = lambda v: torch.tensor(v, dtype=torch.uint8)  # noqa: E731
+    return as_bytes(value["cpu"]), [as_bytes(v) for v in value["cuda"]] if value["cuda"] is not None else None
+
+
+def set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from . import checkpoint
 from .config import TrainConfig, check_device
 from .distributed import DistContext
 from .errors import PkdCacheError
@@ -123,7 +124,7 @@ class Member:
         self.result = TrainResult(best_metric=-math.inf if greater_is_better else math.inf, best_epoch=-1)
         self.running: dict[str, torch.Tensor] = {}
         self.step_count = 0
-        self.rng = _rng_state()  # the state right after the caller seeded and built the model
+        self.rng = checkpoint.rng_state()  # the state right after the caller seeded and built the model
         # the first step whose loss (or a part of it, or the gradient norm) was not finite: see `_watch`
         self.eager_finite_check: Optional[bool] = None  # None: on CPU only (tests force the GPU way with False)
         self._watch_names: tuple[str, ...] = ()
@@ -131,7 +132,7 @@ class Member:
         self._bad_values: Optional[torch.Tensor] = None
 
     def step(self, batch: dict) -> None:
-        _set_rng_state(self.rng)
+        checkpoint.set_rng_state(self.rng)
         self.opt.zero_grad(set_to_none=True)
         scale = self.scaler.scale if self.scaler is not None else (lambda loss: loss)
         if self.accumulation is None:
@@ -153,7 +154,7 @@ class Member:
         else:
             self.opt.step()
         self.sched.step()
-        self.rng = _rng_state()
+        self.rng = checkpoint.rng_state()
         self.step_count += 1
         # log: the loss parts stay on the device and are summed there; the host syncs once per log line
         for k, v in parts.items():
@@ -222,7 +223,7 @@ class Member:
 
     def other_ranks_rng(self) -> list[dict]:
         """Ranks 1..W-1's RNG states (JSON), gathered: a collective, so every rank calls it at the same step."""
-        return self.dist.gather(_rng_to_json(self.rng))[1:]
+        return self.dist.gather(checkpoint.rng_to_json(self.rng))[1:]
 
     def state(self, other_ranks_rng: list[dict] = ()) -> tuple[dict[str, torch.Tensor], dict]:
         """Everything needed to continue bit for bit: weights, optimiser, schedule, fp16's loss scale (a fresh
@@ -238,7 +239,7 @@ class Member:
         for i, t in enumerate(cuda or []):
             tensors[f"rng.cuda.{i}"] = t
         for r, rng in enumerate(other_ranks_rng, start=1):
-            cpu_r, cuda_r = _rng_from_json(rng)
+            cpu_r, cuda_r = checkpoint.rng_from_json(rng)
             tensors[f"rng.rank{r}.cpu"] = cpu_r
             tensors.update({f"rng.rank{r}.cuda.{i}": t for i, t in enumerate(cuda_r or [])})
         sched = {k: v for k, v in self.sched.state_dict().items() if k != "lr_lambdas"}
@@ -275,7 +276,7 @@ class Member:
             cuda = [tensors[f"{prefix}cuda.{i}"] for i in range(meta.get("cuda_rng", 0))] or None
             return tensors[f"{prefix}cpu"], cuda
         torch.manual_seed(((self.cfg.seed * 1_000_003 + self.rank) * 1_000_003 + meta["step_count"]) % 2**63)
-        return _rng_state()
+        return checkpoint.rng_state()
 
     def evaluate_and_keep(self, epoch: int, when: str) -> None:
         """Score the dev sets now (`when`: "epoch 2", "step 300"); keep the checkpoint if it is the best so far by
@@ -350,8 +351,6 @@ def train_many(members: list[Member], steps_per_epoch: int, epoch_batches: Calla
 
 def _save_checkpoints(members: list[Member], position: dict) -> None:
     """Every member's checkpoint at `position` (epoch, batch in epoch, step), where `resume` continues."""
-    from . import checkpoint
-
     for m in members:
         if m.output_dir is not None:
             m.check_weights()  # never a checkpoint of a non-finite model
@@ -365,8 +364,6 @@ def _save_checkpoints(members: list[Member], position: dict) -> None:
 
 def _resume(members: list[Member]) -> tuple[int, int, int]:
     """Load every member's checkpoint; (step, epoch, batch in epoch) where they stopped, which must agree."""
-    from . import checkpoint
-
     positions = set()
     for m in members:
         loaded = checkpoint.load(m.output_dir) if m.output_dir is not None else None
@@ -392,28 +389,6 @@ def train(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int,
     member = Member(model, cfg, total_steps_of(cfg, steps_per_epoch), loss_fn, evaluate, main_metric, save_best,
                     extra_params)
     return train_many([member], steps_per_epoch, epoch_batches, description)[0]
-
-
-def _rng_state() -> tuple:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _rng_to_json(state: tuple) -> dict:
-    cpu, cuda = state
-    return {"cpu": cpu.tolist(), "cuda": [t.tolist() for t in cuda] if cuda is not None else None}
-
-
-def _rng_from_json(value: dict) -> tuple:
-    as_bytes = lambda v: torch.tensor(v, dtype=torch.uint8)  # noqa: E731
-    return as_bytes(value["cpu"]), [as_bytes(v) for v in value["cuda"]] if value["cuda"] is not None else None
-
-
-def _set_rng_state(state: tuple) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
 
 
 @torch.inference_mode()
