@@ -300,7 +300,9 @@ def test_a_token_store_lives_in_the_team_cache_and_is_found_by_id(lm, corpus, st
     assert _dump(lm, corpus, None, cache=str(cache)).path == first.path
     monkeypatch.setenv("PKD_CACHE", str(cache))
     p = cli_in_process("info", ident[:6])
-    assert p.returncode == 0 and "sample:16 (seed 0" in p.stdout, show(p)
+    assert p.returncode == 0 and "sample:16 (seed 0" in p.stdout and "next-token targets of a causal LM" in p.stdout, \
+        show(p)
+    assert "pkd-cache v2, zarr" in " ".join(p.stdout.split()), show(p)  # the format and its backend
     p = cli_in_process("verify", ident)
     assert p.returncode == 0 and p.stdout.startswith(f"ok: {first.path}"), show(p)
     p = cli_in_process("distill", "--store", ident, "--output-dir", tmp_path / "student", "--student-layers", "1",
@@ -322,6 +324,9 @@ def test_an_encoder_store_holds_the_encoders_hidden_states(encoder_store):
 
     bert, store = encoder_store
     assert store.meta.lm["targets"] == {"kind": "none"} and store.meta.lm["hidden_layers"] == [0, 1, 2]
+    assert store.meta.lm["teacher_kind"] == "encoder" and "whole sequence" in store.meta.lm["alignment"]
+    p = cli_in_process("info", store.path)  # not "next-token targets": an encoder's states are not causal
+    assert p.returncode == 0 and "an encoder's hidden states, per token" in " ".join(p.stdout.split()), show(p)
     batch = next(iter_token_batches(store, "train", 10 ** 6, shuffle=False, hidden=True))
     assert int(batch["attention_mask"].sum()) == store.info()["splits"]["train"]["num_tokens"]  # one batch: all
     with torch.no_grad():

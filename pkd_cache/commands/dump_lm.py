@@ -93,7 +93,8 @@ def run_lm_dump(config: DumpConfig, corpora: dict, key_parts: dict, key: str, re
                "targets": {"kind": spec.kind, **({"count": spec.count, "seed": rows.seed,
                                                   "temperature": rows.temperature} if spec.kind != "none" else {})},
                "target_slot": rows.slot, "target_parts": spec.parts, "hidden_layers": list(rows.hidden_layers),
-               "hidden_dtype": rows.hidden_dtype, "alignment": "the outputs at position t predict token t + 1"},
+               "hidden_dtype": rows.hidden_dtype, "teacher_kind": _teacher_kind(model),
+               "alignment": ALIGNMENT[_teacher_kind(model)]},
         "settings": to_dict(config), "cache_key": key, "cache_key_parts": key_parts,
     }
     splits = {split: (_arrays(rows, model, tok, metadata["lm"]), {
@@ -185,6 +186,17 @@ def _finish(config: DumpConfig, sink, reports: list[dict], tokenized: dict, run:
     if run.ranks.many:
         sink.metadata["dump_ranks"] = run.ranks.world
     sink.finish()
+
+
+# lm.alignment: what the outputs stored at position t of a sequence are, by lm.teacher_kind (docs/FORMAT.md)
+ALIGNMENT = {"causal-lm": "the outputs at position t predict token t + 1",
+             "encoder": "the hidden states at position t are token t's, the encoder seeing the whole sequence"}
+
+
+def _teacher_kind(model) -> str:
+    from ..student.encoder import model_kind
+
+    return "encoder" if model_kind(model.config) == "encoder" else "causal-lm"
 
 
 def _load_teacher(config: DumpConfig):

@@ -36,7 +36,8 @@ def print_info(store: Store) -> None:
     rows = [
         ("store", store.path),
         ("complete", "yes" if m.get("complete") else "NO (dump unfinished)"),
-        ("format", f"{m.get('format')} v{m.get('format_version')} (pkd-cache {m.get('package_version')})"),
+        ("format", f"{m.get('format')} v{m.get('format_version')}, {store.store_format} "
+                   f"(pkd-cache {m.get('package_version')})"),
         ("task", f"{task.get('name')}  labels: {', '.join(task.get('label_names') or ['(regression)'])}"),
         ("teacher", f"{logits_teacher(t)}  ({t.get('num_layers')} layers, hidden {t.get('hidden_size')})"),
         ("base model", t.get("base_model") or "unknown (distill needs --student-init)"),
@@ -53,7 +54,8 @@ def print_info(store: Store) -> None:
     tokens = m.get("layout") == "tokens" and isinstance(m.get("lm"), dict)
     if tokens:  # a token store (dump --task lm): what each token holds, instead of labels and [CLS]
         lm, spec = m["lm"], m["lm"].get("targets") or {}
-        rows[3] = ("task", "lm (next-token targets of a causal LM, per token)")
+        rows[3] = ("task", "lm (an encoder's hidden states, per token)" if lm.get("teacher_kind") == "encoder"
+                   else "lm (next-token targets of a causal LM, per token)")
         rows[9] = ("per token", f"logits {spec.get('kind')}" + (f":{spec.get('count')} (seed {spec.get('seed')}, T "
                                 f"{spec.get('temperature')})" if spec.get("kind") != "none" else "") +
                    (f"; hidden layers {lm.get('hidden_layers')} ({lm.get('hidden_dtype')})" if lm.get("hidden_layers")
