@@ -204,7 +204,7 @@ def checkpoint_position(out: Path) -> tuple[int, int]:
 @pytest.mark.kill
 def test_a_killed_distill_resumes_to_the_same_student_bit_for_bit(tmp_path, reference, backbone_dir):
     base = ["distill", "--store", str(reference), "--student-init", str(backbone_dir), "--student-layers", "2",
-            "--epochs", "3", "--batch-size", "8", "--learning-rate", "1e-3", "--seed", "5", "--logging-steps", "0"]
+            "--epochs", "3", "--batch-size", "32", "--learning-rate", "1e-3", "--seed", "5", "--logging-steps", "0"]
     # every run in a subprocess with one thread: bit-identity needs the same float reduction order throughout
     p = subprocess.run([sys.executable, "-m", "pkd_cache", *base, "--output-dir", str(tmp_path / "whole")],
                        env=cli_env(), capture_output=True, text=True, timeout=600)
