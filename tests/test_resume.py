@@ -96,7 +96,7 @@ def kill(proc, sig=signal.SIGKILL) -> None:
 @pytest.mark.kill
 def test_sigkill_at_random_moments_then_resume_is_byte_identical(tmp_path, teacher_dir, long_data, long_reference):
     rng = random.Random(0)
-    for i in range(3):  # three kills at random moments (each cycle costs CI about 17 s)
+    for i in range(2):  # two kills at random moments (each cycle costs CI about 17 s; a third put CI over 20 min)
         out = tmp_path / f"killed{i}.zarr"
         proc = start_dump(teacher_dir, long_data, out)
         wait_for_progress(out, proc, records=rng.randint(1, 30))  # then at once: the writer may be mid-chunk
