@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from .data.tasks import TaskSpec
-from .errors import PkdCacheError
+from .errors import PkdCacheError, first_line
 
 MODEL_ALIASES = {
     "bert-base": "google-bert/bert-base-uncased",
@@ -46,7 +46,9 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
 
 
-def load_config(name: str):
+def load_config(name: str, **overrides):
+    """The model config of a folder or hub name (`overrides` set on it, as AutoConfig takes them); one line when
+    there is none."""
     from transformers import AutoConfig
 
     quiet_transformers()
@@ -54,11 +56,10 @@ def load_config(name: str):
     if looks_like_path(name) and not path.exists():
         raise PkdCacheError(f"model path {name} does not exist")
     try:
-        return AutoConfig.from_pretrained(str(path) if path.exists() else name)
+        return AutoConfig.from_pretrained(str(path) if path.exists() else name, **overrides)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         where = "folder" if path.exists() else "Hugging Face hub (offline? pass a local folder)"
-        raise PkdCacheError(f"could not load a model config from {name} ({where}): {first}") from e
+        raise PkdCacheError(f"could not load a model config from {name} ({where}): {first_line(e)}") from e
 
 
 def load_for_task(name: str, task: TaskSpec, num_hidden_layers: Optional[int] = None,
@@ -87,8 +88,8 @@ def load_for_task(name: str, task: TaskSpec, num_hidden_layers: Optional[int] = 
         model, info = AutoModelForSequenceClassification.from_pretrained(name, output_loading_info=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PkdCacheError(f"{name} is not a sequence-classification encoder transformers can load: {first}") from e
+        raise PkdCacheError(f"{name} is not a sequence-classification encoder transformers can load: "
+                            f"{first_line(e)}") from e
     if getattr(model.config, "is_encoder_decoder", False):
         raise PkdCacheError(f"{name} is an encoder-decoder model; pkd-cache distils encoders (BERT-style)")
     prefix = model.base_model_prefix + "."

@@ -43,15 +43,11 @@ def _check_causal(config, name: str) -> None:
 def load_causal_lm(name_or_path: str, config_overrides: Optional[dict] = None, pretrained: bool = True):
     """An `AutoModelForCausalLM` from a folder or hub name (or a random init from its config with
     `pretrained=False`); anything that is not a causal LM, or does not load, is one line."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from ..models import quiet_transformers
+    from ..models import load_config
 
-    quiet_transformers()
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, **(config_overrides or {}))
-    except Exception as e:  # OSError, ValueError, ...: one line
-        raise PkdCacheError(f"could not load a model config from {name_or_path}: {first_line(e)}") from e
+    config = load_config(name_or_path, **(config_overrides or {}))
     _check_causal(config, name_or_path)
     try:
         return (AutoModelForCausalLM.from_pretrained(name_or_path, config=config) if pretrained
@@ -67,12 +63,12 @@ def causal_lm_student(name_or_path: str, layers: Optional[int] = None, config_ov
     before loading; shape-changing ones only make sense with `pretrained=False` (a random init from the config,
     cut to `layers` the same way). The config's layer count is updated, so save_pretrained/from_pretrained
     round-trip. The student is in train mode."""
-    from transformers import AutoConfig
+    from ..models import load_config
 
     if layers is not None:  # checked on the config, before any weights load
         try:
-            available = getattr(AutoConfig.from_pretrained(name_or_path), "num_hidden_layers", None)
-        except Exception:  # noqa: BLE001 - load_causal_lm says why in one line
+            available = getattr(load_config(name_or_path), "num_hidden_layers", None)
+        except PkdCacheError:  # load_causal_lm says why in one line
             available = None
         if available is not None and not 1 <= layers <= available:
             raise PkdCacheError(f"--student-layers {layers}: {name_or_path} has {available} layers "
