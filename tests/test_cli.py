@@ -3,10 +3,12 @@
 The end-to-end chain (finetune -> dump -> info -> distill -> eval), `--debug`, and every bad input of
 docs/ERRORS.md, whose messages are checked against that document: each case is a test of its own, so that
 `-k one_case` runs one process. A subprocess pays ~2 s (more on a busy machine) for importing torch before it
-does anything, so the processes of the tests selected in this module start ahead, WORKERS at a time, and each test
-waits for its own. PKD_CACHE_TEST_IN_PROCESS=1 runs the bad inputs in this process instead (faster while
-developing: typer's CliRunner, the traceback a crash would print added to stderr); PKD_CACHE_WRITE_ERRORS_DOC=1
-rewrites docs/ERRORS.md from what the commands print.
+does anything (8-9 s here with transformers' model code), so the processes of the tests selected in this module
+start ahead, WORKERS at a time, and each test waits for its own. Each command has at least one bad input run as a
+real process (`Case.subprocess`: exit code, stderr and no traceback as a user sees them); the other cases run in this
+process through typer's CliRunner, the traceback a crash would print added to stderr, which halves this module's
+time. PKD_CACHE_TEST_IN_PROCESS=0 runs every case as a real process; PKD_CACHE_WRITE_ERRORS_DOC=1 rewrites
+docs/ERRORS.md from what the commands print.
 """
 from __future__ import annotations
 
@@ -26,12 +28,13 @@ from pkd_cache.testing.tamper import decode, edit_array, edit_attributes, rewrit
 
 from pkd_cache.testing import cli, cli_env, cli_in_process, make_bert, make_causal_lm, show, tree_digest, write_jsonl
 
-pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # ~60 CLI processes in all
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # about 15 CLI processes, the rest in this process
 
 ENV = cli_env()  # what a CLI subprocess gets
 WORKERS = 2
 SEQ = "24"
-ALL_IN_SUBPROCESS = os.environ.get("PKD_CACHE_TEST_IN_PROCESS", "") in ("", "0")  # docs/ERRORS.md: subprocesses
+# every case as a real process (PKD_CACHE_TEST_IN_PROCESS=0), or (the default) only those marked `subprocess`
+ALL_IN_SUBPROCESS = os.environ.get("PKD_CACHE_TEST_IN_PROCESS", "1") == "0"
 
 
 def attributes(store: Path) -> dict:
@@ -236,7 +239,7 @@ CASES: dict[str, Case] = {
                                  ("dump needs --out, or a cache to put the store in (--cache URL or PKD_CACHE)",),
                                  no_store),
     "gc-no-limit": Case(lambda c: ["gc", "--cache", empty_cache(c)],
-                        ("gc needs --older-than or --max-size (or both)",)),
+                        ("gc needs --older-than or --max-size (or both)",), subprocess=True),
     "gc-bad-duration": Case(lambda c: ["gc", "--cache", empty_cache(c), "--older-than", "ninety days"],
                             ("--older-than takes a duration like 90d, 12h or 30m; got 'ninety days'",)),
     "info-unknown-id": Case(lambda c: ["info", "abcdef12", "--cache", empty_cache(c)], ("has id abcdef12",)),
@@ -269,7 +272,7 @@ CASES: dict[str, Case] = {
                    "--data-dir", sst2_files(c.tmp / "d", "sentence\tlabel", [" ".join(["good film"] * 50) + "\t1"])],
         ("--max-seq-length 128", "position embeddings")),
     "eval-unknown-model": Case(lambda c: ["eval", "--model", c.tmp / "no-such-model", "--task", "sst2", "--data-dir",
-                                          c.data], ("no-such-model", "does not exist")),
+                                          c.data], ("no-such-model", "does not exist"), subprocess=True),
     "eval-lm-without-data-files": Case(lambda c: ["eval", "--model", c.teacher, "--task", "lm"],
                                        ("eval --task lm scores perplexity on a held-out corpus",)),
     "eval-lm-not-a-causal-lm": Case(lambda c: ["eval", "--model", c.teacher, "--task", "lm", "--data-files",
@@ -291,7 +294,8 @@ CASES: dict[str, Case] = {
     "dump-lm-bad-logit-spec": Case(lambda c: lm_dump_args(c, "--logits", "top12"),
                                    ("is not one of sample:N, topk:K or none",), no_store),
     "dump-lm-hidden-layer-out-of-range": Case(lambda c: lm_dump_args(c, "--hidden-layers", "3"),
-                                              ("--hidden-layers 3 is out of range: the teacher has 2 layers",), no_store),
+                                              ("--hidden-layers 3 is out of range: the teacher has 2 layers",), no_store,
+                                              subprocess=True),
     "dump-lm-empty-corpus": Case(lambda c: lm_dump_args(c, corpus=write_jsonl(c.tmp / "empty.jsonl", [])),
                                  ("the corpus is empty",), no_store),
     "dump-lm-document-longer-than-max-length": Case(
@@ -359,7 +363,8 @@ CASES: dict[str, Case] = {
                                      ("--add-split extends a complete store; it cannot be combined with --resume or "
                                       "--overwrite",), untouched),
     "sweep-bad-grid": Case(lambda c: ["sweep", "--store", c.store, "--output-dir", c.tmp / "runs", "--student-init",
-                                      c.backbone, "--grid", "alpha 0.5"], ("expected NAME=V1,V2",)),
+                                      c.backbone, "--grid", "alpha 0.5"], ("expected NAME=V1,V2",),
+                           subprocess=True),
     "dump-resume-other-settings": Case(lambda c: dump_args(c, "--resume", "--dtype", "int8",
                                                            out=copy_store(c, complete=False)),
                                        ("cannot resume", "differs in", "dtype"), untouched),
