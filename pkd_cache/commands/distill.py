@@ -173,8 +173,8 @@ def check_runs(configs: list[DistillConfig], names: list[str]) -> None:
 
         check = lambda c: plan_lm(c, token_store)  # noqa: E731
     else:
-        source = open_source(configs[0], resolve_device(configs[0].device))
-        world = dist_context(resolve_device(configs[0].device)).world
+        device = resolve_device(configs[0].device)
+        source, world = open_source(configs[0], device), dist_context(device).world
         check = lambda c: _plan(_resolved_batch(c, world), source)  # noqa: E731
     for c, name in zip(configs, names):
         try:

@@ -82,6 +82,7 @@ def run_lm_dump(config: DumpConfig, corpora: dict, key_parts: dict, key: str, re
                "hidden_size": model.config.hidden_size, "weights_fingerprint": weights_fingerprint(model),
                "identity": key_parts["teacher"], "config": json.loads(model.config.to_json_string())}
     spec = rows.spec
+    kind = _teacher_kind(model)
     metadata = {
         "layout": "tokens", "teacher": teacher,
         "tokenizer": {"name_or_path": config.teacher, "class": type(tokenizer).__name__, "vocab_size": rows.vocab,
@@ -93,8 +94,8 @@ def run_lm_dump(config: DumpConfig, corpora: dict, key_parts: dict, key: str, re
                "targets": {"kind": spec.kind, **({"count": spec.count, "seed": rows.seed,
                                                   "temperature": rows.temperature} if spec.kind != "none" else {})},
                "target_slot": rows.slot, "target_parts": spec.parts, "hidden_layers": list(rows.hidden_layers),
-               "hidden_dtype": rows.hidden_dtype, "teacher_kind": _teacher_kind(model),
-               "alignment": ALIGNMENT[_teacher_kind(model)]},
+               "hidden_dtype": rows.hidden_dtype, "teacher_kind": kind,
+               "alignment": ALIGNMENT[kind]},
         "settings": to_dict(config), "cache_key": key, "cache_key_parts": key_parts,
     }
     splits = {split: (_arrays(rows, model, tok, metadata["lm"]), {
