@@ -120,6 +120,48 @@ def check_overhead(path: Path, batch_size: int, pairs: int, **kw) -> tuple[float
     return statistics.median(checked), statistics.median(bare), statistics.median(ratios) - 1
 
 
+@contextmanager
+def timed(module, name: str, spent: list):
+    """`module.name` wrapped so that the CPU time its calls take, in whichever thread, adds up in spent[0]."""
+    import threading
+
+    inner, lock = getattr(module, name), threading.Lock()
+
+    def wrapper(*a):
+        t0 = time.thread_time()
+        try:
+            return inner(*a)
+        finally:
+            with lock:
+                spent[0] += time.thread_time() - t0
+
+    with mock.patch.object(module, name, wrapper):
+        yield
+
+
+def check_cpu_shares(path: Path, batch_size: int, passes: int, **kw) -> dict[str, tuple[float, float]]:
+    """{value check: (median share of a first-epoch pass's CPU in the value checks, in the CRC checks)}, for the
+    compiled value check and the numpy one (store/trust.py), alternating pass by pass. CPU shares, not wall
+    ratios: the wall ratio of two ~2 s passes moves by more than the checks cost on this VM (RESULTS.md)."""
+    from pkd_cache.store import trust
+
+    kinds = {"compiled (store/_bits.c)": trust._one_pass, "numpy (two max passes)": None}
+    if trust._one_pass is None:
+        del kinds["compiled (store/_bits.c)"]
+    shares = {k: ([], []) for k in kinds}
+    one_pass(path, batch_size, 0, **kw)
+    for i in range(passes):
+        for kind, fn in kinds.items():
+            values, crc = [0.0], [0.0]
+            with mock.patch.object(trust, "_one_pass", fn), timed(backend_module, "value_problem", values), \
+                    timed(integrity, "check_recorded", crc):
+                c0 = time.process_time()
+                one_pass(path, batch_size, 1 + i, **kw)
+                cpu = time.process_time() - c0
+            shares[kind][0].append(values[0] / cpu), shares[kind][1].append(crc[0] / cpu)
+    return {k: (statistics.median(v), statistics.median(c)) for k, (v, c) in shares.items()}
+
+
 def stored(path: Path, n: int, whole_layers: bool) -> Path:
     if not (path / "zarr.json").is_file():
         make_store(path, n, whole_layers)
@@ -145,6 +187,12 @@ def main() -> None:
             rows.append((f"B3 value checks, first epoch, {what}", a.overhead, f"{c:,.0f}", f"{u:,.0f}", f"{cost:.1%}"))
         print(table(rows, ("measure", "pairs", "checked ex/s (median)", "unchecked ex/s (median)",
                            "cost (median of pair ratios)")))
+        rows = []
+        for what, kw in (("all fields, all 13 layers", {}), ("PKD-skip 12->6, layers 2,4,6,8,10", {"layers": PKD_SKIP})):
+            for kind, (values, crc) in check_cpu_shares(path, a.batch_size, a.overhead, **kw).items():
+                rows.append((f"B3 first epoch, {what}", kind, a.overhead, f"{values:.1%}", f"{crc:.1%}"))
+        print(table(rows, ("measure", "value check", "passes each", "CPU in value checks (median)",
+                           "CPU in CRC checks (median)")))
         return
     with tempfile.TemporaryDirectory() as d:
         folder = Path(a.store or d)

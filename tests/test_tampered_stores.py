@@ -7,6 +7,7 @@ and ids with their checksums recomputed), then a property test that tampers a st
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -324,16 +325,53 @@ def test_random_tampering_is_refused_in_one_line_or_reads_exactly_the_original(s
     assert outcomes["refused"] >= 40 and outcomes["identical"] >= 3, outcomes
 
 
-@pytest.mark.parametrize("bits", [16, 32, 64])
-def test_the_bit_level_finiteness_check_agrees_with_isfinite_on_random_bit_patterns(bits):
-    from pkd_cache.store.trust import non_finite
+def finiteness_checks():
+    """The compiled one-pass check (store/_bits.c) where it was built, and the numpy passes it falls back to."""
+    from pkd_cache.store import trust
 
+    checks = {"numpy": trust.non_finite_numpy, "default": trust.non_finite}
+    if trust._one_pass is not None:
+        checks["compiled"] = lambda v: trust._one_pass(np.ascontiguousarray(v).reshape(-1), v.dtype.itemsize)
+    return checks
+
+
+def test_the_compiled_finiteness_check_is_built_in_ci():
+    """setup.py builds it optionally; CI has a compiler, so a build that silently failed would halve B3's speed."""
+    from pkd_cache.store import trust
+
+    if not os.environ.get("CI"):
+        pytest.skip("only CI promises a C compiler")
+    assert trust._one_pass is not None
+
+
+@pytest.mark.parametrize("bits", [16, 32, 64])
+@pytest.mark.parametrize("check", ["numpy", "default", "compiled"])
+def test_the_bit_level_finiteness_check_agrees_with_isfinite_on_random_bit_patterns(bits, check):
+    fn = finiteness_checks().get(check)
+    if fn is None:
+        pytest.skip("store/_bits.c was not built here")
+    u, f = f"u{bits // 8}", f"f{bits // 8}"
     rng = np.random.default_rng(bits)
-    for _ in range(2000):
-        raw = rng.integers(0, 2 ** 63, rng.integers(1, 6), dtype=np.uint64)  # any bits, NaNs and infs included
-        v = raw.astype(f"u{bits // 8}").view(f"f{bits // 8}")
-        with np.errstate(invalid="ignore"):
-            assert non_finite(v) == (not np.isfinite(v).all()), v.view(f"u{bits // 8}")
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, np.finfo(f).max, np.finfo(f).min,
+                        np.finfo(f).tiny, -np.finfo(f).tiny], f)
+    special = np.concatenate([special, (special.view(u) | np.array(1, u)).view(f)])  # NaN payloads, subnormals
+    with np.errstate(invalid="ignore"):
+        for _ in range(2000):  # any bits, both signs, NaNs and infs included
+            v = rng.integers(0, 2 ** 64, rng.integers(1, 6), dtype=np.uint64).astype(u).view(f)
+            assert fn(v) == (not np.isfinite(v).all()), v.view(u)
+        for x in special:
+            assert fn(np.array([x])) == (not np.isfinite(x)), x
+        # long arrays: one non-finite value before, at and after the compiled loop's 16,384-value block edges, and
+        # in an unaligned view (a chunk decoded into a slice of a bigger buffer)
+        big = rng.standard_normal(50_000).astype(f)
+        assert not fn(big) and not fn(np.frombuffer(b"\0" + big.tobytes(), np.uint8)[1:].view(f))
+        for at in (0, 16_383, 16_384, 32_768, 49_999):
+            for bad in special[~np.isfinite(special)]:
+                b = big.copy()
+                b[at] = bad
+                assert fn(b), (at, bad)
+                assert fn(np.frombuffer(b"\0" + b.tobytes(), np.uint8)[1:].view(f)), (at, bad)
+                assert fn(b.reshape(2, -1)[:, ::2]) == (at % 2 == 0), (at, bad)  # not contiguous
 
 
 def test_a_chunk_larger_than_a_blosc_frame_holds_is_refused(copy):
