@@ -374,6 +374,18 @@ def test_the_bit_level_finiteness_check_agrees_with_isfinite_on_random_bit_patte
                 assert fn(b.reshape(2, -1)[:, ::2]) == (at % 2 == 0), (at, bad)  # not contiguous
 
 
+@pytest.mark.parametrize("bits", [16, 32, 64])
+def test_the_finiteness_check_reads_big_endian_floats_by_value(bits):
+    """Stores are little-endian, but `non_finite` takes any float array: a byte-swapped one is checked by its
+    values, not by its bytes read in native order."""
+    from pkd_cache.store.trust import non_finite
+
+    f = f"f{bits // 8}"
+    for values, bad in (([1.0, -2.5, 0.0], False), ([1.0, np.inf], True), ([-np.inf, 3.0], True), ([np.nan], True)):
+        for order in "<>":
+            assert non_finite(np.array(values, np.dtype(f).newbyteorder(order))) == bad, (values, order)
+
+
 def test_a_chunk_larger_than_a_blosc_frame_holds_is_refused(copy):
     """Widths inside the limits can still multiply into a chunk no Blosc frame holds (all 1,025 layers of a
     65,536-wide teacher in one chunk): refused before a buffer is made."""

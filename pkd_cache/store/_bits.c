@@ -5,7 +5,7 @@
  * needs one: clear the sign bit, then a signed max, which reaches the all-ones exponent exactly when some value is
  * inf or NaN. Compiled with -O3 the loop vectorises; on x86-64 Linux it is also built for AVX2 and picked at load
  * time. The build is optional (setup.py): without a compiler, trust.py falls back to the numpy passes, which give
- * the same answers (tests/test_trust_bits.py compares both on every special value).
+ * the same answers (tests/test_tampered_stores.py compares both on every special value).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -196,9 +196,9 @@ def non_finite(v: np.ndarray) -> bool:
     """Whether a float array holds inf or NaN: one read-only pass over its bits in C (store/_bits.c, about twice
     as fast), or `non_finite_numpy` where that was not built. Both give the same answer for every bit pattern."""
     flat = np.ascontiguousarray(v).reshape(-1)
-    if _one_pass is not None:
+    if _one_pass is not None and flat.dtype.isnative:
         return _one_pass(flat, flat.dtype.itemsize)
-    return non_finite_numpy(flat)
+    return non_finite_numpy(flat.astype(flat.dtype.newbyteorder("="), copy=False))
 
 
 def non_finite_numpy(v: np.ndarray) -> bool:
