@@ -10,18 +10,21 @@
            evaluation on the small validation split).
 
     python benchmarks/bench_lm_store.py --teacher /work/lm/teacher --data /work/lm/data [--documents 20000]
-        [--logits sample:64] [--seq 128] [--batch 32] [--steps 60] [--repeats 2]
+        [--logits sample:64] [--seq 128] [--batch 32] [--steps 60] [--repeats 2] [--dump-only | --pieces]
 
-Alternating repeats; the table gives each one and the ratio of the medians. Run it alone on the machine.
+Alternating repeats; the table gives each one and the ratio of the medians. With sample:N, each repeat also dumps
+with the torch sampler (the fallback where teacher/_sampler.c was not built). Run it alone on the machine.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -31,6 +34,7 @@ import pkd_cache
 from pkd_cache.commands.dump_lm_rows import teacher_batches
 from pkd_cache.data.corpus import load_corpus, tokenize_corpus
 from pkd_cache.store.token_stream import iter_token_batches
+from pkd_cache.teacher import token_targets
 from pkd_cache.student.causal_lm import TokenKD, causal_lm_student
 
 
@@ -87,6 +91,39 @@ def ce_in_memory(a, store: Path) -> float:
     return len(batches) / (time.perf_counter() - t0)
 
 
+def pieces(a, teacher, tok) -> list[tuple]:
+    """The dump's per-batch steps after the forward, on one batch of the teacher's real logits, compiled against the
+    numpy / torch fallbacks, alternating: (step, implementation, ms of wall, ms of CPU), medians of `a.repeats * 5`."""
+    from pkd_cache.logit_spec import LogitSpec
+    from pkd_cache.store import sparse_codec
+    from pkd_cache.store.token_targets import encode_row, slot_bytes
+
+    a0, b0 = teacher_batches(tok.offsets, a.batch)[0]
+    lengths = np.diff(tok.offsets[a0:b0 + 1])
+    real = np.arange(int(lengths.max()))[None, :] < lengths[:, None]
+    ids = np.zeros(real.shape, np.int64)
+    ids[real] = tok.input_ids[tok.offsets[a0]:tok.offsets[b0]]
+    with torch.no_grad():
+        logits = teacher(input_ids=torch.from_numpy(ids)).logits[torch.from_numpy(real)]  # [tokens, V]
+    spec, vocab, n = LogitSpec.parse(a.logits), logits.shape[-1], int(a.logits.split(":")[1])
+    first, second = (t.numpy() for t in token_targets.seeded_sample_targets(logits, n, 0, 0))
+    slot = slot_bytes(spec, vocab, len(logits))
+    steps = {("sample:N draws", "compiled (teacher/_sampler.c)"): lambda: token_targets.seeded_sample_targets(logits, n, 0, 0),
+             ("sample:N draws", "torch"): lambda: token_targets.seeded_sample_targets(logits, n, 0, 0),
+             ("coding a row (encode_row)", "compiled (store/_bits.c)"): lambda: encode_row(spec, first, second, vocab, slot),
+             ("coding a row (encode_row)", "numpy"): lambda: encode_row(spec, first, second, vocab, slot)}
+    off = {"torch": (token_targets, "_sample_rows"), "numpy": (sparse_codec, "_pack_codes")}
+    times = {k: ([], []) for k in steps}
+    for _ in range(a.repeats * 5):
+        for (step, impl), fn in steps.items():
+            with mock.patch.object(*off[impl], None) if impl in off else contextlib.nullcontext():
+                w0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                times[step, impl][0].append(time.perf_counter() - w0), times[step, impl][1].append(time.process_time() - c0)
+    return [(step, impl, len(logits), f"{statistics.median(w) * 1e3:.1f}", f"{statistics.median(c) * 1e3:.1f}")
+            for (step, impl), (w, c) in times.items()]
+
+
 def random_teacher(base: Path, shape: str, out: Path) -> Path:
     """A GPT-2 of `shape` (LAYERSxWIDTH) with random weights and `base`'s vocabulary, positions and tokenizer."""
     from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
@@ -115,6 +152,8 @@ def main() -> None:
                    "of that shape with --teacher's vocabulary and tokenizer instead (speed does not depend on the "
                    "weights); distill is then skipped")
     p.add_argument("--dump-only", action="store_true", help="measure the dump alone")
+    p.add_argument("--pieces", action="store_true", help="only time the dump's steps after the forward (sampling, "
+                   "coding) on one batch, compiled against the fallbacks")
     a = p.parse_args()
     a.dump_only = a.dump_only or bool(a.random_teacher)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -137,13 +176,22 @@ def main() -> None:
         print(f"{toks[0].num_tokens + toks[1].num_tokens:,} tokens ({a.documents:,} documents + 200 held out), "
               f"sequences of {a.seq}, teacher batches of {a.batch}, {a.logits}; students: {a.student_layers} layers, "
               f"{a.steps} steps of <= {a.batch * a.seq:,} tokens", flush=True)
-        bare, dumped, kd, ce, memory = [], [], [], [], []
+        if a.pieces:
+            print(table(pieces(a, teacher, toks[0]), ("step", "implementation", "tokens", "wall ms (median)",
+                                                       "CPU ms (median)")))
+            return
+        bare, dumped, torch_sampled, kd, ce, memory = [], [], [], [], [], []
         store = tmp / "store.zarr"
+        compiled = a.logits.startswith("sample") and token_targets._sample_rows is not None
         for r in range(a.repeats):
             bare.append(sum(t.num_tokens for t in toks) / sum(t.num_tokens / bare_forward(teacher, t, a.batch)
                                                               for t in toks))
             dumped.append(dump(a, store, train, held))
             print(f"repeat {r + 1}: bare forward {bare[-1]:,.0f} tok/s, dump {dumped[-1]:,.0f} tok/s", flush=True)
+            if compiled:  # the same dump with the torch sampler that runs where teacher/_sampler.c was not built
+                with mock.patch.object(token_targets, "_sample_rows", None):
+                    torch_sampled.append(dump(a, store, train, held))
+                print(f"repeat {r + 1}: dump with the torch sampler {torch_sampled[-1]:,.0f} tok/s", flush=True)
         for r in range(0 if a.dump_only else a.repeats):
             kd.append(distill(a, store, tmp / "kd", 0.5))
             ce.append(distill(a, store, tmp / "ce", 0.0))
@@ -156,6 +204,10 @@ def main() -> None:
 
     rows = [("dump --task lm (tok/s)", ", ".join(f"{v:,.0f}" for v in dumped), "bare teacher forward",
              ", ".join(f"{v:,.0f}" for v in bare), f"{med(dumped) / med(bare):.3f}", pairs(dumped))]
+    if torch_sampled:
+        rows.append(("dump --task lm, torch sampler (tok/s)", ", ".join(f"{v:,.0f}" for v in torch_sampled),
+                     "bare teacher forward", ", ".join(f"{v:,.0f}" for v in bare), f"{med(torch_sampled) / med(bare):.3f}",
+                     pairs(torch_sampled)))
     if not a.dump_only:
         rows += [
             ("distill, alpha 0.5 (step/s)", ", ".join(f"{v:.3f}" for v in kd), "distill --alpha 0 (CE only)",

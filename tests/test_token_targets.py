@@ -26,6 +26,14 @@ M64 = (1 << 64) - 1
 P8 = np.array([0.0, 0.4, 0.25, 0.15, 0.1, 0.0999, 1e-4, 0.0])
 
 
+@pytest.fixture(params=["default", "torch"])
+def sampler(request, monkeypatch):
+    """A test that takes this runs on the default sampler (teacher/_sampler.c where it was built) and on torch's."""
+    if request.param == "torch":
+        monkeypatch.setattr(tt, "_sample_rows", None)
+    return request.param
+
+
 def _ref_mix(z: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
@@ -100,7 +108,7 @@ def test_counter_uniforms_look_uniform_and_do_not_collide():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_splitting_the_rows_gives_the_same_targets(temperature, monkeypatch):
+def test_splitting_the_rows_gives_the_same_targets(temperature, monkeypatch, sampler):
     logits, n, first = _logits(100, 500), 32, 10 ** 9
     whole = seeded_sample_targets(logits, n, seed=11, first_token=first, temperature=temperature)
     parts = [seeded_sample_targets(logits[a:b], n, seed=11, first_token=first + a, temperature=temperature)
@@ -115,7 +123,7 @@ def test_splitting_the_rows_gives_the_same_targets(temperature, monkeypatch):
     assert torch.equal(blocked[0], whole[0]) and torch.equal(blocked[1], whole[1])
 
 
-def test_seed_and_token_index_choose_the_draws():
+def test_seed_and_token_index_choose_the_draws(sampler):
     logits, n = _logits(100, 500, seed=1), 16
     a = seeded_sample_targets(logits, n, seed=3, first_token=0)
     b = seeded_sample_targets(logits, n, seed=3, first_token=0)
@@ -127,7 +135,7 @@ def test_seed_and_token_index_choose_the_draws():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_draw_frequencies_match_the_tempered_softmax(temperature):
+def test_draw_frequencies_match_the_tempered_softmax(temperature, sampler):
     rows, n = 25_000, 16
     with np.errstate(divide="ignore"):
         logits = torch.tensor(np.log(P8), dtype=torch.float32).expand(rows, 8).contiguous()
@@ -143,7 +151,7 @@ def test_draw_frequencies_match_the_tempered_softmax(temperature):
         assert (np.abs(freq - P8) > _bernstein(P8, rows * n)).any()
 
 
-def test_zero_probability_ids_at_the_extreme_uniforms():
+def test_zero_probability_ids_at_the_extreme_uniforms(sampler):
     u = torch.tensor([[0.0, 2.0 ** -53, 0.5, 1 - 2.0 ** -53]], dtype=torch.float64)
     cases = {  # p row -> the draws at u = 0, 2^-53, 1/2, 1 - 2^-53
         (0.0, 0.5, 0.5, 0.0): [1, 1, 2, 2],
@@ -167,7 +175,7 @@ def test_zero_probability_ids_at_the_extreme_uniforms():
     assert not bool((drawn & torch.isinf(logits)).any())
 
 
-def test_output_convention_is_sample_targets():
+def test_output_convention_is_sample_targets(sampler):
     logits, n = _logits(64, 300, seed=2), 24
     ours = seeded_sample_targets(logits, n, seed=1, first_token=0)
     theirs = sample_targets(logits, n, torch.Generator().manual_seed(1))
@@ -185,7 +193,7 @@ def test_output_convention_is_sample_targets():
     assert torch.equal(seeded_sample_targets(logits, 1, 4, 0)[1], torch.ones(64, 1, dtype=torch.int64))
 
 
-def test_round_trip_through_the_sparse_codec():
+def test_round_trip_through_the_sparse_codec(sampler):
     vocab, n = 5000, 50
     ids, counts = seeded_sample_targets(_logits(64, vocab, seed=3), n, seed=8, first_token=4096)
     arrays = sc.encode_sampled(ids.numpy(), counts.numpy(), n, vocab)
@@ -193,7 +201,7 @@ def test_round_trip_through_the_sparse_codec():
     assert np.array_equal(got_ids, ids.numpy()) and np.array_equal(got_counts, counts.numpy())
 
 
-def test_bad_arguments():
+def test_bad_arguments(sampler):
     logits = _logits(4, 10)
     bad = [dict(n=0), dict(n=-3), dict(n=2.5), dict(n=float("inf")), dict(n=float("nan")),
            dict(temperature=0.0), dict(temperature=-1.0), dict(temperature=float("nan")),

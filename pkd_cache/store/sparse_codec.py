@@ -46,6 +46,11 @@ import numpy as np
 
 _POW2 = np.left_shift(np.int64(1), np.arange(63, dtype=np.int64))
 
+try:  # store/_bits.c (optional): `_stream` in one C pass instead of a numpy pass per bit plane
+    from ._bits import pack_codes as _pack_codes
+except ImportError:  # pragma: no cover - the numpy version is tested on its own (tests/test_sparse_codec.py)
+    _pack_codes = None
+
 
 def id_bits(vocab_size: int) -> int:
     """ceil(log2(vocab_size)): the bits of one id (0 for a vocabulary of one)."""
@@ -140,12 +145,20 @@ def _widths(k: np.ndarray):
     return int(k[0]) if k.size and k[0] > 0 and (k == k[0]).all() else k
 
 
+def _stream(unary: np.ndarray, values: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """One coded stream: the unary codes of `unary`, then `values` in `widths` bits each, packed (uint8)."""
+    if _pack_codes is not None:
+        return np.frombuffer(_pack_codes(*(np.ascontiguousarray(a, dtype=np.int64) for a in (unary, values, widths))),
+                             np.uint8)
+    return np.packbits(np.concatenate([_unary_bits(unary), _to_bits(values, _widths(widths))]))
+
+
 def _encode_rice(ids_flat: np.ndarray, m: np.ndarray, vocab_size: int) -> np.ndarray:
     first = np.zeros(ids_flat.size, bool)
     first[(np.cumsum(m) - m)[m > 0]] = True
     gaps = ids_flat - 1 - np.where(first, -1, np.roll(ids_flat, 1))
     k = np.repeat(_rice_k(m, vocab_size), m)
-    return np.packbits(np.concatenate([_unary_bits(gaps >> k), _to_bits(gaps & ((1 << k) - 1), _widths(k))]))
+    return _stream(gaps >> k, gaps & ((1 << k) - 1), k)
 
 
 def _unary_values(bits: np.ndarray, count: int, what: str) -> tuple[np.ndarray, int]:
@@ -205,7 +218,7 @@ def encode_sampled(ids, counts, n: int, vocab_size: int) -> dict[str, np.ndarray
     lengths = _floor_log2(c)
     return {"n_unique": m.astype(np.uint8 if n <= 0xFF else np.uint16 if n <= 0xFFFF else np.uint32),
             "ids": _encode_rice(ids[real], m, vocab_size),
-            "counts": np.packbits(np.concatenate([_unary_bits(lengths), _to_bits(c - _POW2[lengths], lengths)]))}
+            "counts": _stream(lengths, c - _POW2[lengths], lengths)}
 
 
 def _n_unique(arrays: dict, n: int, vocab_size: int) -> np.ndarray:

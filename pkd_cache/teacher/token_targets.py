@@ -13,6 +13,7 @@ step). Same output convention as ``sample_targets`` (ids ascending per row, then
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -22,6 +23,11 @@ _MASK = (1 << 64) - 1
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _CHUNK_CPU, _CHUNK_OTHER = 1 << 20, 1 << 26  # logits per block of rows in seeded_sample_targets
+
+try:  # the compiled sampler (teacher/_sampler.c, optional: without a C compiler the torch version below runs)
+    from ._sampler import sample_rows as _sample_rows
+except ImportError:  # pragma: no cover - the torch version is tested on its own (tests/test_seeded_sampling.py)
+    _sample_rows = None
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -116,8 +122,41 @@ def seeded_sample_targets(teacher_logits: torch.Tensor, n: int, seed: int, first
     if rows == 0:
         empty = torch.zeros(0, 0, dtype=torch.long, device=teacher_logits.device)
         return empty, empty.clone()
+    u = counter_uniforms(seed, first_token, rows, int(n))
+    if _sample_rows is not None and teacher_logits.device.type == "cpu" and teacher_logits.dtype != torch.float64:
+        return _compiled_draws(teacher_logits, int(n), u, temperature)
+    return _torch_draws(teacher_logits, int(n), u, temperature)
+
+
+def _compiled_draws(logits: torch.Tensor, n: int, u: np.ndarray, temperature: float):
+    """seeded_sample_targets' draws by teacher/_sampler.c: the same definition, in one pass per row on the CPU,
+    the rows split over torch's intra-op threads (the C releases the GIL; each row depends on nothing else)."""
+    z = np.ascontiguousarray(logits.detach().float().numpy())
+    u = np.sort(u, axis=1)
+    rows, vocab = z.shape
+    ids, counts, unique = np.zeros((rows, n), np.int64), np.zeros((rows, n), np.int64), np.zeros(rows, np.int64)
+
+    def part(a: int, b: int) -> int:
+        return _sample_rows(z[a:b], u[a:b], b - a, vocab, n, 1.0 / temperature, ids[a:b], counts[a:b], unique[a:b])
+
+    threads = max(1, min(torch.get_num_threads(), rows * vocab // _CHUNK_CPU))
+    cuts = [rows * i // threads for i in range(threads + 1)]
+    if threads == 1:
+        bad = [part(0, rows)]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            bad = list(pool.map(part, cuts[:-1], cuts[1:]))
+    if max(bad) >= 0:
+        raise ValueError("teacher_logits has a row with no finite probability (all -inf, or a NaN or +inf logit)")
+    m = int(unique.max())
+    return torch.from_numpy(np.ascontiguousarray(ids[:, :m])), torch.from_numpy(np.ascontiguousarray(counts[:, :m]))
+
+
+def _torch_draws(teacher_logits: torch.Tensor, n: int, uniforms: np.ndarray, temperature: float):
+    """seeded_sample_targets' draws in torch, on any device: softmax, float64 cumsum, searchsorted, run-length."""
+    rows = teacher_logits.shape[0]
     x = teacher_logits if teacher_logits.dtype in (torch.float32, torch.float64) else teacher_logits.float()
-    u = torch.from_numpy(counter_uniforms(seed, first_token, rows, int(n))).to(x.device)
+    u = torch.from_numpy(uniforms).to(x.device)
     # blocks of rows, each CDF written into the same float64 buffer (bounded memory, and on the CPU no fresh pages
     # to fault in per block); every step is row-wise, so the blocks change nothing in the result
     step = min(rows, max(1, (_CHUNK_CPU if x.device.type == "cpu" else _CHUNK_OTHER) // x.shape[1]))
