@@ -2,8 +2,8 @@
  *
  * teacher/token_targets.py defines the draws: draw j of a row is the first id whose CDF (of the row's softmax at
  * the temperature) exceeds u_j x total, u_j the row's j-th counter uniform. The torch version there takes a
- * softmax, a float64 cumsum over the whole vocabulary, a searchsorted and a sort + run-length encoding: about 2.7x
- * the CPU of this one (benchmarks/RESULTS.md), which is what made `dump --task lm` fall behind the bare forward.
+ * softmax, a float64 cumsum over the whole vocabulary, a searchsorted and a sort + run-length encoding: about twice
+ * the CPU of this one (benchmarks/RESULTS.md), one of the costs that kept `dump --task lm` behind the bare forward.
  *
  * Per row, here:
  *   1. the max, and whether the row holds NaN or +inf, or only -inf (refused: no finite probability);
