@@ -26,7 +26,7 @@ _CHUNK_CPU, _CHUNK_OTHER = 1 << 20, 1 << 26  # logits per block of rows in seede
 
 try:  # the compiled sampler (teacher/_sampler.c, optional: without a C compiler the torch version below runs)
     from ._sampler import sample_rows as _sample_rows
-except ImportError:  # pragma: no cover - the torch version is tested on its own (tests/test_seeded_sampling.py)
+except ImportError:  # pragma: no cover - the torch version is tested on its own (tests/test_token_targets.py)
     _sample_rows = None
 
 
