@@ -63,7 +63,7 @@ static PyObject *non_finite(PyObject *self, PyObject *args) {
 /* pack_codes: the bit streams of store/sparse_codec.py in one pass. A stream there is the unary codes of one array
  * of values, then the binary codes of another (widths per value), MSB first, cut into bytes, the last zero-padded:
  * np.packbits(np.concatenate([_unary_bits(unary), _to_bits(values, widths)])), which takes a numpy pass per bit
- * plane. The numpy version stays the definition and the fallback (tests/test_sparse_codec.py compares both). */
+ * plane. The numpy version stays the definition and the fallback (tests/test_native.py compares both). */
 typedef struct {
     unsigned char *out;
     Py_ssize_t pos; /* bytes written */
