@@ -16,44 +16,9 @@ large enough that the N run is in that plateau: `--examples 6734` makes 10 N all
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-import time
 
-from common import teacher_workspace, GLUE, header, minilm, table
-
-
-def rss_mib(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
-    except (OSError, StopIteration):
-        return None
-
-
-def peak_rss_mib(args: list[str]) -> tuple[float, float, float]:
-    """Run `python -m pkd_cache ARGS` to the end: (peak RSS MiB from wait4's rusage, the highest RSS sampled in the
-    first half of the run and in the second half). Equal halves mean memory reached a plateau, not a leak."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pkd_cache", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    samples = []  # (seconds, RSS MiB), every 0.2 s
-    t0 = time.perf_counter()
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # reaps the child itself, keeping its rusage
-        if pid:
-            break
-        r = rss_mib(proc.pid)
-        if r is not None:
-            samples.append((time.perf_counter() - t0, r))
-        time.sleep(0.2)
-    if status != 0:
-        raise SystemExit(f"pkd-cache {args[0]} failed: {proc.stderr.read().decode()[-500:]}")
-    half = samples[-1][0] / 2
-    first = max(r for t, r in samples if t <= half)
-    second = max(r for t, r in samples if t > half)
-    return usage.ru_maxrss / 1024, first, second  # ru_maxrss is in KiB on Linux
+from common import teacher_workspace, GLUE, header, minilm, peak_rss_mib, table
 
 
 def main() -> None:
@@ -66,10 +31,10 @@ def main() -> None:
     with teacher_workspace() as (tmp, teacher):
         for n in (a.examples, 10 * a.examples):
             store = tmp / f"s{n}.zarr"
-            dump = peak_rss_mib(["dump", "--teacher", str(teacher), "--task", "sst2", "--data-dir", str(GLUE / "SST-2"),
+            dump = peak_rss_mib([sys.executable, "-m", "pkd_cache", "dump", "--teacher", str(teacher), "--task", "sst2", "--data-dir", str(GLUE / "SST-2"),
                                  "--out", str(store), "--max-examples", str(n), "--max-seq-length", "64",
                                  "--chunk-size", "256"])  # N holds a full shuffle group (8 chunks) already
-            distill = peak_rss_mib(["distill", "--store", str(store), "--student-layers", "3", "--student-init",
+            distill = peak_rss_mib([sys.executable, "-m", "pkd_cache", "distill", "--store", str(store), "--student-layers", "3", "--student-init",
                                     minilm(), "--max-steps", str(a.steps), "--logging-steps", "0",
                                     "--output-dir", str(tmp / f"student{n}")])
             rows.append((n, dump, distill))

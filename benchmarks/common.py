@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import tempfile
 import time
 from contextlib import contextmanager
@@ -57,3 +58,35 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.0f}"
     return str(v)
+
+
+def rss_mib(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+    except (OSError, StopIteration):
+        return None
+
+
+def peak_rss_mib(argv: list[str]) -> tuple[float, float, float]:
+    """Run the command `argv` to the end: (peak RSS MiB from wait4's rusage, the highest RSS sampled in the
+    first half of the run and in the second half). Equal halves mean memory reached a plateau, not a leak."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    samples = []  # (seconds, RSS MiB), every 0.2 s
+    t0 = time.perf_counter()
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # reaps the child itself, keeping its rusage
+        if pid:
+            break
+        r = rss_mib(proc.pid)
+        if r is not None:
+            samples.append((time.perf_counter() - t0, r))
+        time.sleep(0.2)
+    if status != 0:
+        raise SystemExit(f"{' '.join(argv[:4])} failed: {proc.stderr.read().decode()[-500:]}")
+    half = samples[-1][0] / 2
+    first = max(r for t, r in samples if t <= half)
+    second = max(r for t, r in samples if t > half)
+    return usage.ru_maxrss / 1024, first, second  # ru_maxrss is in KiB on Linux

@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
+import torch
 
 from ..config import DumpConfig, to_dict
 from ..data.corpus import TokenizedCorpus, id_dtype, load_corpus, tokenize_corpus
@@ -27,7 +29,9 @@ from ..store.format import TOKEN_FORMAT_VERSION, split_arrays
 from ..store.token_targets import slot_bytes
 from ..store.worker import Consumer
 from ..store.writer import attach_writer, open_writer
-from .dump_lm_rows import RowAssembler, RowSpec, encode, needs_run, rows_of, teacher_batches, teacher_outputs
+from ..teacher.lm_head import SplitHead, split_head
+from .dump_lm_rows import (RowAssembler, RowSpec, encode, needs_run, precision_context, rows_of, teacher_batches,
+                           teacher_outputs)
 from .interrupt import stop_on_sigterm
 
 SPLITS = {"train": "data_files", "validation": "validation_files"}  # split -> the DumpConfig field of its corpus
@@ -103,7 +107,8 @@ def run_lm_dump(config: DumpConfig, corpora: dict, key_parts: dict, key: str, re
         "source": ", ".join(corpora[split].sources)}) for split, tok in tokenized.items()}
     t0 = time.perf_counter()
     with process_group(ranks, device), quiet(not ranks.main):
-        _write(config, _Run(model, rows, device, ranks), tokenized, metadata, splits, resuming)
+        _write(config, _Run(model, rows, device, ranks, _split_head(config, model, rows, tokenized, device)),
+               tokenized, metadata, splits, resuming)
     total = sum(t.num_tokens for t in tokenized.values())
     if ranks.main:
         log(f"wrote {total:,} tokens ({', '.join(f'{s} {t.num_tokens:,}' for s, t in tokenized.items())}) to "
@@ -127,6 +132,16 @@ class _Run:
     rows: RowSpec
     device: object
     ranks: Ranks
+    split: Optional[SplitHead] = None  # the head run a block of positions at a time (teacher/lm_head.py)
+
+
+def _split_head(config: DumpConfig, model, rows: RowSpec, tokenized: dict, device) -> Optional[SplitHead]:
+    """The teacher's body and head, where running them apart gives its logits on the corpus's first sequence."""
+    tok = next((t for t in tokenized.values() if t.num_sequences), None)
+    if rows.spec.kind == "none" or tok is None:
+        return None
+    probe = torch.from_numpy(tok.input_ids[int(tok.offsets[0]):int(tok.offsets[1])].astype(np.int64))[None]
+    return split_head(model, probe.to(device), precision_context(torch.device(device), config.precision))
 
 
 def _write(config: DumpConfig, run: _Run, tokenized: dict, metadata: dict, splits: dict, resuming: bool) -> None:
@@ -267,7 +282,7 @@ def _dump_split(config: DumpConfig, run: _Run, sink, split: str, tok: TokenizedC
                     assembler.skip_to(stop)
                 else:
                     assembler.add(start, teacher_outputs(model, ids, tok.offsets, batch, rows, device,
-                                                         config.precision))
+                                                         config.precision, run.split))
                     for r, row in assembler.rows():
                         if r not in durable:
                             writer.put((r, row))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -16,6 +18,7 @@ from ..logit_spec import LogitSpec
 from ..store.quantize import quantize_int8
 from ..store.token_targets import encode_row
 from ..student.sparse_kd import topk_targets
+from ..teacher.lm_head import SplitHead, block_rows
 from ..teacher.token_targets import seeded_sample_targets
 
 
@@ -42,10 +45,11 @@ def teacher_batches(offsets: np.ndarray, batch_size: int) -> list[tuple[int, int
 
 @torch.no_grad()
 def teacher_outputs(model, ids: np.ndarray, offsets: np.ndarray, batch: tuple[int, int], rows: RowSpec, device,
-                    precision: str = "fp32") -> dict[str, np.ndarray]:
+                    precision: str = "fp32", split: Optional[SplitHead] = None) -> dict[str, np.ndarray]:
     """The teacher's per-token outputs of the sequences of `batch`, flat in corpus order: tokens [t], seq_start [t],
     the targets' two arrays (`first`, `second`: sample ids and counts, or top-k ids and log-probs) and `hidden`
-    [t, h, H] (float32 for int8 storage, quantised by the writer)."""
+    [t, h, H] (float32 for int8 storage, quantised by the writer). With `split` (teacher/lm_head.py) the logits are
+    made and read a block of positions at a time; the outputs are the same."""
     a, b = batch
     t0, t1 = int(offsets[a]), int(offsets[b])
     lengths = np.diff(offsets[a:b + 1])
@@ -55,26 +59,50 @@ def teacher_outputs(model, ids: np.ndarray, offsets: np.ndarray, batch: tuple[in
     x[real] = ids[t0:t1]
     inputs = torch.from_numpy(x).to(device)
     mask = torch.from_numpy(real.astype(np.int64)).to(device)
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    with torch.autocast(inputs.device.type, dtype=half) if half is not None else contextlib.nullcontext():
-        out = model(input_ids=inputs, attention_mask=mask, output_hidden_states=bool(rows.hidden_layers))
+    cast = precision_context(inputs.device, precision)
+    targets = rows.spec.kind != "none"
+    split = split if targets else None
+    with cast():
+        out = (split.body if split is not None else model)(input_ids=inputs, attention_mask=mask,
+                                                           output_hidden_states=bool(rows.hidden_layers))
     keep = mask.bool()
     packed = bool(keep.all())  # every position real (packed sequences): the outputs' rows are views, not copies
     result = {"tokens": ids[t0:t1], "seq_start": np.zeros(t1 - t0, np.uint8)}
     result["seq_start"][offsets[a:b] - t0] = 1
-    if rows.spec.kind != "none":
+    if split is not None:  # [t, H] -> the head's logits [rows, V] and their targets, a block at a time
+        last = out.last_hidden_state
+        flat = last.reshape(-1, last.shape[-1]) if packed else last[keep]
+        step = block_rows(rows.vocab, inputs.device)
+        parts = []
+        for i in range(0, len(flat), step):
+            with cast():
+                logits = split.head(flat[i:i + step])
+            parts.append(_targets(logits.float(), rows, t0 + i))
+        result["first"], result["second"] = (_cat([p[k] for p in parts]) for k in (0, 1))
+    elif targets:
         # [t, V], the flat order of the tokens (row-major over the batch)
         logits = (out.logits.reshape(-1, out.logits.shape[-1]) if packed else out.logits[keep]).float()
-        if rows.spec.kind == "sample":
-            first, second = seeded_sample_targets(logits, rows.spec.count, rows.seed, t0, rows.temperature)
-        else:
-            first, second = topk_targets(logits, rows.spec.count, rows.temperature)
-        result["first"], result["second"] = first.cpu().numpy(), second.cpu().numpy()  # counts stay int64
+        result["first"], result["second"] = _targets(logits, rows, t0)
     if rows.hidden_layers:
         stacked = torch.stack([out.hidden_states[i][keep] for i in rows.hidden_layers], 1)  # [t, h, H]
         result["hidden"] = stacked.float().cpu().numpy() if rows.hidden_dtype != "float16" else \
             stacked.to(torch.float16).cpu().numpy()
     return result
+
+
+def precision_context(device: torch.device, precision: str):
+    """A callable giving the autocast context of `--precision` (fp16 / bf16) on `device`, or a null one (fp32)."""
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    return (lambda: torch.autocast(device.type, dtype=half)) if half is not None else contextlib.nullcontext
+
+
+def _targets(logits: torch.Tensor, rows: RowSpec, first_token: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sparse targets of float logits [t, V] whose first row is the corpus's token `first_token`."""
+    if rows.spec.kind == "sample":
+        first, second = seeded_sample_targets(logits, rows.spec.count, rows.seed, first_token, rows.temperature)
+    else:
+        first, second = topk_targets(logits, rows.spec.count, rows.temperature)
+    return first.cpu().numpy(), second.cpu().numpy()  # counts stay int64
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:

@@ -13,6 +13,7 @@ step). Same output convention as ``sample_targets`` (ids ascending per row, then
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -128,6 +129,19 @@ def seeded_sample_targets(teacher_logits: torch.Tensor, n: int, seed: int, first
     return _torch_draws(teacher_logits, int(n), u, temperature)
 
 
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """The sampler's worker threads, kept for the process: a dump calls it for every block of rows, and starting
+    two threads took about 1 ms a call on the 2-core VM (benchmarks/RESULTS.md). Keyed by the process id too: a
+    forked child has none of its parent's threads, so it starts its own pool."""
+    key = (os.getpid(), threads)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="pkd-cache-sampler")
+    return _POOLS[key]
+
+
 def _compiled_draws(logits: torch.Tensor, n: int, u: np.ndarray, temperature: float):
     """seeded_sample_targets' draws by teacher/_sampler.c: the same definition, in one pass per row on the CPU,
     the rows split over torch's intra-op threads (the C releases the GIL; each row depends on nothing else)."""
@@ -141,11 +155,7 @@ def _compiled_draws(logits: torch.Tensor, n: int, u: np.ndarray, temperature: fl
 
     threads = max(1, min(torch.get_num_threads(), rows * vocab // _CHUNK_CPU))
     cuts = [rows * i // threads for i in range(threads + 1)]
-    if threads == 1:
-        bad = [part(0, rows)]
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            bad = list(pool.map(part, cuts[:-1], cuts[1:]))
+    bad = [part(0, rows)] if threads == 1 else list(_pool(threads).map(part, cuts[:-1], cuts[1:]))
     if max(bad) >= 0:
         raise ValueError("teacher_logits has a row with no finite probability (all -inf, or a NaN or +inf logit)")
     m = int(unique.max())
