@@ -11,9 +11,11 @@
 
     python benchmarks/bench_lm_store.py --teacher /work/lm/teacher --data /work/lm/data [--documents 20000]
         [--logits sample:64] [--seq 128] [--batch 32] [--steps 60] [--repeats 2] [--dump-only | --pieces]
+        [--whole-forward]
 
 Alternating repeats; the table gives each one and the ratio of the medians. With sample:N, each repeat also dumps
-with the torch sampler (the fallback where teacher/_sampler.c was not built). Run it alone on the machine.
+with the torch sampler (the fallback where teacher/_sampler.c was not built), and with --whole-forward the dump
+before teacher/lm_head.py. Run it alone on the machine.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import torch
 from common import header, table
 
 import pkd_cache
+from pkd_cache.commands import dump_lm
 from pkd_cache.commands.dump_lm_rows import teacher_batches
 from pkd_cache.data.corpus import load_corpus, tokenize_corpus
 from pkd_cache.store.token_stream import iter_token_batches
@@ -154,6 +157,8 @@ def main() -> None:
     p.add_argument("--dump-only", action="store_true", help="measure the dump alone")
     p.add_argument("--pieces", action="store_true", help="only time the dump's steps after the forward (sampling, "
                    "coding) on one batch, compiled against the fallbacks")
+    p.add_argument("--whole-forward", action="store_true", help="each repeat also dumps with the model's whole "
+                   "forward (all of a batch's logits at once) instead of the LM head a block of positions at a time")
     a = p.parse_args()
     a.dump_only = a.dump_only or bool(a.random_teacher)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -180,7 +185,7 @@ def main() -> None:
             print(table(pieces(a, teacher, toks[0]), ("step", "implementation", "tokens", "wall ms (median)",
                                                        "CPU ms (median)")))
             return
-        bare, dumped, torch_sampled, kd, ce, memory = [], [], [], [], [], []
+        bare, dumped, torch_sampled, whole, kd, ce, memory = [], [], [], [], [], [], []
         store = tmp / "store.zarr"
         compiled = a.logits.startswith("sample") and token_targets._sample_rows is not None
         for r in range(a.repeats):
@@ -192,6 +197,10 @@ def main() -> None:
                 with mock.patch.object(token_targets, "_sample_rows", None):
                     torch_sampled.append(dump(a, store, train, held))
                 print(f"repeat {r + 1}: dump with the torch sampler {torch_sampled[-1]:,.0f} tok/s", flush=True)
+            if a.whole_forward:  # the dump before teacher/lm_head.py: the model's whole forward, all logits at once
+                with mock.patch.object(dump_lm, "split_head", lambda *args: None):
+                    whole.append(dump(a, store, train, held))
+                print(f"repeat {r + 1}: dump with the whole forward {whole[-1]:,.0f} tok/s", flush=True)
         for r in range(0 if a.dump_only else a.repeats):
             kd.append(distill(a, store, tmp / "kd", 0.5))
             ce.append(distill(a, store, tmp / "ce", 0.0))
@@ -208,6 +217,10 @@ def main() -> None:
         rows.append(("dump --task lm, torch sampler (tok/s)", ", ".join(f"{v:,.0f}" for v in torch_sampled),
                      "bare teacher forward", ", ".join(f"{v:,.0f}" for v in bare), f"{med(torch_sampled) / med(bare):.3f}",
                      pairs(torch_sampled)))
+    if whole:
+        rows.append(("dump --task lm, whole forward (tok/s)", ", ".join(f"{v:,.0f}" for v in whole),
+                     "bare teacher forward", ", ".join(f"{v:,.0f}" for v in bare), f"{med(whole) / med(bare):.3f}",
+                     pairs(whole)))
     if not a.dump_only:
         rows += [
             ("distill, alpha 0.5 (step/s)", ", ".join(f"{v:.3f}" for v in kd), "distill --alpha 0 (CE only)",

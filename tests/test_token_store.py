@@ -459,3 +459,32 @@ def test_a_killed_lm_distill_resumes_to_the_same_student_bit_for_bit(store, tmp_
     assert _student_files(out) == _student_files(tmp_path / "whole")
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "whole"))
     assert a["history"] == b["history"] and a["steps"] == b["steps"]
+
+
+@pytest.mark.parametrize("busy", [True, False], ids=["inline", "thread"])
+def test_rows_coded_inline_or_on_a_thread_are_the_same_bytes(lm, corpus, store, tmp_path, monkeypatch, busy):
+    """Where the teacher keeps every core busy the rows are coded between batches, not on a thread: same store."""
+    from pkd_cache.commands import dump_lm
+
+    used = []
+    for name in ("Consumer", "InlineConsumer"):
+        cls = getattr(dump_lm, name)
+        monkeypatch.setattr(dump_lm, name, type(name, (cls,), {"__init__": lambda self, *a, _c=cls, _n=name: (
+            used.append(_n), _c.__init__(self, *a))[1]}))
+    monkeypatch.setattr(dump_lm, "_cores_busy", lambda device: busy)
+    out = _dump(lm, corpus, tmp_path / "s.zarr")
+    assert set(used) == {"InlineConsumer" if busy else "Consumer"}
+    assert read_json(Path(out.path) / "checksums.json")["chunks"] == \
+        read_json(Path(store.path) / "checksums.json")["chunks"]
+
+
+def test_the_rows_are_coded_inline_only_when_a_cpu_teacher_has_a_thread_on_every_core(monkeypatch):
+    import os
+
+    from pkd_cache.commands.dump_lm import _cores_busy
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert _cores_busy(torch.device("cpu")) and not _cores_busy(torch.device("cuda", 0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # torchrun's ranks: OMP_NUM_THREADS=1 each, say
+    assert not _cores_busy(torch.device("cpu"))

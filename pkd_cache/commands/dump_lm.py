@@ -11,6 +11,7 @@ returns the store, an unfinished store of the same key is resumed.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -27,7 +28,7 @@ from ..distributed import Ranks, barrier, broadcast, gather, process_group, rank
 from ..progress import log, progress_bar, quiet
 from ..store.format import TOKEN_FORMAT_VERSION, split_arrays
 from ..store.token_targets import slot_bytes
-from ..store.worker import Consumer
+from ..store.worker import Consumer, InlineConsumer
 from ..store.writer import attach_writer, open_writer
 from ..teacher.lm_head import SplitHead, split_head
 from .dump_lm_rows import (RowAssembler, RowSpec, encode, needs_run, precision_context, rows_of, teacher_batches,
@@ -267,13 +268,22 @@ def _arrays(rows: RowSpec, model, tok: TokenizedCorpus, lm: dict) -> dict:
                         rows.hidden_dtype, "int64", (), lm)
 
 
+def _cores_busy(device) -> bool:
+    """Whether the teacher runs on the CPU with a torch thread on every core this process may use: then a writer
+    thread would only preempt it (store/worker.py's InlineConsumer)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return torch.device(device).type == "cpu" and torch.get_num_threads() >= cores
+
+
 def _dump_split(config: DumpConfig, run: _Run, sink, split: str, tok: TokenizedCorpus, durable: set) -> None:
     """Run the teacher over one split's batches that touch a row not in `durable` (rows written already, or another
-    rank's); a thread codes and writes each such row."""
+    rank's); each such row is coded and written on a thread, or between batches where the teacher keeps every core
+    busy (`_cores_busy`)."""
     model, rows, device = run.model, run.rows, run.device
     ids = tok.input_ids.astype(np.int64)
     assembler = RowAssembler(rows.chunk_tokens)
-    writer = Consumer(lambda item: sink.write(split, item[0], encode(rows, item[1])), 4, "pkd-cache-writer")
+    coder = InlineConsumer if _cores_busy(device) else Consumer
+    writer = coder(lambda item: sink.write(split, item[0], encode(rows, item[1])), 4, "pkd-cache-writer")
     try:
         with progress_bar(tok.num_tokens, f"dump lm {split}", unit="tok") as bar:
             for batch in teacher_batches(tok.offsets, config.batch_size):

@@ -1,5 +1,6 @@
 """`dump --task lm`'s inner loop: the teacher over batches of sequences, its per-token outputs cut into rows of the
-token store (store/arrays/lm.py), each row coded and written on a background thread.
+token store (store/arrays/lm.py), each row coded and written on a background thread (or between teacher batches
+when the teacher keeps every CPU core busy: commands/dump_lm.py's `_cores_busy`).
 
 Resume is byte-identical: the teacher batches are a fixed plan over the sequences (`batch_size` at a time, in
 order), a batch is re-run whole when any row it touches is not durable, and sample:N's draws depend only on the

@@ -1,7 +1,7 @@
 """A thread at one end of a bounded queue, whose exception is handed back to the caller.
 
-Two uses: the dump writes chunks on a thread while the teacher computes the next ones (`consume`: the caller
-produces, the thread consumes), and the reader loads groups of chunks on a thread while the student trains
+Two uses: the dump writes chunks on a thread while the teacher computes the next ones (`Consumer`: the caller
+produces, the thread consumes; `InlineConsumer` where the teacher keeps every CPU core busy itself), and the reader loads groups of chunks on a thread while the student trains
 (`produce`: the thread produces, the caller consumes). The queue is bounded either way, so memory stays flat: the
 faster side waits for the slower one. An exception on the thread is raised in the caller, never lost, and the
 thread never blocks forever on a queue the caller has stopped serving.
@@ -46,6 +46,24 @@ class Consumer:
     def raise_error(self) -> None:
         if self.error is not None:
             raise self.error
+
+
+class InlineConsumer:
+    """Consumer's interface, with `work(item)` done in `put` on the caller's thread.
+
+    For a producer that keeps every core busy by itself (a teacher on the CPU using all of torch's threads): a second
+    thread there does not overlap with it, it preempts one of its threads, and the others wait for that one at the
+    end of each parallel op. Measured on the 2-core VM, `dump --task lm` took 8% less time with its rows coded and
+    written inline than on a thread (benchmarks/RESULTS.md)."""
+
+    def __init__(self, work: Callable[[Any], None], depth: int = 0, name: str = ""):
+        self.work = work
+
+    def put(self, item: Any) -> None:
+        self.work(item)
+
+    def close(self) -> None:
+        pass
 
 
 def produce(items: Iterator, depth: int, name: str) -> Iterator:
