@@ -67,6 +67,26 @@ def test_the_compiled_sampler_refuses_rows_with_no_finite_probability_wherever_t
     assert ids[3, 0] == 36 and counts[3, 0] == 4
 
 
+def test_the_compiled_sampler_gives_the_same_draws_on_one_thread_and_on_several(monkeypatch):
+    """Rows split over threads (torch's OpenMP ones, or the pool without OpenMP) draw what one thread draws, and a bad
+    row in any thread's share is refused."""
+    if tt._sample_rows is None:
+        pytest.skip("teacher/_sampler.c was not built here")
+    logits = torch.randn(900, 4099, generator=torch.Generator().manual_seed(1)) * 3
+    u = tt.counter_uniforms(5, 11, 900, 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    several = tt._compiled_draws(logits, 16, u, 0.7)  # 900 x 4,099 logits (> 3 x 2^20): 3 threads of 300 rows
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    one = tt._compiled_draws(logits, 16, u, 0.7)
+    assert all(torch.equal(a, b) for a, b in zip(several, one))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    for row in (0, 450, 899):
+        bad = logits.clone()
+        bad[row, 7] = float("nan")
+        with pytest.raises(ValueError, match="no finite probability"):
+            tt._compiled_draws(bad, 16, u, 0.7)
+
+
 def test_packed_code_streams_are_the_numpy_ones_byte_for_byte():
     """store/_bits.c's pack_codes against the numpy definition (sparse_codec._stream without it), on the streams
     the codec makes and on edge cases: no values, zero widths, long unary runs, the widest values."""

@@ -180,40 +180,60 @@ static Py_ssize_t walk(const float *e, const double *sums, Py_ssize_t v, const d
     return m;
 }
 
-/* sample_rows(logits, u, inv_temperature, ids, counts, unique) -> -1, or the first row with no finite probability
- * logits: float32 [T, V]; u: float64 [T, n], each row ascending; ids, counts: int64 [T, n] zeroed, written; unique: int64 [T] */
+/* sample_rows(logits, u, T, V, n, inv_temperature, ids, counts, unique, threads) -> -1, or the first row with no
+ * finite probability. logits: float32 [T, V]; u: float64 [T, n], each row ascending; ids, counts: int64 [T, n]
+ * zeroed, written; unique: int64 [T]. Built with OpenMP, the rows are split over `threads` of the process's OpenMP
+ * threads: torch's own (the same libgomp), which are awake after the forward's last op, where threads of another
+ * pool would compete with them while they spin-wait. Without OpenMP, `threads` is ignored (the caller splits). */
 static PyObject *sample_rows(PyObject *self, PyObject *args) {
     Py_buffer zb, ub, ib, cb, mb;
-    Py_ssize_t t, v, n;
+    Py_ssize_t t, v, n, threads;
     float inv_t;
-    if (!PyArg_ParseTuple(args, "y*y*nnnfw*w*w*", &zb, &ub, &t, &v, &n, &inv_t, &ib, &cb, &mb)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*y*nnnfw*w*w*n", &zb, &ub, &t, &v, &n, &inv_t, &ib, &cb, &mb, &threads))
+        return NULL;
     PyObject *result = NULL;
     if (t < 0 || v < 1 || n < 1 || zb.len != t * v * 4 || ub.len != t * n * 8 || ib.len != t * n * 8 ||
         cb.len != t * n * 8 || mb.len != t * 8) {
         PyErr_SetString(PyExc_ValueError, "sample_rows: buffer sizes do not match [T, V] and [T, n]");
         goto done;
     }
-    float *e = malloc((size_t)v * sizeof(float));
-    double *sums = malloc((size_t)((v + BLOCK - 1) / BLOCK) * sizeof(double));
-    double *vs = malloc((size_t)n * sizeof(double));
-    if (!e || !sums || !vs) {
-        free(e), free(sums), free(vs);
-        PyErr_NoMemory();
-        goto done;
-    }
-    Py_ssize_t bad = -1;
+    Py_ssize_t bad = t; /* the first row with no finite probability, t if none */
+    int nomem = 0;
+    (void)threads;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t r = 0; r < t; r++) {
-        if (!exp_row((const float *)zb.buf + r * v, v, inv_t, e, sums)) { bad = r; break; }
-        double total = 0;
-        for (Py_ssize_t b = 0; b < (v + BLOCK - 1) / BLOCK; b++) total += sums[b];
-        const double *u = (const double *)ub.buf + r * n;
-        for (Py_ssize_t j = 0; j < n; j++) vs[j] = u[j] * total;
-        ((int64_t *)mb.buf)[r] = walk(e, sums, v, vs, n, (int64_t *)ib.buf + r * n, (int64_t *)cb.buf + r * n);
+#ifdef _OPENMP
+#pragma omp parallel num_threads((int)(threads > 1 ? threads : 1))
+#endif
+    {
+        float *e = malloc((size_t)v * sizeof(float));
+        double *sums = malloc((size_t)((v + BLOCK - 1) / BLOCK) * sizeof(double));
+        double *vs = malloc((size_t)n * sizeof(double));
+        int ok = e && sums && vs;
+        Py_ssize_t mine = t; /* this thread's first bad row: its rows come in order, so the least over threads is the first */
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (Py_ssize_t r = 0; r < t; r++) {
+            if (!ok || r > mine) continue;
+            if (!exp_row((const float *)zb.buf + r * v, v, inv_t, e, sums)) { mine = r; continue; }
+            double total = 0;
+            for (Py_ssize_t b = 0; b < (v + BLOCK - 1) / BLOCK; b++) total += sums[b];
+            const double *u = (const double *)ub.buf + r * n;
+            for (Py_ssize_t j = 0; j < n; j++) vs[j] = u[j] * total;
+            ((int64_t *)mb.buf)[r] = walk(e, sums, v, vs, n, (int64_t *)ib.buf + r * n, (int64_t *)cb.buf + r * n);
+        }
+#ifdef _OPENMP
+#pragma omp critical
+#endif
+        {
+            if (mine < bad) bad = mine;
+            if (!ok) nomem = 1;
+        }
+        free(e), free(sums), free(vs);
     }
     Py_END_ALLOW_THREADS
-    free(e), free(sums), free(vs);
-    result = PyLong_FromSsize_t(bad);
+    if (nomem) PyErr_NoMemory();
+    else result = PyLong_FromSsize_t(bad < t ? bad : -1);
 done:
     PyBuffer_Release(&zb), PyBuffer_Release(&ub), PyBuffer_Release(&ib), PyBuffer_Release(&cb);
     PyBuffer_Release(&mb);
@@ -222,12 +242,25 @@ done:
 
 static PyMethodDef methods[] = {
     {"sample_rows", sample_rows, METH_VARARGS,
-     "sample_rows(logits, u, T, V, n, inv_temperature, ids, counts, unique) -> -1 or the first bad row: sample:n "
-     "draws of each row of float32 logits [T, V] at the float64 uniforms u [T, n] (rows ascending), run-length encoded into the "
-     "zeroed int64 ids and counts [T, n], with each row's number of unique ids in unique [T]"},
+     "sample_rows(logits, u, T, V, n, inv_temperature, ids, counts, unique, threads) -> -1 or the first bad row: "
+     "sample:n draws of each row of float32 logits [T, V] at the float64 uniforms u [T, n] (rows ascending), "
+     "run-length encoded into the zeroed int64 ids and counts [T, n], with each row's number of unique ids in unique "
+     "[T]; on `threads` OpenMP threads where built with OpenMP (the module's `openmp`)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_sampler", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__sampler(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__sampler(void) {
+    PyObject *m = PyModule_Create(&module);
+#ifdef _OPENMP
+    int openmp = 1;
+#else
+    int openmp = 0;
+#endif
+    if (m != NULL && PyModule_AddIntConstant(m, "openmp", openmp) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -26,9 +26,9 @@ _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _CHUNK_CPU, _CHUNK_OTHER = 1 << 20, 1 << 26  # logits per block of rows in seeded_sample_targets
 
 try:  # the compiled sampler (teacher/_sampler.c, optional: without a C compiler the torch version below runs)
-    from ._sampler import sample_rows as _sample_rows
+    from ._sampler import openmp as _SAMPLER_OPENMP, sample_rows as _sample_rows
 except ImportError:  # pragma: no cover - the torch version is tested on its own (tests/test_token_targets.py)
-    _sample_rows = None
+    _sample_rows, _SAMPLER_OPENMP = None, False
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -133,9 +133,9 @@ _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    """The sampler's worker threads, kept for the process: a dump calls it for every block of rows, and starting
-    two threads took about 1 ms a call on the 2-core VM (benchmarks/RESULTS.md). Keyed by the process id too: a
-    forked child has none of its parent's threads, so it starts its own pool."""
+    """The compiled sampler's threads where it was built without OpenMP, kept for the process: a dump calls it for
+    every block of rows, and starting two threads took about 1 ms a call on the 2-core VM (benchmarks/RESULTS.md).
+    Keyed by the process id too: a forked child has none of its parent's threads, so it starts its own pool."""
     key = (os.getpid(), threads)
     if key not in _POOLS:
         _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="pkd-cache-sampler")
@@ -144,18 +144,23 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 def _compiled_draws(logits: torch.Tensor, n: int, u: np.ndarray, temperature: float):
     """seeded_sample_targets' draws by teacher/_sampler.c: the same definition, in one pass per row on the CPU,
-    the rows split over torch's intra-op threads (the C releases the GIL; each row depends on nothing else)."""
+    the rows split over as many threads as torch's intra-op ones (each row depends on nothing else): torch's own
+    OpenMP threads where the module was built with OpenMP, else a pool of Python threads (the C releases the GIL)."""
     z = np.ascontiguousarray(logits.detach().float().numpy())
     u = np.sort(u, axis=1)
     rows, vocab = z.shape
     ids, counts, unique = np.zeros((rows, n), np.int64), np.zeros((rows, n), np.int64), np.zeros(rows, np.int64)
 
-    def part(a: int, b: int) -> int:
-        return _sample_rows(z[a:b], u[a:b], b - a, vocab, n, 1.0 / temperature, ids[a:b], counts[a:b], unique[a:b])
+    def part(a: int, b: int, threads: int = 1) -> int:
+        return _sample_rows(z[a:b], u[a:b], b - a, vocab, n, 1.0 / temperature, ids[a:b], counts[a:b], unique[a:b],
+                            threads)
 
     threads = max(1, min(torch.get_num_threads(), rows * vocab // _CHUNK_CPU))
-    cuts = [rows * i // threads for i in range(threads + 1)]
-    bad = [part(0, rows)] if threads == 1 else list(_pool(threads).map(part, cuts[:-1], cuts[1:]))
+    if threads == 1 or _SAMPLER_OPENMP:  # one call: serial, or on torch's own OpenMP threads
+        bad = [part(0, rows, threads)]
+    else:
+        cuts = [rows * i // threads for i in range(threads + 1)]
+        bad = list(_pool(threads).map(part, cuts[:-1], cuts[1:]))
     if max(bad) >= 0:
         raise ValueError("teacher_logits has a row with no finite probability (all -inf, or a NaN or +inf logit)")
     m = int(unique.max())
