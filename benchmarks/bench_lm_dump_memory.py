@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_lm_store import random_teacher
 from common import header, peak_rss_mib, table
 
 import pkd_cache
@@ -33,20 +34,6 @@ if way == "whole forward":
     dump_lm.split_head = lambda *a: None
 pkd_cache.dump(pkd_cache.DumpConfig(**settings))
 """
-
-
-def teacher(base: Path, shape: str, vocab: int, seq: int, out: Path) -> Path:
-    import torch
-    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
-
-    layers, width = (int(v) for v in shape.lower().split("x"))
-    config = AutoConfig.from_pretrained(base)
-    config.n_layer, config.n_embd, config.n_head = layers, width, max(1, width // 64)
-    config.vocab_size, config.n_positions = vocab, max(seq, config.n_positions)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    return out
 
 
 def main() -> None:
@@ -66,7 +53,7 @@ def main() -> None:
         tmp = Path(d)
         train = tmp / "train.txt"
         train.write_text("\n".join((a.data / "train.txt").read_text().splitlines()[:a.documents]) + "\n")
-        settings = dict(teacher=str(teacher(a.teacher, a.shape, a.vocab, a.seq, tmp / "teacher")), task="lm",
+        settings = dict(teacher=str(random_teacher(a.teacher, a.shape, tmp / "teacher", a.vocab, a.seq)), task="lm",
                         data_files=[str(train)], out=str(tmp / "store.zarr"), max_seq_length=a.seq,
                         batch_size=a.batch, logits=a.logits, overwrite=True)
         runs = {"whole forward": [], "split head": []}

@@ -127,13 +127,15 @@ def pieces(a, teacher, tok) -> list[tuple]:
             for (step, impl), (w, c) in times.items()]
 
 
-def random_teacher(base: Path, shape: str, out: Path) -> Path:
-    """A GPT-2 of `shape` (LAYERSxWIDTH) with random weights and `base`'s vocabulary, positions and tokenizer."""
+def random_teacher(base: Path, shape: str, out: Path, vocab: int | None = None, positions: int | None = None) -> Path:
+    """A GPT-2 of `shape` (LAYERSxWIDTH) with random weights and `base`'s tokenizer, and its vocabulary and positions
+    unless `vocab` / `positions` are given (the tokenizer's ids must stay below `vocab`)."""
     from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
 
     layers, width = (int(v) for v in shape.lower().split("x"))
     config = AutoConfig.from_pretrained(base)
     config.n_layer, config.n_embd, config.n_head = layers, width, max(1, width // 64)
+    config.vocab_size, config.n_positions = vocab or config.vocab_size, max(positions or 0, config.n_positions)
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pkd_cache.progress import log_to_stderr
-from pkd_cache.testing import make_bert, make_store, write_sst2
+from pkd_cache.testing import make_bert, make_causal_lm, make_store, write_sst2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -29,6 +29,12 @@ def own_caches(tmp_path_factory, monkeypatch):
     the developer's nor another test's (subprocesses inherit this environment through `cli_env`)."""
     monkeypatch.setenv("PKD_CACHE_HOME", str(tmp_path_factory.mktemp("pkd_cache_home")))
     monkeypatch.delenv("PKD_CACHE", raising=False)
+
+
+@pytest.fixture(scope="session")
+def lm(tmp_path_factory) -> Path:
+    """A random 2-layer GPT-2 (hidden 16) with a word-level tokenizer of the synthetic task's words."""
+    return make_causal_lm(tmp_path_factory.mktemp("lm") / "gpt2")
 
 
 @pytest.fixture(scope="session")

@@ -7,15 +7,10 @@ import math
 
 import pytest
 import torch
-from pkd_cache.testing import cli_in_process, make_bert, make_causal_lm, show, synthetic_rows, write_jsonl
+from pkd_cache.testing import cli_in_process, make_bert, show, synthetic_rows, write_jsonl
 
 import pkd_cache
 from pkd_cache.data.corpus import load_corpus, tokenize_corpus
-
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    return make_causal_lm(tmp_path_factory.mktemp("lm") / "gpt2")
 
 
 @pytest.fixture(scope="module")

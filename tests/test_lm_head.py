@@ -6,17 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from pkd_cache.testing import make_causal_lm, synthetic_rows, write_jsonl
+from pkd_cache.testing import synthetic_rows, write_jsonl
 from pkd_cache.testing.tamper import read_json
 
 import pkd_cache
 from pkd_cache.commands import dump_lm
 from pkd_cache.teacher import lm_head
-
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    return make_causal_lm(tmp_path_factory.mktemp("lm") / "gpt2", layers=2, hidden=16)
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,6 @@ C = 64  # tokens per row: small, so a sequence runs across rows
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    return make_causal_lm(tmp_path_factory.mktemp("lm") / "gpt2", layers=2, hidden=16)
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
     write_jsonl(folder / "train.jsonl", [{"text": s} for s, _ in synthetic_rows(60, 1)])
