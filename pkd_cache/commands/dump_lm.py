@@ -31,8 +31,7 @@ from ..store.token_targets import slot_bytes
 from ..store.worker import Consumer, InlineConsumer
 from ..store.writer import attach_writer, open_writer
 from ..teacher.lm_head import SplitHead, split_head
-from .dump_lm_rows import (RowAssembler, RowSpec, encode, needs_run, precision_context, rows_of, teacher_batches,
-                           teacher_outputs)
+from .dump_lm_rows import RowAssembler, RowSpec, encode, needs_run, rows_of, teacher_batches, teacher_outputs
 from .interrupt import stop_on_sigterm
 
 SPLITS = {"train": "data_files", "validation": "validation_files"}  # split -> the DumpConfig field of its corpus
@@ -142,7 +141,7 @@ def _split_head(config: DumpConfig, model, rows: RowSpec, tokenized: dict, devic
     if rows.spec.kind == "none" or tok is None:
         return None
     probe = torch.from_numpy(tok.input_ids[int(tok.offsets[0]):int(tok.offsets[1])].astype(np.int64))[None]
-    return split_head(model, probe.to(device), precision_context(torch.device(device), config.precision))
+    return split_head(model, probe.to(device), config.precision)
 
 
 def _write(config: DumpConfig, run: _Run, tokenized: dict, metadata: dict, splits: dict, resuming: bool) -> None:

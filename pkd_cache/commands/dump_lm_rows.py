@@ -8,7 +8,6 @@ seed, the token's index in the corpus and its logits (teacher/token_targets.py),
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,6 +19,7 @@ from ..store.quantize import quantize_int8
 from ..store.token_targets import encode_row
 from ..student.sparse_kd import topk_targets
 from ..teacher.lm_head import SplitHead, block_rows
+from ..teacher.run import autocast
 from ..teacher.token_targets import seeded_sample_targets
 
 
@@ -60,10 +60,9 @@ def teacher_outputs(model, ids: np.ndarray, offsets: np.ndarray, batch: tuple[in
     x[real] = ids[t0:t1]
     inputs = torch.from_numpy(x).to(device)
     mask = torch.from_numpy(real.astype(np.int64)).to(device)
-    cast = precision_context(inputs.device, precision)
     targets = rows.spec.kind != "none"
     split = split if targets else None
-    with cast():
+    with autocast(inputs.device, precision):
         out = (split.body if split is not None else model)(input_ids=inputs, attention_mask=mask,
                                                            output_hidden_states=bool(rows.hidden_layers))
     keep = mask.bool()
@@ -76,7 +75,7 @@ def teacher_outputs(model, ids: np.ndarray, offsets: np.ndarray, batch: tuple[in
         step = block_rows(rows.vocab, inputs.device)
         parts = []
         for i in range(0, len(flat), step):
-            with cast():
+            with autocast(inputs.device, precision):
                 logits = split.head(flat[i:i + step])
             parts.append(_targets(logits.float(), rows, t0 + i))
         result["first"], result["second"] = (_cat([p[k] for p in parts]) for k in (0, 1))
@@ -89,12 +88,6 @@ def teacher_outputs(model, ids: np.ndarray, offsets: np.ndarray, batch: tuple[in
         result["hidden"] = stacked.float().cpu().numpy() if rows.hidden_dtype != "float16" else \
             stacked.to(torch.float16).cpu().numpy()
     return result
-
-
-def precision_context(device: torch.device, precision: str):
-    """A callable giving the autocast context of `--precision` (fp16 / bf16) on `device`, or a null one (fp32)."""
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    return (lambda: torch.autocast(device.type, dtype=half)) if half is not None else contextlib.nullcontext
 
 
 def _targets(logits: torch.Tensor, rows: RowSpec, first_token: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,10 +1,11 @@
 """A thread at one end of a bounded queue, whose exception is handed back to the caller.
 
 Two uses: the dump writes chunks on a thread while the teacher computes the next ones (`Consumer`: the caller
-produces, the thread consumes; `InlineConsumer` where the teacher keeps every CPU core busy itself), and the reader loads groups of chunks on a thread while the student trains
-(`produce`: the thread produces, the caller consumes). The queue is bounded either way, so memory stays flat: the
-faster side waits for the slower one. An exception on the thread is raised in the caller, never lost, and the
-thread never blocks forever on a queue the caller has stopped serving.
+produces, the thread consumes; `InlineConsumer` where the teacher keeps every CPU core busy itself), and the reader
+loads groups of chunks on a thread while the student trains (`produce`: the thread produces, the caller consumes).
+The queue is bounded either way, so memory stays flat: the faster side waits for the slower one. An exception on
+the thread is raised in the caller, never lost, and the thread never blocks forever on a queue the caller has
+stopped serving.
 """
 from __future__ import annotations
 

@@ -16,11 +16,12 @@ differently on some devices (another matmul kernel): a draw within rounding of a
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from .run import autocast
 
 # logits per block: 2^22 on the CPU (16 MiB of float32, in the last-level cache while the draws read it) and 2^26
 # elsewhere (256 MiB: the GPU's matmuls stay large)
@@ -42,19 +43,19 @@ def block_rows(vocab: int, device: torch.device) -> int:
 
 
 @torch.no_grad()
-def split_head(model, probe_ids: torch.Tensor, precision_context=contextlib.nullcontext) -> Optional[SplitHead]:
+def split_head(model, probe_ids: torch.Tensor, precision: str = "fp32") -> Optional[SplitHead]:
     """The model's body and head if head(body(probe_ids)) gives model(probe_ids).logits exactly, else None (the
     model has no separate body or head, its body does not run alone, or its forward changes the logits after the
     head).
 
-    probe_ids: [B, W] int64 on the model's device. `precision_context`: a callable giving the autocast context the
-    dump runs under, so the probe compares what the dump will compute."""
+    probe_ids: [B, W] int64 on the model's device. `precision`: the dump's `--precision` (teacher/run.py's
+    autocast), so the probe compares what the dump will compute."""
     body, head = getattr(model, "base_model", None), model.get_output_embeddings()
     if body is None or body is model or head is None:
         return None
     mask = torch.ones_like(probe_ids)
     try:
-        with precision_context():
+        with autocast(probe_ids.device, precision):
             want = model(input_ids=probe_ids, attention_mask=mask).logits
             got = head(body(input_ids=probe_ids, attention_mask=mask).last_hidden_state)
     except Exception:  # a body that does not run on its own: the whole forward is the safe way
