@@ -41,6 +41,12 @@ def teacher_workspace():
         yield tmp, minilm_teacher(tmp / "teacher")
 
 
+def corpus_file(folder: Path, split: str) -> Path:
+    """`folder`/`split`.txt (a document per line), else `split`.jsonl (a "text" field each): lm_teacher.py's data."""
+    txt = Path(folder) / f"{split}.txt"
+    return txt if txt.exists() else Path(folder) / f"{split}.jsonl"
+
+
 def header() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
@@ -56,7 +62,7 @@ def table(rows: list[tuple], names: tuple) -> str:
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.0f}"
+        return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.2f}" if abs(v) < 1000 else f"{v:,.0f}"
     return str(v)
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_token_bytes import stored
-from common import header, table
+from common import corpus_file, header, table
 from lm_teacher import perplexity
 
 from pkd_cache.data.corpus import load_corpus, token_budget_batches, tokenize_corpus
@@ -154,7 +154,7 @@ def train_run(run: str, a, teacher, train, held, vocab: int, pad: int, source=No
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--teacher", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True, help="a folder with train.txt and heldout.txt")
+    p.add_argument("--data", type=Path, required=True, help="a folder with train and heldout .txt or .jsonl")
     p.add_argument("--student-layers", type=int, default=2)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=16)
@@ -179,8 +179,8 @@ def main() -> None:
         parse_run(r)
     print(header())
     tok = AutoTokenizer.from_pretrained(a.teacher)
-    train = tokenize_corpus(tok, load_corpus([str(a.data / "train.txt")]), a.seq, "pack")
-    held = tokenize_corpus(tok, load_corpus([str(a.data / "heldout.txt")]), a.seq, "pack")
+    train = tokenize_corpus(tok, load_corpus([str(corpus_file(a.data, "train"))]), a.seq, "pack")
+    held = tokenize_corpus(tok, load_corpus([str(corpus_file(a.data, "heldout"))]), a.seq, "pack")
     teacher = AutoModelForCausalLM.from_pretrained(a.teacher)
     vocab = teacher.get_output_embeddings().weight.shape[0]
     t0 = time.perf_counter()

@@ -21,8 +21,9 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from common import header, table
+from common import corpus_file, header, table
 from lm_experiment import RUNS, online_targets, parse_run, train_run
 from lm_teacher import perplexity
 
@@ -36,13 +37,25 @@ def dump(a, spec: str) -> tuple:
     targets' bytes per token on disk."""
     out = a.stores / f"{spec.replace(':', '-')}.zarr"
     store = pkd_cache.dump(pkd_cache.DumpConfig(
-        teacher=str(a.teacher), task="lm", data_files=[str(a.data / "train.txt")], out=str(out),
+        teacher=str(a.teacher), task="lm", data_files=[str(corpus_file(a.data, "train"))], out=str(out),
         max_seq_length=a.seq, batch_size=a.dump_batch, logits=spec, sample_seed=a.seed, temperature=a.temperature))
     info = store.info()
     tokens = info["splits"]["train"]["num_tokens"]
     chunks = json.loads((out / "checksums.json").read_text())["chunks"]
     target_bytes = sum(n for k, (n, _) in chunks.items() if k.split("/")[1] in ("targets", "target_bytes"))
     return store, round(tokens / info["dump_seconds"]), round(target_bytes / tokens, 1)
+
+
+@torch.no_grad()
+def mean_entropy(model, ids, offsets, sequences: int = 64) -> float:
+    """The teacher's mean next-token entropy (nats) over the positions of `sequences` held-out sequences spread
+    evenly over the file: how peaked its distributions are, which sets how many distinct ids N draws give."""
+    total, count = 0.0, 0
+    for i in sorted(set(np.linspace(0, len(offsets) - 2, sequences).astype(int).tolist())):
+        x = torch.from_numpy(ids[offsets[i]:offsets[i + 1]].astype("int64"))[None]
+        logp = torch.log_softmax(model(input_ids=x).logits[0].float(), -1)
+        total, count = total - float((logp.exp() * logp).sum()), count + x.shape[1]
+    return total / max(count, 1)
 
 
 def store_source(a, store, run: str, teacher):
@@ -69,7 +82,7 @@ def store_source(a, store, run: str, teacher):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--teacher", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True, help="a folder with train.txt and heldout.txt")
+    p.add_argument("--data", type=Path, required=True, help="a folder with train and heldout .txt or .jsonl")
     p.add_argument("--stores", type=Path, required=True, help="where the stores are dumped (kept: a re-run reuses)")
     p.add_argument("--student-layers", type=int, default=2)
     p.add_argument("--steps", type=int, default=400)
@@ -101,10 +114,11 @@ def main() -> None:
         print(f"store {spec}: {stores[spec][1]:,} tok/s dumped, {stores[spec][2]} B/token of targets "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
     tok = AutoTokenizer.from_pretrained(a.teacher)
-    held = tokenize_corpus(tok, load_corpus([str(a.data / "heldout.txt")]), a.seq, "pack")
+    held = tokenize_corpus(tok, load_corpus([str(corpus_file(a.data, "heldout"))]), a.seq, "pack")
     teacher = AutoModelForCausalLM.from_pretrained(a.teacher).eval()
     vocab = teacher.get_output_embeddings().weight.shape[0]
-    print(f"teacher {a.teacher}: held-out perplexity {perplexity(teacher, held.input_ids, held.offsets):.2f}; "
+    print(f"teacher {a.teacher}: held-out perplexity {perplexity(teacher, held.input_ids, held.offsets):.2f}, "
+          f"mean entropy {mean_entropy(teacher, held.input_ids, held.offsets):.2f} nats; "
           f"students: {a.student_layers} layers, {a.steps} steps of <= {a.batch * a.seq:,} tokens, lr {a.lr}, "
           f"alpha {a.alpha}, T {a.temperature}", flush=True)
     rows = []

@@ -1,10 +1,16 @@
-"""Issue 18's experiment, step 1: a small causal-LM teacher trained from scratch on the GLUE sentences, on this CPU.
+"""Issue 18's experiment, step 1: a small causal-LM teacher trained from scratch on local text, on this CPU.
 
-    python benchmarks/lm_teacher.py --out /work/lm [--minutes 25] [--vocab 4096] [--layers 6] [--hidden 256]
+    python benchmarks/lm_teacher.py --out /work/lm [--corpus glue|python] [--minutes 25] [--vocab 4096] [--layers 6]
 
 There is no pretrained causal LM offline, so this makes one:
-- text: the sentences of ../shared/glue, one per line. Training: SST-2 train, MRPC train, RTE train, QNLI dev
-  (about 1M tokens). Held out: SST-2 dev and RTE dev (sentences of neither are in training).
+- text, `--corpus glue` (the default): the sentences of ../shared/glue, one per line. Training: SST-2 train, MRPC
+  train, RTE train, QNLI dev (about 1M tokens). Held out: SST-2 dev and RTE dev (sentences of neither are in
+  training). Writes train.txt and heldout.txt.
+- text, `--corpus python`: the source files of this Python's standard library (test packages left out), one
+  document per file, in path order: every 25th file is held out (up to 200 KB of them), the others train (up to
+  3.5 MB, about the size of the GLUE text). Code is far more predictable than short sentences: the teacher's
+  next-token distributions are peakier, as a real LM's are, and a sample:N target has fewer distinct ids.
+  Writes train.jsonl and heldout.jsonl (a "text" field per file).
 - a byte-level BPE tokenizer of `--vocab` tokens trained with `tokenizers` on the training text, saved as a
   `transformers` fast tokenizer with `<|endoftext|>` as its eos (and bos, pad, unk);
 - a GPT-2 shaped model (`--layers` x `--hidden`, context `--seq`) trained with AdamW (cosine schedule, warm-up)
@@ -37,9 +43,11 @@ def glue_sentences(name: str, split: str, columns: tuple[str, ...]) -> list[str]
         return [" ".join(r[c].split()) for r in rows for c in columns if r.get(c) and r[c].strip()]
 
 
-def write_text(out: Path) -> tuple[Path, Path]:
+def write_text(out: Path, corpus: str) -> tuple[Path, Path]:
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
+    if corpus == "python":
+        return write_python_source(data)
     train = (glue_sentences("SST-2", "train", ("sentence",)) + glue_sentences("MRPC", "train", ("#1 String", "#2 String"))
              + glue_sentences("RTE", "train", ("sentence1", "sentence2"))
              + glue_sentences("QNLI", "dev", ("question", "sentence")))
@@ -49,12 +57,39 @@ def write_text(out: Path) -> tuple[Path, Path]:
     return data / "train.txt", data / "heldout.txt"
 
 
+def write_python_source(data: Path, train_bytes: int = 3_500_000, heldout_bytes: int = 200_000) -> tuple[Path, Path]:
+    import json
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py")
+                   if not ({"test", "tests", "idle_test", "site-packages", "dist-packages"} & set(p.relative_to(root).parts)))
+    parts = {"train": [], "heldout": []}
+    size = {"train": 0, "heldout": 0}
+    limit = {"train": train_bytes, "heldout": heldout_bytes}
+    for i, path in enumerate(files):
+        split = "heldout" if i % 25 == 0 else "train"
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if size[split] + len(text) <= limit[split] and text.strip():
+            parts[split].append(json.dumps({"text": text}))
+            size[split] += len(text)
+    for split, lines in parts.items():
+        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    print(f"python source from {root}: {len(parts['train'])} files ({size['train']:,} chars) to train, "
+          f"{len(parts['heldout'])} ({size['heldout']:,}) held out", flush=True)
+    return data / "train.jsonl", data / "heldout.jsonl"
+
+
 def train_tokenizer(train_txt: Path, vocab: int, folder: Path):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train([str(train_txt)], vocab_size=vocab, min_frequency=2, special_tokens=[EOS])
+    if train_txt.suffix == ".txt":
+        bpe.train([str(train_txt)], vocab_size=vocab, min_frequency=2, special_tokens=[EOS])
+    else:  # documents that span lines (source files): the text of each, not the file's JSON
+        bpe.train_from_iterator(load_corpus([str(train_txt)]).documents, vocab_size=vocab, min_frequency=2,
+                                special_tokens=[EOS])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS)
     tok.save_pretrained(folder)
     return tok
@@ -68,6 +103,7 @@ def perplexity(model, ids: np.ndarray, offsets: np.ndarray) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--corpus", choices=("glue", "python"), default="glue")
     p.add_argument("--minutes", type=float, default=25.0)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--layers", type=int, default=6)
@@ -82,7 +118,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     print(header())
-    train_txt, heldout_txt = write_text(a.out)
+    train_txt, heldout_txt = write_text(a.out, a.corpus)
     t0 = time.perf_counter()
     tok = train_tokenizer(train_txt, a.vocab, a.out / "teacher")
     train = tokenize_corpus(tok, load_corpus([str(train_txt)]), a.seq, "pack")
