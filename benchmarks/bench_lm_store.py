@@ -192,10 +192,9 @@ def main() -> None:
         bare, dumped, torch_sampled, whole, kd, ce, memory = [], [], [], [], [], [], []
         store = tmp / "store.zarr"
         compiled = a.logits.startswith("sample") and token_targets._sample_rows is not None
-        for r in range(1 if a.distill_only else a.repeats):
-            if a.distill_only:  # one dump makes the store; nothing of it is timed
-                dump(a, store, train, held)
-                break
+        if a.distill_only:  # one dump makes the store; nothing of it is timed
+            dump(a, store, train, held)
+        for r in range(0 if a.distill_only else a.repeats):
             bare.append(sum(t.num_tokens for t in toks) / sum(t.num_tokens / bare_forward(teacher, t, a.batch)
                                                               for t in toks))
             dumped.append(dump(a, store, train, held))
@@ -212,15 +211,18 @@ def main() -> None:
             # the first run of a process pays warm-ups: the KD and CE runs take turns at going first
             for alpha in ((0.5, 0.0) if r % 2 == 0 else (0.0, 0.5)):
                 (kd if alpha else ce).append(distill(a, store, tmp / ("kd" if alpha else "ce"), alpha))
-            memory.append(ce_in_memory(a, store) if not a.distill_only else float("nan"))
-            print(f"repeat {r + 1}: distill {kd[-1]:.3f} step/s, --alpha 0 {ce[-1]:.3f}, in memory {memory[-1]:.3f}",
-                  flush=True)
+            if not a.distill_only:
+                memory.append(ce_in_memory(a, store))
+            print(f"repeat {r + 1}: distill {kd[-1]:.3f} step/s, --alpha 0 {ce[-1]:.3f}"
+                  + (f", in memory {memory[-1]:.3f}" if memory else ""), flush=True)
     med = statistics.median
     def pairs(xs):  # each dump against the bare forward run just before it: the VM drifts between repeats
         return f"{med(x / b for x, b in zip(xs, bare)):.3f}"
 
-    rows = [] if a.distill_only else [("dump --task lm (tok/s)", ", ".join(f"{v:,.0f}" for v in dumped), "bare teacher forward",
-             ", ".join(f"{v:,.0f}" for v in bare), f"{med(dumped) / med(bare):.3f}", pairs(dumped))]
+    rows = []
+    if dumped:
+        rows.append(("dump --task lm (tok/s)", ", ".join(f"{v:,.0f}" for v in dumped), "bare teacher forward",
+                     ", ".join(f"{v:,.0f}" for v in bare), f"{med(dumped) / med(bare):.3f}", pairs(dumped)))
     if torch_sampled:
         rows.append(("dump --task lm, torch sampler (tok/s)", ", ".join(f"{v:,.0f}" for v in torch_sampled),
                      "bare teacher forward", ", ".join(f"{v:,.0f}" for v in bare), f"{med(torch_sampled) / med(bare):.3f}",
@@ -232,8 +234,9 @@ def main() -> None:
     if not a.dump_only:
         rows += [
             ("distill, alpha 0.5 (step/s)", ", ".join(f"{v:.3f}" for v in kd), "distill --alpha 0 (CE only)",
-             ", ".join(f"{v:.3f}" for v in ce), f"{med(kd) / med(ce):.3f}", f"{med(k / c for k, c in zip(kd, ce)):.3f}")]
-        if not a.distill_only:
+             ", ".join(f"{v:.3f}" for v in ce), f"{med(kd) / med(ce):.3f}",
+             f"{med(k / c for k, c in zip(kd, ce)):.3f}")]
+        if memory:
             rows.append(("distill, alpha 0.5 (step/s)", ", ".join(f"{v:.3f}" for v in kd),
                          "CE-only loop, batches in memory", ", ".join(f"{v:.3f}" for v in memory),
                          f"{med(kd) / med(memory):.3f}", ""))
