@@ -193,12 +193,22 @@ def test_token_kd_at_t1_shares_one_log_softmax_and_equals_the_two_losses(kind):
     teacher = torch.randn(b * s, v)
     made = sample_targets(teacher, 8, torch.Generator().manual_seed(1)) if kind == "sample" else topk_targets(teacher, 3)
     targets = tuple(t.reshape(b, s, -1) for t in made)
+    if kind == "sample":
+        targets[1][0, 2] = 0  # a position without draws: left out of KD's mean, still in CE's
     loss, parts = TokenKD(kind, alpha=0.7)(z, ids, mask, targets)
     (grad,) = torch.autograd.grad(loss, z)
     valid = mask[:, :-1].bool() & mask[:, 1:].bool()
     ce = torch.nn.functional.cross_entropy(z[:, :-1][valid], ids[:, 1:][valid])
     module = SampledKDLoss() if kind == "sample" else TopKKDLoss()
     kd = module(z[:, :-1], *(t[:, :-1] for t in targets), mask=valid)
-    (want,) = torch.autograd.grad(ce + 0.7 * kd, z)
+    if kind == "sample":  # and by hand, in plain autograd (both modules above gather through gathered_nll)
+        tid, cnt = (t[:, :-1][valid] for t in targets)
+        q = cnt / cnt.sum(-1, keepdim=True).clamp_min(1)
+        lp = torch.log_softmax(z[:, :-1][valid], -1)
+        assert torch.allclose(kd, -(q * lp.gather(-1, tid)).sum() / (cnt.sum(-1) > 0).sum(), atol=1e-6)
+    (want,) = torch.autograd.grad(ce + 0.7 * kd, z, retain_graph=True)
+    if kind == "sample":
+        (by_hand,) = torch.autograd.grad(ce - 0.7 * (q * lp.gather(-1, tid)).sum() / (cnt.sum(-1) > 0).sum(), z)
+        assert torch.allclose(want, by_hand, atol=1e-6)
     assert torch.allclose(loss, ce + 0.7 * kd, atol=1e-6) and torch.allclose(parts["kd"], kd, atol=1e-6)
     assert torch.allclose(grad, want, atol=1e-6) and grad.abs().sum() > 0

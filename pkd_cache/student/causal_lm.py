@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PkdCacheError, first_line
+from .gathered_nll import gathered_nll
 from .sparse_kd import FullKDLoss, SampledKDLoss, TopKKDLoss
 
 BLOCK_LISTS = ("transformer.h", "model.layers", "model.decoder.layers", "gpt_neox.layers", "transformer.layers")
@@ -141,16 +142,20 @@ class TokenKD(torch.nn.Module):
             raise ValueError(f"alpha = {self.alpha} > 0 needs {self.kind} targets")
         parts = () if targets is None else (targets,) if isinstance(targets, torch.Tensor) else tuple(targets)
         if self.alpha > 0 and self.kind != "full" and self.kd.temperature == 1.0:
-            # one log-softmax (and one backward through it) for both terms: at T = 1 they score the same log-probs
-            lp = F.log_softmax(zv, dim=-1)
-            ce = -lp.gather(-1, input_ids[:, 1:][valid].long().unsqueeze(-1)).sum() / count
+            # at T = 1 both terms score the same log-probs: one softmax (and one backward through it) serves both
+            nxt = input_ids[:, 1:][valid].long().unsqueeze(-1)
             rows = [t[:, :-1][valid] for t in parts]
-            per_token = self.kd.per_token(lp, *rows)
-            if self.kind == "sample":  # SampledKDLoss's mean: over the positions that have draws
-                has = (rows[1] > 0).any(-1)
+            if self.kind == "sample":  # the next token and the draws in one gather; the mean over rows with draws
+                ids, counts, *entropy = rows
+                has = (counts > 0).any(-1)
+                nll = gathered_nll(zv, torch.cat([nxt, torch.where(counts > 0, ids.long(), 0)], -1))
+                ce = nll[:, 0].sum() / count
+                per_token = self.kd.per_token(nll[:, 1:], counts, *entropy)
                 kd = torch.where(has, per_token, 0).sum() / has.sum().clamp_min(1)
-            else:
-                kd = per_token.sum() / count
+            else:  # top-K's rest bucket needs every log-prob
+                lp = F.log_softmax(zv, dim=-1)
+                ce = -lp.gather(-1, nxt).sum() / count
+                kd = self.kd.per_token(lp, *rows).sum() / count
             return ce + self.alpha * kd, {"ce": ce.detach(), "kd": kd.detach(), "tokens": int(valid.sum())}
         ce = F.cross_entropy(zv, input_ids[:, 1:][valid].long(), reduction="sum") / count
         loss, kd = ce, ce.new_zeros(())

@@ -34,6 +34,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .gathered_nll import gathered_nll
+
 _OBJECTIVES = ("ce", "kl")
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -133,17 +135,18 @@ class SampledKDLoss(_TokenKDLoss):
         mask = has_draws if mask is None else mask.to(torch.bool) & has_draws
         extra = () if teacher_entropy is None else (teacher_entropy.unsqueeze(-1),)
         mask, z, (ids, counts, *ent) = self._rows(student_logits, mask, ids, counts, *extra)
-        return self._reduce(self.per_token(self._student_logprobs(z), ids, counts, *ent), mask)
+        nll = gathered_nll(z / self.temperature, torch.where(counts > 0, ids.long(), 0))
+        return self._reduce(self.per_token(nll, counts, *ent), mask)
 
-    def per_token(self, lp_s: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
+    def per_token(self, nll: torch.Tensor, counts: torch.Tensor,
                   teacher_entropy: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The loss of each row [T] (T²-scaled), from the student's log-probs at the loss temperature lp_s [T, V]
-        and the rows' targets (already masked): for a caller that has lp_s already (TokenKD at T = 1)."""
-        c = counts.to(lp_s.dtype)
+        """The loss of each row [T] (T²-scaled), from the student's negative log-probs at the loss temperature of
+        the rows' sampled ids, nll [T, M] (`gathered_nll`; any value at a padding slot), and their counts [T, M]
+        (rows already masked): for a caller that gathers more per row in one go (TokenKD: the next token too)."""
+        c = counts.to(nll.dtype)
         real = c > 0
         q = c / c.sum(-1, keepdim=True).clamp_min(1e-30)
-        lp_sel = lp_s.gather(-1, torch.where(real, ids.long(), 0))
-        loss = -torch.where(real, q * lp_sel, 0).sum(-1)
+        loss = torch.where(real, q * nll, 0).sum(-1)
         if self.objective == "kl":
             loss = loss - teacher_entropy.reshape(-1).to(loss.dtype)
         return loss * self.temperature ** 2
@@ -176,7 +179,7 @@ class TopKKDLoss(_TokenKDLoss):
 
     def per_token(self, lp_s: torch.Tensor, ids: torch.Tensor, lp_t: torch.Tensor) -> torch.Tensor:
         """The loss of each row [T] (T²-scaled) from the student's log-probs at the loss temperature lp_s [T, V]
-        and the rows' targets (already masked), as SampledKDLoss.per_token."""
+        and the rows' targets (already masked): for a caller that has lp_s already (TokenKD at T = 1)."""
         ids = ids.long()
         lp_t = _compute_dtype(lp_t).to(lp_s.dtype)
         in_top = torch.zeros_like(lp_s, dtype=torch.bool).scatter(-1, ids, True)
