@@ -7,6 +7,10 @@ B4: store step / plain fine-tuning step (the student alone, batches already in m
 B5: online KD step (teacher forward every step) / store step, against the FLOP bound: a 6-layer teacher forward
     (6) plus a 3-layer student forward and backward (3 x 3) over the student alone (9): 15/9 = 1.67; goal: >= 0.95
     of the bound.
+
+PKD_GLUE=DIR reads SST-2 from DIR/SST-2 instead of ../shared/glue; PKD_MINILM_CONFIG=DIR (MiniLM's config.json and
+tokenizer files) runs a MiniLM with random weights, teacher and student init, instead of the installed one: the same
+speed (common.py).
 """
 from __future__ import annotations
 

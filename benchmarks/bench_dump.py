@@ -6,6 +6,9 @@
 B1: dump's loop (tokenise, forward, compress, write; model loading excluded) vs a bare forward over the same
     bucketed batches of the same examples, tokenised beforehand; goal >= 0.97.
 B2: `--pad-to-max-length` dump time / bucketed dump time on SST-2 train with the real MiniLM-L6; goal >= 4x.
+
+PKD_GLUE=DIR reads SST-2 from DIR/SST-2 instead of ../shared/glue; PKD_MINILM_CONFIG=DIR (MiniLM's config.json and
+tokenizer files) runs a MiniLM with random weights instead of the installed one: the same speed (common.py).
 """
 from __future__ import annotations
 

