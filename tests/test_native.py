@@ -129,3 +129,74 @@ def test_coded_targets_are_the_same_bytes_with_and_without_the_compiled_packer(m
     slow = sc.encode_sampled(ids.numpy(), counts.numpy(), 64, 300), sc.encode_topk(*topk, 300)
     for a, b in zip(fast, slow):
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+
+def test_compiled_rows_decode_edge_cases_as_numpy_does(monkeypatch):
+    """rice_rows / gamma_rows against the numpy decoder on chunks at the edges: no tokens, a vocabulary of one,
+    every id of the vocabulary drawn, n = 1, gaps far above the Rice parameter (long unary runs)."""
+    from pkd_cache.store import sparse_codec as sc
+
+    if sc._rice_rows is None:
+        pytest.skip("store/_bits.c was not built here")
+    cases = [(np.zeros((0, 1), np.int64), np.zeros((0, 1), np.int64), 4, 10),
+             (np.zeros((3, 1), np.int64), np.full((3, 1), 5), 5, 1),  # V = 1
+             (np.tile(np.arange(6), (2, 1)), np.ones((2, 6), np.int64), 6, 6),  # every id, each once
+             (np.array([[0, 0], [7, 0]]), np.array([[1, 0], [1, 0]]), 1, 8),  # n = 1
+             (np.array([[0, 99_999]]), np.array([[3, 2]]), 5, 100_000)]  # a gap of 99,998 with k = 15
+    for ids, counts, n, vocab in cases:
+        arrays = sc.encode_sampled(ids, counts, n, vocab)
+        fast = sc.decode_sampled(arrays, n, vocab)
+        assert sc._compiled_rows(sc._rice_rows, arrays["ids"], arrays["n_unique"].astype(np.int64), vocab) is not None
+        with monkeypatch.context() as patch:
+            patch.setattr(sc, "_rice_rows", None)
+            slow = sc.decode_sampled(arrays, n, vocab)
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(fast, slow)), (ids, counts)
+        assert all(a.flags.writeable for a in fast)
+
+
+@pytest.mark.parametrize("kind", ["sample", "topk"])
+def test_decoding_is_the_same_with_and_without_the_compiled_reader(monkeypatch, kind):
+    """Every chunk decodes to the same targets, and every damaged one fails with the same message, through
+    rice_rows / gamma_rows as through the numpy bit planes: truncated or lengthened streams, each bit of each stream's last
+    byte flipped, and random bit flips."""
+    from pkd_cache.store import sparse_codec as sc
+
+    if sc._rice_rows is None:
+        pytest.skip("store/_bits.c was not built here")
+    logits = 3 * torch.randn(300, 500, generator=torch.Generator().manual_seed(2))
+    if kind == "sample":
+        ids, counts = tt.seeded_sample_targets(logits, 64, 0, 0)
+        arrays = sc.encode_sampled(ids.numpy(), counts.numpy(), 64, 500)
+        decode = lambda a: sc.decode_sampled(a, 64, 500)  # noqa: E731
+    else:
+        top = torch.topk(logits.log_softmax(-1), 12)
+        order = top.indices.argsort(-1)
+        arrays = sc.encode_topk(top.indices.gather(-1, order).numpy(), top.values.gather(-1, order).numpy(), 500)
+        decode = lambda a: sc.decode_topk(a, 12, 500)  # noqa: E731
+    rng = np.random.default_rng(3)
+    damaged = [arrays]
+    for name in [n for n in ("ids", "counts") if n in arrays]:
+        a = arrays[name]
+        damaged += [{**arrays, name: a[:-1]}, {**arrays, name: np.append(a, np.uint8(0))}]
+        for bit in range(8):
+            flipped = a.copy()
+            flipped[-1] ^= np.uint8(1 << bit)
+            damaged.append({**arrays, name: flipped})
+        for _ in range(30):
+            flipped = a.copy()
+            flipped[rng.integers(a.size)] ^= np.uint8(1 << int(rng.integers(8)))
+            damaged.append({**arrays, name: flipped})
+
+    def outcome(a):
+        try:
+            return [x.tobytes() for x in decode(a)]
+        except ValueError as e:
+            return str(e)
+
+    fast = [outcome(a) for a in damaged]
+    monkeypatch.setattr(sc, "_rice_rows", None)
+    monkeypatch.setattr(sc, "_gamma_rows", None)
+    slow = [outcome(a) for a in damaged]
+    assert fast == slow
+    assert isinstance(fast[0], list) and sum(isinstance(f, str) for f in fast) > 10  # some decode, many fail
