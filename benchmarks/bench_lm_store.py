@@ -6,6 +6,8 @@
   distill  `pkd_cache.distill` from that store (CE + alpha x RS-KD, targets read and decoded) against the same command
            with --alpha 0 (a CE-only student through the same reader, targets left unread), and against a CE-only
            loop on token batches already in memory (no store at all): goal >= 0.95 of CE-only training speed.
+           Where the gap is: the same KD loop on batches in memory against the CE-only one (the loss's cost), and
+           the reader alone with and without decoding the targets (batches/s, on the calling thread).
            Each is timed by the training loop's own wall time (`wall_seconds` of metrics.json: the steps and the
            evaluation on the small validation split).
 
@@ -86,27 +88,39 @@ def distill(a, store: Path, out: Path, alpha: float) -> float:
     return metrics["steps"] / metrics["wall_seconds"]
 
 
-def ce_in_memory(a, store: Path) -> float:
-    """Steps/s of a CE-only student on the same token batches, materialised in memory (on --device) before the clock
-    starts."""
+def in_memory(a, store: Path, alpha: float) -> float:
+    """Steps/s of a student on the same token batches, materialised in memory (on --device) before the clock starts:
+    CE only (alpha 0, no targets read), or CE + alpha x RS-KD on the stored targets. The optimiser is distill's
+    (fused AdamW)."""
     device = torch.device(a.device)
     opened = pkd_cache.open_store(str(store))
-    batches = [{k: v.to(device) for k, v in b.items()}
-               for _, b in zip(range(a.steps), iter_token_batches(opened, "train", a.batch * a.seq, targets=False))]
+    batches = [{k: v.to(device) for k, v in b.items()} for _, b in
+               zip(range(a.steps), iter_token_batches(opened, "train", a.batch * a.seq, targets=alpha > 0))]
     torch.manual_seed(0)
     model = causal_lm_student(str(a.teacher), a.student_layers).to(device)
-    loss_fn = TokenKD("sample", alpha=0.0)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    loss_fn = TokenKD("sample", alpha=alpha)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, fused=True)
+    synchronize(device)
     t0 = time.perf_counter()
     for b in batches:
+        targets = (b["target_ids"], b["target_counts"]) if alpha > 0 else None
         loss, _ = loss_fn(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                          b["input_ids"], b["attention_mask"])
+                          b["input_ids"], b["attention_mask"], targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
     synchronize(device)
     return len(batches) / (time.perf_counter() - t0)
+
+
+def read_alone(a, store: Path, targets: bool) -> float:
+    """Batches/s of the store's reader alone (decoded, on the caller's thread), over distill's first `a.steps`."""
+    opened = pkd_cache.open_store(str(store))
+    t0 = time.perf_counter()
+    n = sum(1 for _, b in zip(range(a.steps), iter_token_batches(opened, "train", a.batch * a.seq, prefetch=0,
+                                                                   targets=targets)))
+    return n / (time.perf_counter() - t0)
 
 
 def pieces(a, teacher, tok) -> list[tuple]:
@@ -174,7 +188,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--random-teacher", default=None, help="LAYERSxWIDTH, e.g. 12x768: a randomly initialised GPT-2 "
                    "of that shape with --teacher's vocabulary and tokenizer instead (speed does not depend on the "
-                   "weights); distill is then skipped")
+                   "weights; its sample:N targets are near-uniform, the reader's worst case)")
     p.add_argument("--vocab", type=int, default=None, help="with --random-teacher: its vocabulary size (default "
                    "--teacher's; at least the tokenizer's), e.g. 32768 for an LM head of a GPU-sized teacher")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -187,7 +201,6 @@ def main() -> None:
     p.add_argument("--whole-forward", action="store_true", help="each repeat also dumps with the model's whole "
                    "forward (all of a batch's logits at once) instead of the LM head a block of positions at a time")
     a = p.parse_args()
-    a.dump_only = a.dump_only or bool(a.random_teacher)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pkd_cache.models import quiet_transformers
@@ -213,7 +226,7 @@ def main() -> None:
             print(table(pieces(a, teacher, toks[0]), ("step", "implementation", "tokens", "wall ms (median)",
                                                        "CPU ms (median)")))
             return
-        bare, dumped, torch_sampled, whole, kd, ce, memory = [], [], [], [], [], [], []
+        bare, dumped, torch_sampled, whole, kd, ce, memory, kd_memory, reads = [], [], [], [], [], [], [], [], []
         store = tmp / "store.zarr"
         # the compiled sampler draws from CPU logits only: on a GPU the dump draws in torch there
         compiled = a.logits.startswith("sample") and token_targets._sample_rows is not None and device.type == "cpu"
@@ -237,9 +250,13 @@ def main() -> None:
             for alpha in ((0.5, 0.0) if r % 2 == 0 else (0.0, 0.5)):
                 (kd if alpha else ce).append(distill(a, store, tmp / ("kd" if alpha else "ce"), alpha))
             if not a.distill_only:
-                memory.append(ce_in_memory(a, store))
+                for alpha in ((0.0, 0.5) if r % 2 == 0 else (0.5, 0.0)):
+                    (kd_memory if alpha else memory).append(in_memory(a, store, alpha))
+                reads.append((read_alone(a, store, True), read_alone(a, store, False)))
             print(f"repeat {r + 1}: distill {kd[-1]:.3f} step/s, --alpha 0 {ce[-1]:.3f}"
-                  + (f", in memory {memory[-1]:.3f}" if memory else ""), flush=True)
+                  + (f"; in memory: KD {kd_memory[-1]:.3f}, CE only {memory[-1]:.3f}; the reader alone "
+                     f"{reads[-1][0]:.1f} batches/s with targets, {reads[-1][1]:.1f} without" if memory else ""),
+                  flush=True)
     med = statistics.median
     def pairs(xs):  # each dump against the bare forward run just before it: the VM drifts between repeats
         return f"{med(x / b for x, b in zip(xs, bare)):.3f}"
@@ -262,9 +279,15 @@ def main() -> None:
              ", ".join(f"{v:.3f}" for v in ce), f"{med(kd) / med(ce):.3f}",
              f"{med(k / c for k, c in zip(kd, ce)):.3f}")]
         if memory:
-            rows.append(("distill, alpha 0.5 (step/s)", ", ".join(f"{v:.3f}" for v in kd),
-                         "CE-only loop, batches in memory", ", ".join(f"{v:.3f}" for v in memory),
-                         f"{med(kd) / med(memory):.3f}", ""))
+            runs = lambda xs: ", ".join(f"{v:.3f}" for v in xs)  # noqa: E731
+            rows += [("distill, alpha 0.5 (step/s)", runs(kd), "CE-only loop, batches in memory", runs(memory),
+                      f"{med(kd) / med(memory):.3f}", ""),
+                     ("KD loop, batches in memory (step/s)", runs(kd_memory), "CE-only loop, batches in memory",
+                      runs(memory), f"{med(kd_memory) / med(memory):.3f}",
+                      f"{med(k / c for k, c in zip(kd_memory, memory)):.3f}"),
+                     ("the reader alone, targets decoded (batches/s)", runs(r for r, _ in reads),
+                      "the reader alone, no targets", runs(n for _, n in reads),
+                      f"{med(r for r, _ in reads) / med(n for _, n in reads):.3f}", "")]
     print(table(rows, ("measured", "runs", "against", "runs", "ratio of medians", "median of pair ratios")))
 
 

@@ -15,6 +15,7 @@
 #
 # A dry run of every step, tiny and on the CPU, without the wheels or the C build (here, with a venv):
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1 OUT=/tmp/gpu_check PATH=/work/venv/bin:$PATH bash benchmarks/gpu_check.sh
+# Some steps only: GPU_CHECK_ONLY="install build_ext environment bench_lm_store" bash benchmarks/gpu_check.sh
 #
 # No `set -e`: each step runs under `timeout` (its own cap, or what is left of GPU_CHECK_BUDGET less the end's
 # reserve), its failure is logged, and the next step runs.
@@ -23,6 +24,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_HUB_D
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 SMALL=${GPU_CHECK_SMALL:-0}
 BUDGET=${GPU_CHECK_BUDGET:-420}
+ONLY=${GPU_CHECK_ONLY:-}  # the names of the steps to run, space-separated (default: all)
 RESERVE=20  # seconds kept for the last step (nvidia-smi, the summary) and a killed step's 5 s of grace
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -37,6 +39,7 @@ log() { echo "[$(date -u +%H:%M:%S) +$((SECONDS - START))s] $*" | tee -a "$LOG";
 # step NAME CAP FILE COMMAND: COMMAND (a bash string) under timeout, its output into $LOG and, if FILE, $OUT/FILE
 step() {
   local name=$1 cap=$2 file=$3 cmd=$4
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   local left=$((BUDGET - RESERVE - (SECONDS - START)))
   local t=$((cap < left ? cap : left)) t0=$SECONDS
   if ((t < 5)); then
@@ -209,14 +212,14 @@ if [ "$SMALL" = 1 ]; then
   DUMP="--examples 256 --b2-examples 256 --repeats 1 --batch-size 32"
   DISTILL="--steps 2 --warmup 1 --examples 128"
 else
-  LM="--documents 10000 --steps 60 --batch 32 --repeats 2"
-  RANDOM_LM="--random-teacher 12x768 --vocab 32768 --documents 10000 --batch 32 --repeats 2"
+  LM="--documents 10000 --steps 60 --batch 32 --repeats 3"
+  RANDOM_LM="--random-teacher 12x768 --vocab 32768 --student-layers 4 --documents 10000 --batch 32 --repeats 2"
   DUMP=""
   DISTILL=""
 fi
-step bench_lm_store 130 bench_lm_store.txt \
+step bench_lm_store 150 bench_lm_store.txt \
   "python3 benchmarks/bench_lm_store.py --teacher $GPU/lm/teacher --data $GPU/lm/data --device $DEVICE $LM"
-step bench_lm_store_random 90 bench_lm_store_random.txt \
+step bench_lm_store_random 150 bench_lm_store_random.txt \
   "python3 benchmarks/bench_lm_store.py --teacher $GPU/lm/teacher --data $GPU/lm/data --device $DEVICE $RANDOM_LM"
 export PKD_GLUE=$GPU/glue PKD_MINILM_CONFIG=$GPU/minilm
 # bench_distill first: it is the short one, and bench_dump (B2: all of SST-2 train twice) takes what is left
