@@ -212,8 +212,8 @@ if [ "$SMALL" = 1 ]; then
   DUMP="--examples 256 --b2-examples 256 --repeats 1 --batch-size 32"
   DISTILL="--steps 2 --warmup 1 --examples 128"
 else
-  LM="--documents 10000 --steps 60 --batch 32 --repeats 3"
-  RANDOM_LM="--random-teacher 12x768 --vocab 32768 --student-layers 4 --documents 10000 --batch 32 --repeats 2"
+  LM="--documents 10000 --steps 200 --batch 32 --repeats 3"
+  RANDOM_LM="--random-teacher 12x768 --vocab 32768 --student-layers 4 --documents 10000 --steps 150 --batch 32 --repeats 2"
   DUMP=""
   DISTILL=""
 fi

@@ -70,6 +70,7 @@ def test_the_store_holds_the_teachers_outputs_for_every_token(lm, corpus, store)
             out = model(torch.from_numpy(tok.input_ids[a:e].astype(np.int64))[None], output_hidden_states=True)
         ids, counts = seeded_sample_targets(out.logits[0], 16, 0, int(a))
         m = b["target_ids"].shape[-1]
+        assert (b["target_ids"].dtype, b["target_counts"].dtype) == (torch.int32, torch.int16)  # a third of int64's
         assert torch.equal(b["target_ids"][0, :, :ids.shape[1]], ids) and torch.equal(
             b["target_counts"][0, :, :ids.shape[1]], counts)
         assert (b["target_counts"][0, :, ids.shape[1]:m] == 0).all()

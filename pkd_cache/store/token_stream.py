@@ -10,8 +10,11 @@ that runs into the next row reads that row too).
 
 A batch (torch tensors, sequences padded on the right with id 0):
     input_ids [B, L] int64, attention_mask [B, L] int64 (1 = real token)
-    sample:N  target_ids [B, L, M] int64, target_counts [B, L, M] int64 (count 0 = padding slot)
-    topk:K    target_ids [B, L, K] int64, target_logprobs [B, L, K] float32
+    sample:N  target_ids [B, L, M] int32, target_counts [B, L, M] int16 (int32 for N > 32,767; count 0 = padding
+              slot)
+    topk:K    target_ids [B, L, K] int32, target_logprobs [B, L, K] float32
+The targets are narrower than the int64 the loss indexes with: a third of the bytes to gather and to copy to a GPU
+(a sample:64 batch of 4,096 tokens: 1.3 MB instead of 4 MB).
     hidden    [B, L, h, H] float32 (with `hidden=True`: the stored layers, dequantised)
 The targets at position t are the teacher's distribution of token t + 1 (student/causal_lm.TokenKD aligns them).
 """
@@ -136,8 +139,10 @@ def gather_batch(cache: RowCache, offsets: np.ndarray, seqs: np.ndarray) -> dict
     names = {"first": "target_ids", "second": "target_counts" if cache.spec.kind == "sample" else "target_logprobs"}
     if cache.spec.kind != "none":
         m = max(d["first"].shape[1] for d, _ in picks)
+        narrow = {"first": np.int32, "second": np.int16 if cache.spec.count <= 0x7FFF else np.int32} \
+            if cache.spec.kind == "sample" else {"first": np.int32, "second": np.float32}
         for key, name in names.items():
-            out[name] = np.zeros((flat, m), picks[0][0][key].dtype)
+            out[name] = np.zeros((flat, m), narrow[key])
     if cache.hidden:
         out["hidden"] = np.zeros((flat,) + picks[0][0]["hidden"].shape[1:], np.float32)
     for d, at in picks:
