@@ -95,6 +95,19 @@ def test_shuffled_batches_cover_every_sequence_once_within_the_budget(store):
                                                   for x, y in zip(resumed, whole[2:]))
 
 
+@pytest.mark.parametrize("workers, prefetch", [(3, 2), (1, 0), (2, 1)])
+def test_rows_decoded_on_a_pool_give_the_same_batches(store, workers, prefetch):
+    """Rows decoded ahead on `workers` threads give, batch for batch, what decoding each row when it is first needed
+    on the gathering thread gives (workers 0), resumed part-way too; with budgets that cut sequences across rows."""
+    for budget, start in ((60, 0), (200, 3)):
+        kw = dict(seed=5, epoch=1, shuffle_chunks=2, start_batch=start, hidden=True)
+        plain = [{k: v.numpy() for k, v in b.items()}
+                 for b in iter_token_batches(store, "train", budget, workers=0, prefetch=0, **kw)]
+        pooled = [{k: v.numpy() for k, v in b.items()}
+                  for b in iter_token_batches(store, "train", budget, workers=workers, prefetch=prefetch, **kw)]
+        _same_batches(plain, pooled)
+
+
 def test_verify_passes_and_the_metadata_records_the_spec(store):
     p = cli_in_process("verify", store.path)
     assert p.returncode == 0, show(p)

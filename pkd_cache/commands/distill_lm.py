@@ -143,6 +143,7 @@ class _Plan:
         forwards = iter_token_batches(self.store, c.train_split, self.max_tokens, True, c.train.seed, epoch,
                                       start_batch=start_step * g, shard=(dist.rank, dist.world),
                                       hidden=bool(self.hidden_map), prefetch=0 if c.dataloader_num_workers == 0 else 2,
+                                      workers=c.dataloader_num_workers,
                                       targets=self.alpha > 0)
         if g == 1:
             return forwards

@@ -20,8 +20,10 @@ The targets at position t are the teacher's distribution of token t + 1 (student
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 
@@ -81,10 +83,14 @@ def token_plan(offsets: np.ndarray, chunk_tokens: int, max_tokens: int, shuffle:
 
 
 class RowCache:
-    """Decoded rows of one split, the most recent few kept: a group's rows are read once."""
+    """Decoded rows of one split, the most recent few kept: a group's rows are read once. With a thread `pool`,
+    `ahead(rows)` decodes rows there before they are asked for (the C decoder and Blosc release the GIL, so several
+    rows decode at once beside the training loop); `get` waits for such a row, else decodes it itself."""
 
-    def __init__(self, store, split: str, hidden: bool, size: int, targets: bool = True):
-        self.store, self.split, self.size = store, split, size
+    def __init__(self, store, split: str, hidden: bool, size: int, targets: bool = True,
+                 pool: Optional[ThreadPoolExecutor] = None):
+        self.store, self.split, self.size, self.pool = store, split, size, pool
+        self.pending: dict[int, Future] = {}
         lm = store.meta.lm
         self.c, self.vocab = int(lm["chunk_tokens"]), store.meta.tokenizer.vocab_size
         stored = lm["targets"]
@@ -98,10 +104,24 @@ class RowCache:
         self.arrays = {n: store.array(split, n) for n in names}
         self.rows: OrderedDict[int, dict] = OrderedDict()
 
+    def ahead(self, rows) -> None:
+        """Start decoding `rows` on the pool (those not decoded or under way already); nothing without a pool."""
+        for r in rows if self.pool is not None else ():
+            if r not in self.rows and r not in self.pending:
+                self.pending[r] = self.pool.submit(self._decode, r)
+
     def get(self, r: int) -> dict[str, np.ndarray]:
         if r in self.rows:
             self.rows.move_to_end(r)
             return self.rows[r]
+        future = self.pending.pop(r, None)
+        row = future.result() if future is not None else self._decode(r)
+        self.rows[r] = row
+        while len(self.rows) > self.size:
+            self.rows.popitem(last=False)
+        return row
+
+    def _decode(self, r: int) -> dict[str, np.ndarray]:
         t = min(self.c, self.total - r * self.c)
         raw = {n: a.chunk(r)[0] for n, a in self.arrays.items()}
         row = {"tokens": raw["tokens"][:t].astype(np.int64)}
@@ -117,9 +137,6 @@ class RowCache:
             if "hidden_scale" in raw:
                 h = dequantize_int8(h, raw["hidden_scale"][:, :t], np.float32)
             row["hidden"] = h.transpose(1, 0, 2).astype(np.float32, copy=False)  # [t, h, H]
-        self.rows[r] = row
-        while len(self.rows) > self.size:
-            self.rows.popitem(last=False)
         return row
 
 
@@ -157,20 +174,44 @@ def gather_batch(cache: RowCache, offsets: np.ndarray, seqs: np.ndarray) -> dict
     return {k: v if k == "attention_mask" else v.reshape(real.shape + v.shape[1:]) for k, v in out.items()}
 
 
+def batch_rows(offsets: np.ndarray, seqs: np.ndarray, chunk_tokens: int) -> list[int]:
+    """The rows (chunks of `chunk_tokens` tokens) that the sequences `seqs` lie in, ascending."""
+    first, last = offsets[seqs] // chunk_tokens, (offsets[seqs + 1] - 1) // chunk_tokens
+    return sorted({int(r) for f, e in zip(first, last) for r in range(f, e + 1)})
+
+
+def _gathered(cache: RowCache, offsets: np.ndarray, plan: list[np.ndarray], ahead: int) -> Iterator[dict]:
+    """gather_batch over the plan, the rows of the next `ahead` batches decoding on the cache's pool meanwhile."""
+    rows = [batch_rows(offsets, seqs, cache.c) for seqs in plan[:ahead]]
+    for i, seqs in enumerate(plan):
+        if i + ahead < len(plan):
+            rows.append(batch_rows(offsets, plan[i + ahead], cache.c))
+        for later in rows[i:]:
+            cache.ahead(later)
+        yield gather_batch(cache, offsets, seqs)
+
+
 def iter_token_batches(store, split: str, max_tokens: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                        shuffle_chunks: int = 8, start_batch: int = 0, shard: tuple[int, int] = (0, 1),
-                       hidden: bool = False, prefetch: int = 2,
-                       targets: bool = True) -> Iterator[dict[str, "torch.Tensor"]]:
-    """The epoch's batches (torch tensors), read `prefetch` batches ahead on a thread; `targets` False leaves the
+                       hidden: bool = False, prefetch: int = 2, targets: bool = True,
+                       workers: Optional[int] = None) -> Iterator[dict[str, "torch.Tensor"]]:
+    """The epoch's batches (torch tensors), gathered `prefetch` batches ahead on a thread, from rows decoded on
+    `workers` threads (default: up to 4; 0: on that thread) for the next few batches; `targets` False leaves the
     coded targets unread (a CE-only student)."""
     import torch
 
     offsets = sequence_offsets(store, split)
     c = int(store.meta.lm["chunk_tokens"])
     plan = token_plan(offsets, c, max_tokens, shuffle, seed, epoch, shuffle_chunks, *shard)[start_batch:]
-    cache = RowCache(store, split, hidden, size=max(1, shuffle_chunks) + 2, targets=targets)
-    for arrays in produce((gather_batch(cache, offsets, seqs) for seqs in plan), prefetch, "pkd-cache-tokens"):
-        yield {k: torch.from_numpy(v) for k, v in arrays.items()}
+    threads = min(4, os.cpu_count() or 1) if workers is None else workers
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pkd-cache-rows") if threads > 0 else None
+    cache = RowCache(store, split, hidden, size=max(1, shuffle_chunks) + 2, targets=targets, pool=pool)
+    try:
+        for arrays in produce(_gathered(cache, offsets, plan, threads), prefetch, "pkd-cache-tokens"):
+            yield {k: torch.from_numpy(v) for k, v in arrays.items()}
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def steps_per_epoch(store, split: str, max_tokens: int, world: int = 1) -> int:
