@@ -13,10 +13,10 @@ A batch (torch tensors, sequences padded on the right with id 0):
     sample:N  target_ids [B, L, M] int32, target_counts [B, L, M] int16 (int32 for N > 32,767; count 0 = padding
               slot)
     topk:K    target_ids [B, L, K] int32, target_logprobs [B, L, K] float32
-The targets are narrower than the int64 the loss indexes with: a third of the bytes to gather and to copy to a GPU
-(a sample:64 batch of 4,096 tokens: 1.3 MB instead of 4 MB).
     hidden    [B, L, h, H] float32 (with `hidden=True`: the stored layers, dequantised)
 The targets at position t are the teacher's distribution of token t + 1 (student/causal_lm.TokenKD aligns them).
+They are narrower than the int64 the loss indexes with: a third of the bytes to gather and to copy to a GPU (a
+sample:64 batch of 4,096 tokens: 1.3 MB instead of 4 MB).
 """
 from __future__ import annotations
 
