@@ -13,7 +13,7 @@
 
     python benchmarks/bench_lm_store.py --teacher /work/lm/teacher --data /work/lm/data [--documents 20000]
         [--logits sample:64] [--seq 128] [--batch 32] [--steps 60] [--repeats 2] [--dump-only | --pieces]
-        [--whole-forward] [--device cpu|cuda] [--random-teacher 12x768 [--vocab 32768]]
+        [--whole-forward] [--read-only] [--device cpu|cuda] [--random-teacher 12x768 [--vocab 32768]]
 
 Alternating repeats; the table gives each one and the ratio of the medians. With sample:N, each repeat also dumps
 with the torch sampler (the fallback where teacher/_sampler.c was not built), and with --whole-forward the dump
@@ -114,13 +114,32 @@ def in_memory(a, store: Path, alpha: float) -> float:
     return len(batches) / (time.perf_counter() - t0)
 
 
-def read_alone(a, store: Path, targets: bool) -> float:
-    """Batches/s of the store's reader alone (decoded, on the caller's thread), over distill's first `a.steps`."""
+def read_alone(a, store: Path, targets: bool, workers=None, compiled: bool = True) -> float:
+    """Batches/s of the store's reader alone over distill's first `a.steps` batches, gathered on the caller's
+    thread from rows decoded on `workers` threads (as distill's default; 0: on the caller's thread too), with the
+    compiled decoder or (compiled False) the numpy one."""
+    from pkd_cache.store import sparse_codec
+
     opened = pkd_cache.open_store(str(store))
-    t0 = time.perf_counter()
-    n = sum(1 for _, b in zip(range(a.steps), iter_token_batches(opened, "train", a.batch * a.seq, prefetch=0,
-                                                                   targets=targets)))
-    return n / (time.perf_counter() - t0)
+    with contextlib.nullcontext() if compiled else mock.patch.object(sparse_codec, "_rice_rows", None):
+        t0 = time.perf_counter()
+        n = sum(1 for _, b in zip(range(a.steps), iter_token_batches(opened, "train", a.batch * a.seq, prefetch=0,
+                                                                       targets=targets, workers=workers)))
+        return n / (time.perf_counter() - t0)
+
+
+def reader_rows(a, store: Path) -> list[tuple]:
+    """The reader alone, alternating: with and without targets, decoded in C or numpy, on a pool or one thread."""
+    cases = {"no targets": dict(targets=False), "targets, C, pool (distill's default)": dict(targets=True),
+             "targets, C, one thread": dict(targets=True, workers=0),
+             "targets, numpy, one thread": dict(targets=True, workers=0, compiled=False)}
+    runs = {k: [] for k in cases}
+    for _ in range(a.repeats):
+        for k, kw in cases.items():
+            runs[k].append(read_alone(a, store, **kw))
+    base = statistics.median(runs["targets, numpy, one thread"])
+    return [(k, ", ".join(f"{v:.1f}" for v in r), f"{1e3 / statistics.median(r):.1f}",
+             f"{statistics.median(r) / base:.2f}") for k, r in runs.items()]
 
 
 def pieces(a, teacher, tok) -> list[tuple]:
@@ -196,6 +215,8 @@ def main() -> None:
     p.add_argument("--dump-only", action="store_true", help="measure the dump alone")
     p.add_argument("--distill-only", action="store_true", help="measure distilling alone, against --alpha 0 (one "
                    "untimed dump makes the store)")
+    p.add_argument("--read-only", action="store_true", help="only time the reader of distill's batches (one untimed "
+                   "dump makes the store): with and without targets, the compiled or numpy decoder, a pool or not")
     p.add_argument("--pieces", action="store_true", help="only time the dump's steps after the forward (sampling, "
                    "coding) on one batch, compiled against the fallbacks")
     p.add_argument("--whole-forward", action="store_true", help="each repeat also dumps with the model's whole "
@@ -230,8 +251,12 @@ def main() -> None:
         store = tmp / "store.zarr"
         # the compiled sampler draws from CPU logits only: on a GPU the dump draws in torch there
         compiled = a.logits.startswith("sample") and token_targets._sample_rows is not None and device.type == "cpu"
-        if a.distill_only:  # one dump makes the store; nothing of it is timed
+        if a.distill_only or a.read_only:  # one dump makes the store; nothing of it is timed
             dump(a, store, train, held)
+        if a.read_only:
+            print(table(reader_rows(a, store), ("the reader alone", "batches/s", "ms a batch (median)",
+                                                "against numpy, one thread")))
+            return
         for r in range(0 if a.distill_only else a.repeats):
             bare.append(sum(t.num_tokens for t in toks) / sum(t.num_tokens / bare_forward(teacher, t, a.batch, device)
                                                               for t in toks))
