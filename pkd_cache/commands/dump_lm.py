@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -276,13 +277,18 @@ def _cores_busy(device) -> bool:
 
 def _dump_split(config: DumpConfig, run: _Run, sink, split: str, tok: TokenizedCorpus, durable: set) -> None:
     """Run the teacher over one split's batches that touch a row not in `durable` (rows written already, or another
-    rank's); each such row is coded and written on a thread, or between batches where the teacher keeps every core
-    busy (`_cores_busy`)."""
+    rank's); each such row is coded on a pool of threads and written in order on another, or coded and written
+    between batches where the teacher keeps every core busy (`_cores_busy`)."""
     model, rows, device = run.model, run.rows, run.device
     ids = tok.input_ids.astype(np.int64)
     assembler = RowAssembler(rows.chunk_tokens)
-    coder = InlineConsumer if _cores_busy(device) else Consumer
-    writer = coder(lambda item: sink.write(split, item[0], encode(rows, item[1])), 4, "pkd-cache-writer")
+    if _cores_busy(device):
+        pool, writer = None, InlineConsumer(lambda item: sink.write(split, item[0], encode(rows, item[1])))
+    else:  # rows are coded side by side on a pool (the C packer releases the GIL), then written in order
+        threads = min(4, os.cpu_count() or 1)
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pkd-cache-coder")
+        writer = _PooledCoding(Consumer(lambda item: sink.write(split, item[0], item[1].result()), 2 * threads,
+                                        "pkd-cache-writer"), pool, rows)
     try:
         with progress_bar(tok.num_tokens, f"dump lm {split}", unit="tok") as bar:
             for batch in teacher_batches(tok.offsets, config.batch_size):
@@ -300,4 +306,23 @@ def _dump_split(config: DumpConfig, run: _Run, sink, split: str, tok: TokenizedC
                 if r not in durable:
                     writer.put((r, row))
     finally:
-        writer.close()  # what is queued is written (durable); a write error is raised here
+        try:
+            writer.close()  # what is queued is written (durable); a coding or write error is raised here
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _PooledCoding:
+    """The writer's `put((row index, row))`, the row's coding submitted to `pool` first: the writer thread then
+    writes each row's coded arrays in order, as they come."""
+
+    def __init__(self, writer: Consumer, pool: ThreadPoolExecutor, rows: RowSpec):
+        self.writer, self.pool, self.rows = writer, pool, rows
+
+    def put(self, item: tuple) -> None:
+        self.writer.raise_error()
+        self.writer.put((item[0], self.pool.submit(encode, self.rows, item[1])))
+
+    def close(self) -> None:
+        self.writer.close()
