@@ -12,6 +12,14 @@
 #        glue/SST-2 (for PKD_GLUE), minilm/ (MiniLM's config.json and tokenizer files alone, for PKD_MINILM_CONFIG:
 #        its 90 MB of weights do not fit the 64 MiB that travels; speed does not depend on them).
 # $OUT gets log.txt (everything), summary.txt (each step's exit status and seconds) and one file per benchmark.
+# Making them in a fresh checkout (both folders are in .git/info/exclude; about 40 MiB together):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl zarr==3.1.6 numcodecs==0.16.6 \
+#     donfig==0.8.1.post1 google-crc32c==1.9.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+#   mkdir -p .gpu/lm/data .gpu/glue .gpu/minilm && cp -r /work/lm/teacher .gpu/lm/ && for f in train heldout; do
+#     head -n 20000 /work/lm/data/$f.txt > .gpu/lm/data/$f.txt; done && cp -r ../shared/glue/SST-2 .gpu/glue/
+#   (cd "$(python -c 'from pkd_cache.testing import minilm_path; print(minilm_path())')" && cp config.json \
+#     special_tokens_map.json tokenizer.json tokenizer_config.json vocab.txt "$OLDPWD/.gpu/minilm/")
 #
 # A dry run of every step, tiny and on the CPU, without the wheels or the C build (here, with a venv):
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1 OUT=/tmp/gpu_check PATH=/work/venv/bin:$PATH bash benchmarks/gpu_check.sh
