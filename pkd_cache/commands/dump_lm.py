@@ -29,7 +29,7 @@ from ..distributed import Ranks, barrier, broadcast, gather, process_group, rank
 from ..progress import log, progress_bar, quiet
 from ..store.format import TOKEN_FORMAT_VERSION, split_arrays
 from ..store.token_targets import slot_bytes
-from ..store.worker import Consumer, InlineConsumer
+from ..store.worker import Consumer, InlineConsumer, pool_threads
 from ..store.writer import attach_writer, open_writer
 from ..teacher.lm_head import SplitHead, split_head
 from .dump_lm_rows import RowAssembler, RowSpec, encode, needs_run, rows_of, teacher_batches, teacher_outputs
@@ -285,7 +285,7 @@ def _dump_split(config: DumpConfig, run: _Run, sink, split: str, tok: TokenizedC
     if _cores_busy(device):
         pool, writer = None, InlineConsumer(lambda item: sink.write(split, item[0], encode(rows, item[1])))
     else:  # rows are coded side by side on a pool (the C packer releases the GIL), then written in order
-        threads = min(4, os.cpu_count() or 1)
+        threads = pool_threads()
         pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pkd-cache-coder")
         writer = _PooledCoding(Consumer(lambda item: sink.write(split, item[0], item[1].result()), 2 * threads,
                                         "pkd-cache-writer"), pool, rows)

@@ -6,7 +6,6 @@ sequential and decompression amortised; the group shuffle mixes examples across 
 """
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ import numpy as np
 from ..errors import PkdCacheError
 from .format import LAYER_AXIS_ARRAYS, TOKEN_ARRAYS
 from .quantize import dequantize_int8
-from .worker import produce
+from .worker import pool_threads, produce
 
 if TYPE_CHECKING:
     import torch
@@ -73,7 +72,7 @@ def iter_batches(store, split: str, batch_size: int, shuffle: bool = True, seed:
     if shard[1] > 1:
         groups, sizes = shard_rows(groups, sizes, *shard, chunk)
     buffers = BufferPool()
-    pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1), thread_name_prefix="pkd-cache-decode")
+    pool = ThreadPoolExecutor(max_workers=pool_threads(workers or None), thread_name_prefix="pkd-cache-decode")
     try:
         # a thread reads `prefetch` groups ahead; its exception is raised here
         loaded = produce((_load_group(readers, g, chunk, layers, pool, buffers) for g in groups), prefetch,

@@ -20,7 +20,6 @@ sample:64 batch of 4,096 tokens: 1.3 MB instead of 4 MB).
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Iterator, Optional
@@ -31,7 +30,7 @@ from ..errors import PkdCacheError
 from ..logit_spec import LogitSpec
 from .quantize import dequantize_int8
 from .token_targets import decode_row
-from .worker import produce
+from .worker import pool_threads, produce
 
 if TYPE_CHECKING:
     import torch
@@ -203,7 +202,7 @@ def iter_token_batches(store, split: str, max_tokens: int, shuffle: bool = True,
     offsets = sequence_offsets(store, split)
     c = int(store.meta.lm["chunk_tokens"])
     plan = token_plan(offsets, c, max_tokens, shuffle, seed, epoch, shuffle_chunks, *shard)[start_batch:]
-    threads = min(4, os.cpu_count() or 1) if workers is None else workers
+    threads = pool_threads(workers)
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pkd-cache-rows") if threads > 0 else None
     cache = RowCache(store, split, hidden, size=max(1, shuffle_chunks) + 2, targets=targets, pool=pool)
     try:

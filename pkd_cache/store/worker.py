@@ -9,11 +9,17 @@ stopped serving.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from typing import Any, Callable, Iterator, Optional
 
 _DONE = object()
+
+
+def pool_threads(workers: Optional[int] = None) -> int:
+    """Threads for a decoding or coding pool: `workers` where given, else up to 4 (this process's cores)."""
+    return min(4, os.cpu_count() or 1) if workers is None else workers
 
 
 class Consumer:
