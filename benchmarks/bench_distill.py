@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import GLUE, header, minilm, minilm_teacher, table
+from common import GLUE, header, minilm, minilm_teacher, synchronize, table
 
 import pkd_cache
 from pkd_cache.data.tasks import get_task
@@ -113,12 +113,10 @@ def timed(fn, batches, warmup: int, device) -> float:
     t0 = None
     for i, batch in enumerate(batches):
         if i == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             t0 = time.perf_counter()
         fn(batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return (time.perf_counter() - t0) / (i + 1 - warmup)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import GLUE, header, minilm_teacher, table
+from common import GLUE, header, minilm_teacher, synchronize, table
 
 import pkd_cache
 from pkd_cache.data.loading import load_examples
@@ -46,8 +46,7 @@ def bare_forward_seconds(teacher: Path, n: int, batch: int, device, precision: s
     ex = load_examples(get_task("sst2"), "train", str(GLUE / "SST-2"), n)
     defaults = pkd_cache.DumpConfig(teacher="", task="sst2", out="")
     windows = [tokenize(tok, ex, s, e, 64) for s, e in sort_windows(n, defaults.chunk_size, defaults.sort_window)]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     t0 = time.perf_counter()
     for tokens in windows:  # the same bucketed batches as dump, outputs brought to the host as dump needs them
         run_chunk(model, tokens, batch, bucketed=True, cls_dtype=np.float16, device=device, precision=precision)

@@ -34,7 +34,7 @@ from unittest import mock
 
 import numpy as np
 import torch
-from common import header, table
+from common import header, synchronize, table
 
 import pkd_cache
 from pkd_cache.commands import dump_lm
@@ -43,12 +43,6 @@ from pkd_cache.data.corpus import load_corpus, tokenize_corpus
 from pkd_cache.store.token_stream import iter_token_batches
 from pkd_cache.teacher import token_targets
 from pkd_cache.student.causal_lm import TokenKD, causal_lm_student
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, so that a clock read after it counts that work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()

@@ -73,6 +73,12 @@ def corpus_file(folder: Path, split: str) -> Path:
     return txt if txt.exists() else Path(folder) / f"{split}.jsonl"
 
 
+def synchronize(device) -> None:
+    """Wait for the device's queued work, so that a clock read after it counts that work (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def header() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
